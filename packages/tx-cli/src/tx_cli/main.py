@@ -1,0 +1,18 @@
+"""Root of the `tx` command line."""
+
+import typer
+
+app = typer.Typer(help="tx: self-hosted Tinker fine-tuning backend.", no_args_is_help=True)
+
+
+@app.command()
+def version() -> None:
+    """Print the installed versions of all tx packages."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as pkg_version
+
+    for name in ("tx-types", "tx-engine", "tx-server", "tx-client", "tx-cli"):
+        try:
+            typer.echo(f"{name} {pkg_version(name)}")
+        except PackageNotFoundError:
+            typer.echo(f"{name} (not installed)")

@@ -1,0 +1,5 @@
+"""tx-types."""
+
+from importlib.metadata import version as _version
+
+__version__ = _version("tx-types")
