@@ -2,6 +2,8 @@
 
 import typer
 
+from tx_cli.commands.make_tiny_model import make_tiny_model
+
 app = typer.Typer(help="tx: self-hosted Tinker fine-tuning backend.", no_args_is_help=True)
 
 
@@ -16,3 +18,6 @@ def version() -> None:
             typer.echo(f"{name} {pkg_version(name)}")
         except PackageNotFoundError:
             typer.echo(f"{name} (not installed)")
+
+
+app.command("make-tiny-model")(make_tiny_model)
