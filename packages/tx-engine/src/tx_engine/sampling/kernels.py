@@ -1,0 +1,142 @@
+"""Token selection and log-probability kernels: pure, jit-compatible, per-row parameterised.
+
+`sample_tokens` turns one decode step's logits into one token per row. Every row carries its
+own temperature, top-k, top-p and key as array values (`RowSamplingParams`), so the one
+compiled step serves any mix of requests without recompiling.
+
+Selection, per row with temperature ``T``:
+
+* ``T == 0``: greedy, ``argmax(logits)``.
+* otherwise the tempered logits ``z = logits / T`` are truncated, then a token is drawn by
+  Gumbel-max (``argmax(z + g)`` over the kept tokens, ``g ~ Gumbel(0, 1)`` from the row's key),
+  which is an exact draw from ``softmax(z)`` restricted to the kept set.
+* truncation: top-k first, then top-p on the renormalised top-k distribution (vLLM's and
+  Hugging Face's order). Both become one threshold on ``z``: a token is kept iff its tempered
+  logit is >= that of the last kept token in descending order. Ties at the boundary are kept.
+  top-p keeps the smallest prefix whose cumulative probability reaches ``p`` (the top token is
+  always kept). A row with neither filter keeps everything, and a batch where no row filters
+  skips the O(V log V) sort altogether (`lax.cond`); the two paths give identical tokens since
+  the noise is indexed by token id either way.
+
+**Which logprob is returned** (Tinker's RL code uses it as the sampling log-probability in
+importance ratios): ``log_softmax(logits / T)[token]``, the log-probability under the
+*tempered* model distribution, with the top-k/top-p truncation *not* renormalised into it. At
+``T = 1`` (the usual RL setting) this is exactly the trainer's forward-pass logprob of the same
+token. For greedy rows (``T = 0``) it is ``log_softmax(logits)[token]`` (temperature 1), since
+the limit ``T -> 0`` is a degenerate 0. Truncation is left out because its renormaliser is a
+property of the sampler's settings rather than of the model, and the trainer cannot reproduce it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tx_engine.sampling.params import KEY_IMPL, RowSamplingParams
+
+
+def sample_tokens(
+    logits_bv: jax.Array, params: RowSamplingParams, step_keys: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """One token per row and its logprob (definition in the module docstring).
+
+    ``step_keys`` is raw key data ``uint32[B, 2]``, normally `decode_keys(params.key_data,
+    step_b)`. Returns ``(tokens_b int32, logprobs_b float32)``.
+    """
+    logits_bv = logits_bv.astype(jnp.float32)
+    temperature_b = jnp.asarray(params.temperature, jnp.float32)
+    greedy_b = temperature_b <= 0.0
+    # Greedy rows are scored at T=1; the division also stays finite for them.
+    safe_t_b = jnp.where(greedy_b, 1.0, temperature_b)
+    scaled_bv = logits_bv / safe_t_b[:, None]
+
+    keep_bv = _keep_mask(scaled_bv, params)
+    noise_bv = _gumbel_noise(step_keys, logits_bv.shape[-1])
+    perturbed_bv = jnp.where(keep_bv, scaled_bv + noise_bv, -jnp.inf)
+    drawn_b = jnp.argmax(perturbed_bv, axis=-1)
+    tokens_b = jnp.where(greedy_b, jnp.argmax(logits_bv, axis=-1), drawn_b).astype(jnp.int32)
+
+    logprobs_b = _logprob_at(scaled_bv, tokens_b)
+    return tokens_b, logprobs_b
+
+
+def _gumbel_noise(key_data_b2: jax.Array, vocab: int) -> jax.Array:
+    """Gumbel(0, 1) noise ``[B, V]``, each row a function of that row's key only."""
+    keys_b = jax.random.wrap_key_data(jnp.asarray(key_data_b2, jnp.uint32), impl=KEY_IMPL)
+    return jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys_b)
+
+
+def _keep_mask(scaled_bv: jax.Array, params: RowSamplingParams) -> jax.Array:
+    """Boolean ``[B, V]``: the tokens top-k and top-p leave in play for each row."""
+    vocab = scaled_bv.shape[-1]
+    top_k_b = jnp.asarray(params.top_k, jnp.int32)
+    top_p_b = jnp.asarray(params.top_p, jnp.float32)
+    k_b = jnp.where((top_k_b <= 0) | (top_k_b >= vocab), vocab, top_k_b)
+    any_filter = jnp.any((k_b < vocab) | (top_p_b < 1.0))
+    threshold_b: jax.Array = jax.lax.cond(
+        any_filter,
+        lambda: _threshold(scaled_bv, k_b, top_p_b),
+        lambda: jnp.full(scaled_bv.shape[:1], -jnp.inf, jnp.float32),
+    )
+    return scaled_bv >= threshold_b[:, None]
+
+
+def _threshold(scaled_bv: jax.Array, k_b: jax.Array, top_p_b: jax.Array) -> jax.Array:
+    """Per row, the smallest tempered logit still kept by top-k then top-p."""
+    vocab = scaled_bv.shape[-1]
+    sorted_bv = -jnp.sort(-scaled_bv, axis=-1)  # descending
+    rank_v = jnp.arange(vocab, dtype=jnp.int32)
+    in_top_k_bv = rank_v[None, :] < k_b[:, None]
+    probs_bv = jax.nn.softmax(jnp.where(in_top_k_bv, sorted_bv, -jnp.inf), axis=-1)
+    # Keep rank r while the mass strictly before it is < p: the smallest prefix reaching p.
+    mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+    # p >= 1 is "off" explicitly: float round-off in the cumsum must not cut the tail.
+    in_top_p_bv = (mass_before_bv < top_p_b[:, None]) | (top_p_b[:, None] >= 1.0)
+    keep_count_b = jnp.sum(in_top_k_bv & in_top_p_bv, axis=-1)
+    keep_count_b = jnp.maximum(keep_count_b, 1)  # the top token is always in play
+    return jnp.take_along_axis(sorted_bv, (keep_count_b - 1)[:, None], axis=-1)[:, 0]
+
+
+def _logprob_at(logits_xv: jax.Array, tokens_x: jax.Array) -> jax.Array:
+    """``log_softmax(logits)[token]`` without materialising the full log-softmax."""
+    picked_x = jnp.take_along_axis(logits_xv, tokens_x[..., None].astype(jnp.int32), axis=-1)
+    return picked_x[..., 0] - jax.nn.logsumexp(logits_xv, axis=-1)
+
+
+def _tempered(logits_xv: jax.Array, temperature: jax.Array | float | None) -> jax.Array:
+    """Logits divided by a temperature broadcast over leading dims; T <= 0 is scored at T=1."""
+    logits_xv = logits_xv.astype(jnp.float32)
+    if temperature is None:
+        return logits_xv
+    t = jnp.asarray(temperature, jnp.float32)
+    t = jnp.where(t <= 0.0, 1.0, t)
+    return logits_xv / t.reshape(t.shape + (1,) * (logits_xv.ndim - t.ndim))
+
+
+def token_logprobs(
+    logits_btv: jax.Array, tokens_bt: jax.Array, temperature: jax.Array | float | None = None
+) -> jax.Array:
+    """``log_softmax(logits / T)`` at the given tokens (prompt logprobs, target scoring).
+
+    Works for any leading shape (``[B, T, V]`` with ``[B, T]`` tokens, or ``[B, V]`` with
+    ``[B]``). ``temperature`` (a scalar or an array over the leading dims, e.g. ``[B]``) defaults
+    to 1, which is the trainer's forward-pass logprob; T <= 0 is scored at 1 like greedy rows.
+    """
+    return _logprob_at(_tempered(logits_btv, temperature), tokens_bt)
+
+
+def topk_logprobs(
+    logits_btv: jax.Array, k: int, temperature: jax.Array | float | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` most likely tokens and their logprobs, sorted descending (ties: lower id first).
+
+    ``k`` is static (it sets the output shape); ``temperature`` as in `token_logprobs`.
+    Returns ``(ids int32[..., k], logprobs float32[..., k])`` for any leading shape.
+    """
+    vocab = logits_btv.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k: must be in [1, {vocab}] (the vocabulary size), got {k}")
+    scaled = _tempered(logits_btv, temperature)
+    top_logits, ids = jax.lax.top_k(scaled, k)
+    logprobs = top_logits - jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
+    return ids.astype(jnp.int32), logprobs
