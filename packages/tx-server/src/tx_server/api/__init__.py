@@ -1,0 +1,1 @@
+"""HTTP layer: dependencies, error responses and the route modules (thin handlers only)."""

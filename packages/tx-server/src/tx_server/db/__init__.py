@@ -1,0 +1,1 @@
+"""Persistence: typed ORM models, engine/session handling and the Alembic migrations."""

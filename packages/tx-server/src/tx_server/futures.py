@@ -1,0 +1,251 @@
+"""The API side of the futures protocol: submit at once, long-poll until woken (spec §3).
+
+Submission writes one ``futures`` row and returns its ``request_id`` without waiting for any
+work. Idempotency follows spec §3.8: a re-POST with the same key — ``(model_id, seq_id)``,
+``(sampling_session_id, seq_id)`` or ``(session_id, model_seq_id)`` — returns the original
+request id; only the request *type* is compared (the SDK's unnamed-save retry sends a changed
+payload under the same key).
+
+``retrieve_future`` never sleep-polls: a poll registers an :class:`asyncio.Event` in
+:class:`CompletionWaiters`, re-reads the row, and sleeps on the event. The worker's commit
+publishes the request id on :data:`tx_server.wake.FUTURES`, whose subscription (started by the
+app) sets the event. The wait is cut every ``recheck`` seconds for a safety re-read, so a lost
+wake-up delays an answer by at most that much; after ``timeout`` the poll ends in 408
+(:class:`~tx_server.errors.PollTimeoutError`), which the SDK re-polls at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import anyio.to_thread
+from sqlalchemy import ColumnElement, and_, select
+from sqlalchemy.exc import IntegrityError
+
+from tx_server.db.database import Database
+from tx_server.db.models import FutureRow, FutureStatus
+from tx_server.errors import BadRequestError, NotFoundError, PollTimeoutError
+from tx_server.wake import WORK, WakeBus
+
+__all__ = [
+    "BARRIER_TYPES",
+    "JSON",
+    "PROTOBUF",
+    "CompletionWaiters",
+    "FutureOutcome",
+    "FutureStore",
+    "RequestType",
+    "Submission",
+    "await_outcome",
+]
+
+JSON = "application/json"
+PROTOBUF = "application/x-protobuf"
+
+
+class RequestType(enum.StrEnum):
+    """Queued request kinds (the body's ``type`` literal; ``forward`` = forward-only fwd/bwd)."""
+
+    CREATE_MODEL = "create_model"
+    FORWARD = "forward"
+    FORWARD_BACKWARD = "forward_backward"
+    OPTIM_STEP = "optim_step"
+    SAVE_WEIGHTS = "save_weights"
+    SAVE_WEIGHTS_FOR_SAMPLER = "save_weights_for_sampler"
+    SAVE_WEIGHTS_EXTERNAL = "save_weights_external"
+    LOAD_WEIGHTS = "load_weights"
+    SAMPLE = "sample"
+    CREATE_CUSTOM_LOSS = "create_custom_loss"
+
+
+BARRIER_TYPES = frozenset(
+    {
+        RequestType.CREATE_MODEL,
+        RequestType.OPTIM_STEP,
+        RequestType.SAVE_WEIGHTS,
+        RequestType.SAVE_WEIGHTS_FOR_SAMPLER,
+        RequestType.SAVE_WEIGHTS_EXTERNAL,
+        RequestType.LOAD_WEIGHTS,
+    }
+)
+"""Requests that read or replace a model's weights/optimizer state: each one waits for every
+earlier request of its model and holds back every later one. Forward/backward passes between
+two barriers commute (gradients add up), so the worker may run and batch them together."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One request to enqueue. Fill the key fields that identify it for idempotency."""
+
+    request_type: RequestType
+    payload: bytes
+    payload_content_type: str = JSON
+    session_id: str | None = None
+    model_id: str | None = None
+    seq_id: int | None = None
+    model_seq_id: int | None = None
+    sampling_session_id: str | None = None
+
+    def idempotency_filter(self) -> ColumnElement[bool] | None:
+        """The WHERE clause matching an earlier row with the same key, or None (no key)."""
+        f = FutureRow
+        if self.model_id is not None and self.seq_id is not None:
+            return and_(f.model_id == self.model_id, f.seq_id == self.seq_id)
+        if self.sampling_session_id is not None and self.seq_id is not None:
+            return and_(f.sampling_session_id == self.sampling_session_id, f.seq_id == self.seq_id)
+        if self.session_id is not None and self.model_seq_id is not None:
+            return and_(f.session_id == self.session_id, f.model_seq_id == self.model_seq_id)
+        return None
+
+
+@dataclass(frozen=True)
+class FutureOutcome:
+    """A finished request as the poller sees it."""
+
+    request_id: str
+    status: FutureStatus
+    result: bytes | None
+    result_content_type: str | None
+    error_message: str | None
+    error_category: str | None
+
+
+class FutureStore:
+    """Synchronous database operations of the API process (run them in a worker thread)."""
+
+    def __init__(self, db: Database, bus: WakeBus) -> None:
+        self.db = db
+        self.bus = bus
+
+    def submit(self, tenant_id: str, submission: Submission) -> str:
+        """Enqueue ``submission`` (or find its earlier copy) and return the request id."""
+        try:
+            return self._submit_once(tenant_id, submission)
+        except IntegrityError:
+            # A concurrent duplicate won the race (PostgreSQL); the retry finds its row.
+            return self._submit_once(tenant_id, submission)
+
+    def _submit_once(self, tenant_id: str, submission: Submission) -> str:
+        key = submission.idempotency_filter()
+        with self.db.write() as session:
+            if key is not None:
+                earlier = session.execute(
+                    select(FutureRow.request_id, FutureRow.request_type, FutureRow.tenant_id).where(
+                        key
+                    )
+                ).first()
+                if earlier is not None:
+                    return _check_duplicate(tenant_id, submission, *earlier)
+            row = FutureRow(
+                request_id=str(uuid.uuid4()),
+                tenant_id=tenant_id,
+                request_type=submission.request_type.value,
+                session_id=submission.session_id,
+                model_id=submission.model_id,
+                seq_id=submission.seq_id,
+                model_seq_id=submission.model_seq_id,
+                sampling_session_id=submission.sampling_session_id,
+                barrier=submission.request_type in BARRIER_TYPES,
+                payload=submission.payload,
+                payload_content_type=submission.payload_content_type,
+                status=FutureStatus.PENDING,
+            )
+            session.add(row)
+            session.flush()
+            self.bus.publish(session, WORK, submission.model_id or "")
+            return row.request_id
+
+    def outcome(self, tenant_id: str, request_id: str) -> FutureOutcome | None:
+        """The finished outcome, None while pending/running; NotFoundError if absent."""
+        with self.db.read() as session:
+            status = session.execute(
+                select(FutureRow.status).where(
+                    FutureRow.request_id == request_id, FutureRow.tenant_id == tenant_id
+                )
+            ).scalar_one_or_none()
+            if status is None:
+                raise NotFoundError(f"unknown request_id {request_id!r}")
+            if status in (FutureStatus.PENDING, FutureStatus.RUNNING):
+                return None
+            row = session.execute(
+                select(FutureRow).where(FutureRow.request_id == request_id)
+            ).scalar_one()
+            return FutureOutcome(
+                request_id=row.request_id,
+                status=row.status,
+                result=row.result,
+                result_content_type=row.result_content_type,
+                error_message=row.error_message,
+                error_category=row.error_category,
+            )
+
+
+def _check_duplicate(
+    tenant_id: str, submission: Submission, request_id: str, request_type: str, owner: str
+) -> str:
+    if owner != tenant_id:
+        raise BadRequestError("this request key belongs to another tenant's session")
+    if request_type != submission.request_type.value:
+        raise BadRequestError(
+            f"seq_id {submission.seq_id} was already used by a {request_type!r} request, "
+            f"not {submission.request_type.value!r}"
+        )
+    return request_id
+
+
+class CompletionWaiters:
+    """Events of the polls waiting in this process, keyed by request id (one event loop)."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, set[asyncio.Event]] = {}
+
+    def wake(self, request_id: str) -> None:
+        """Wake every poll of ``request_id`` (called from the FUTURES subscription)."""
+        for ev in self._events.get(request_id, ()):
+            ev.set()
+
+    @contextlib.contextmanager
+    def watch(self, request_id: str) -> Iterator[asyncio.Event]:
+        """Register an event for ``request_id`` for the duration of the block."""
+        ev = asyncio.Event()
+        self._events.setdefault(request_id, set()).add(ev)
+        try:
+            yield ev
+        finally:
+            events = self._events[request_id]
+            events.discard(ev)
+            if not events:
+                del self._events[request_id]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._events.values())
+
+
+async def await_outcome(
+    store: FutureStore,
+    waiters: CompletionWaiters,
+    tenant_id: str,
+    request_id: str,
+    *,
+    timeout: float,
+    recheck: float,
+) -> FutureOutcome:
+    """Long-poll one request: its outcome, or PollTimeoutError after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    with waiters.watch(request_id) as woken:
+        while True:
+            woken.clear()  # cleared *before* the read, so a wake during the read is kept
+            outcome = await anyio.to_thread.run_sync(store.outcome, tenant_id, request_id)
+            if outcome is not None:
+                return outcome
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise PollTimeoutError(f"request {request_id} is still pending; poll again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), min(recheck, remaining))

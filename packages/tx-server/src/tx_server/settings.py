@@ -1,0 +1,98 @@
+"""Configuration of the tx server: one pydantic-settings model, read from ``TX_*`` variables.
+
+Why one model: ``tx serve`` flags, environment variables and tests all build the same
+``Settings``, so there is exactly one place that names a knob and gives its default. Nested
+values use ``__`` (``TX_ENGINE__MAX_LORA_RANK=64``); lists are JSON
+(``TX_API_KEYS='["tml-a","tml-b"]'``).
+
+The engine settings are plain data here on purpose: the API process must never import jax, so
+the worker turns :class:`EngineSettings` into a ``tx_engine`` config itself
+(:meth:`EngineSettings.engine_config_kwargs`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["EngineSettings", "Settings", "default_data_dir"]
+
+
+def default_data_dir() -> Path:
+    """The per-user data directory (``~/.local/share/tx`` on Linux), never the package dir."""
+    return Path(platformdirs.user_data_dir("tx", appauthor=False))
+
+
+class EngineSettings(BaseModel):
+    """Shapes and budgets of the worker's engine (names match ``tx_engine.EngineConfig``).
+
+    ``max_seq_len`` and ``sample_tokens_per_batch`` are server-side limits: the worker rejects
+    longer inputs with a user error and caps one sampling batch; the rest is passed to the
+    engine unchanged.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_lora_adapters: int = Field(default=4, ge=1)
+    max_lora_rank: int = Field(default=32, ge=1)
+    max_seq_len: int = Field(default=4096, ge=1)
+    dtype: str = "float32"
+    tokens_per_micro_batch: int = Field(default=8192, ge=1)
+    sample_tokens_per_batch: int = Field(default=8192, ge=1)
+    min_seq_len: int = Field(default=16, ge=1)
+    seq_len_buckets: tuple[int, ...] = ()
+    batch_buckets: tuple[int, ...] = ()
+    remat: bool = False
+    mesh_dp: int = Field(default=1, ge=1)
+    mesh_fsdp: int = Field(default=1, ge=1)
+    mesh_tp: int = Field(default=1, ge=1)
+    mesh_ep: int = Field(default=1, ge=1)
+
+    _SERVER_ONLY: ClassVar[frozenset[str]] = frozenset({"max_seq_len", "sample_tokens_per_batch"})
+
+    def engine_config_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``tx_engine.config.EngineConfig`` (server-only keys dropped)."""
+        return {k: v for k, v in self.model_dump().items() if k not in self._SERVER_ONLY}
+
+
+class Settings(BaseSettings):
+    """Every knob of ``tx serve``; see the module docstring for how to set them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TX_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    database_url: str = Field(
+        default_factory=lambda: f"sqlite:///{default_data_dir() / 'tx.db'}",
+        description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user@host/db",
+    )
+    checkpoint_root: Path = Field(default_factory=lambda: default_data_dir() / "checkpoints")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Accepted API keys; each key is its own tenant. Empty + no file: any tml- key.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="File with one 'KEY [TENANT]' per line; '#' starts a comment."
+    )
+    future_retention_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
+    prune_interval_seconds: float = Field(default=600.0, gt=0)
+    long_poll_seconds: float = Field(default=25.0, gt=0, le=40)
+    future_recheck_seconds: float = Field(
+        default=1.0, gt=0, description="Safety re-check of a waiting poll if a wake-up is lost."
+    )
+    base_models: list[str] = Field(default_factory=list)
+    log_level: str = "info"
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_backend(cls, url: str) -> str:
+        if not url.startswith(("sqlite", "postgresql")):
+            raise ValueError(f"database_url must be a sqlite:// or postgresql:// URL, got {url!r}")
+        return url

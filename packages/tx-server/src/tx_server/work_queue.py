@@ -1,0 +1,232 @@
+"""The worker side of the futures queue: claim in per-model order, complete, fail, prune.
+
+The worker is a separate process that shares only the database (and the wake-up bus) with
+the API. Its loop is::
+
+    queue = WorkQueue(db)
+    queue.requeue_running()              # crash recovery: unfinished work runs again
+    with queue.subscribe_work() as work:
+        while True:
+            for req in queue.claim_pending(limit=64):
+                try:
+                    queue.complete(req.request_id, result_bytes, PROTOBUF)
+                except Exception as e:
+                    queue.fail(req.request_id, str(e), category_of(e))
+            work.wait(timeout=1.0)       # woken by each submission; 1 s safety re-check
+
+Ordering (spec §3.8): requests of one model are taken in arrival order. A *barrier*
+(``optim_step``, saves, loads, ``create_model``; see :data:`~tx_server.futures.BARRIER_TYPES`)
+is claimed only when nothing earlier of its model is pending or running, and nothing later of
+its model is claimed until it finishes. Forward/backward passes between barriers are claimed
+together, so the worker can batch them across models and tenants. Requests without a model
+(sampling) are independent. Claiming is serialized (``BEGIN IMMEDIATE`` on SQLite, an
+advisory transaction lock on PostgreSQL), so two workers never claim the same row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from tx_server.db.database import Database
+from tx_server.db.models import FutureRow, FutureStatus, utcnow
+from tx_server.errors import NotFoundError, ServerFaultError, WireCategory
+from tx_server.futures import JSON, PROTOBUF
+from tx_server.wake import FUTURES, WORK, SyncSubscription, WakeBus, wake_bus_for
+
+__all__ = ["ClaimedRequest", "WorkQueue", "prune_finished"]
+
+_CLAIM_LOCK_KEY = 0x7478_5155  # "txQU": the advisory lock that serializes claims on PostgreSQL
+_RESULT_TYPES = (JSON, PROTOBUF)
+_DONE = (FutureStatus.COMPLETED, FutureStatus.FAILED)
+
+
+@dataclass(frozen=True)
+class ClaimedRequest:
+    """A request the worker now owns (status ``running``)."""
+
+    request_id: str
+    request_type: str
+    tenant_id: str
+    session_id: str | None
+    model_id: str | None
+    seq_id: int | None
+    model_seq_id: int | None
+    sampling_session_id: str | None
+    barrier: bool
+    payload: bytes
+    payload_content_type: str
+    created_at: datetime
+
+
+@dataclass
+class _ModelState:
+    running: bool = False
+    running_barrier: bool = False
+    seen_pending: bool = False
+    blocked: bool = False
+
+
+class WorkQueue:
+    """Worker-side access to the queue; every method is one short transaction."""
+
+    def __init__(self, db: Database, bus: WakeBus | None = None) -> None:
+        self.db = db
+        self.bus = bus if bus is not None else wake_bus_for(db)
+
+    def subscribe_work(self) -> SyncSubscription:
+        """A blocking subscription woken by every submission (message: the model id or "")."""
+        return self.bus.subscribe(WORK)
+
+    def claim_pending(
+        self, limit: int = 256, request_types: Collection[str] | None = None, window: int = 4096
+    ) -> list[ClaimedRequest]:
+        """Mark up to ``limit`` runnable pending requests ``running`` and return them in order.
+
+        ``request_types`` restricts what is claimed (e.g. only sampling) without breaking the
+        per-model order; ``window`` bounds how many pending rows one call inspects.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        with self.db.write() as session:
+            if self.db.is_postgresql:
+                session.execute(select(func.pg_advisory_xact_lock(_CLAIM_LOCK_KEY)))
+            states = _running_states(session)
+            pending = session.scalars(
+                select(FutureRow)
+                .where(FutureRow.status == FutureStatus.PENDING)
+                .order_by(FutureRow.id)
+                .limit(window)
+            ).all()
+            chosen = _select_runnable(pending, states, limit, request_types)
+            if chosen:
+                session.execute(
+                    update(FutureRow)
+                    .where(FutureRow.id.in_([r.id for r in chosen]))
+                    .values(status=FutureStatus.RUNNING, started_at=utcnow())
+                )
+            return [_claimed(r) for r in chosen]
+
+    def complete(self, request_id: str, payload: bytes, content_type: str) -> None:
+        """Store the result (JSON or protobuf bytes) and wake the request's pollers."""
+        if content_type not in _RESULT_TYPES:
+            raise ValueError(f"content_type must be one of {_RESULT_TYPES}, got {content_type!r}")
+        self._finish(
+            request_id,
+            status=FutureStatus.COMPLETED,
+            result=payload,
+            result_content_type=content_type,
+        )
+
+    def fail(self, request_id: str, message: str, category: WireCategory) -> None:
+        """Record a terminal failure (``user`` / ``server`` / ``unknown``) and wake pollers."""
+        if category not in ("user", "server", "unknown"):
+            raise ValueError(f"category must be user, server or unknown, got {category!r}")
+        self._finish(
+            request_id,
+            status=FutureStatus.FAILED,
+            error_message=message or "request failed",
+            error_category=category,
+        )
+
+    def _finish(self, request_id: str, **values: object) -> None:
+        with self.db.write() as session:
+            done = session.execute(
+                update(FutureRow)
+                .where(FutureRow.request_id == request_id, FutureRow.status.not_in(_DONE))
+                .values(finished_at=utcnow(), **values)
+            )
+            if done.rowcount == 0:  # type: ignore[attr-defined]
+                exists = session.scalar(
+                    select(FutureRow.status).where(FutureRow.request_id == request_id)
+                )
+                if exists is None:
+                    raise NotFoundError(f"unknown request_id {request_id!r}")
+                raise ServerFaultError(f"request {request_id} already finished ({exists})")
+            self.bus.publish(session, FUTURES, request_id)
+
+    def requeue_running(self) -> int:
+        """Put ``running`` requests back to ``pending`` (call once when a worker starts)."""
+        with self.db.write() as session:
+            result = session.execute(
+                update(FutureRow)
+                .where(FutureRow.status == FutureStatus.RUNNING)
+                .values(status=FutureStatus.PENDING, started_at=None)
+            )
+            count: int = result.rowcount  # type: ignore[attr-defined]
+            if count:
+                self.bus.publish(session, WORK, "")
+            return count
+
+
+def _running_states(session: Session) -> dict[str, _ModelState]:
+    states: dict[str, _ModelState] = {}
+    rows = session.execute(
+        select(FutureRow.model_id, FutureRow.barrier).where(
+            FutureRow.status == FutureStatus.RUNNING, FutureRow.model_id.is_not(None)
+        )
+    )
+    for model_id, barrier in rows:
+        state = states.setdefault(str(model_id), _ModelState())
+        state.running = True
+        state.running_barrier |= barrier
+    return states
+
+
+def _select_runnable(
+    pending: Collection[FutureRow],
+    states: dict[str, _ModelState],
+    limit: int,
+    request_types: Collection[str] | None,
+) -> list[FutureRow]:
+    """Walk pending rows in arrival order and pick those the ordering rules allow."""
+    chosen: list[FutureRow] = []
+    for row in pending:
+        if len(chosen) >= limit:
+            break
+        wanted = request_types is None or row.request_type in request_types
+        if row.model_id is None:
+            if wanted:
+                chosen.append(row)
+            continue
+        state = states.setdefault(row.model_id, _ModelState())
+        if row.barrier:
+            if wanted and not (state.running or state.seen_pending or state.blocked):
+                chosen.append(row)
+            state.blocked = True  # nothing after a barrier runs before it finishes
+        elif wanted and not (state.running_barrier or state.blocked):
+            chosen.append(row)
+        state.seen_pending = True
+    return chosen
+
+
+def _claimed(row: FutureRow) -> ClaimedRequest:
+    return ClaimedRequest(
+        request_id=row.request_id,
+        request_type=row.request_type,
+        tenant_id=row.tenant_id,
+        session_id=row.session_id,
+        model_id=row.model_id,
+        seq_id=row.seq_id,
+        model_seq_id=row.model_seq_id,
+        sampling_session_id=row.sampling_session_id,
+        barrier=row.barrier,
+        payload=row.payload,
+        payload_content_type=row.payload_content_type,
+        created_at=row.created_at,
+    )
+
+
+def prune_finished(db: Database, retention: timedelta) -> int:
+    """Delete completed/failed futures finished more than ``retention`` ago; return the count."""
+    cutoff = utcnow() - retention
+    with db.write() as session:
+        result = session.execute(
+            delete(FutureRow).where(FutureRow.status.in_(_DONE), FutureRow.finished_at < cutoff)
+        )
+        count: int = result.rowcount  # type: ignore[attr-defined]
+        return count

@@ -1,0 +1,146 @@
+"""Worker-side queue on a real SQLite file: per-model order, transitions, pruning, wake-ups."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from tx_server.db.database import Database
+from tx_server.db.models import FutureRow, FutureStatus, utcnow
+from tx_server.errors import NotFoundError, ServerFaultError
+from tx_server.futures import JSON, FutureStore, RequestType, Submission
+from tx_server.wake import wake_bus_for
+from tx_server.work_queue import WorkQueue, prune_finished
+
+T = RequestType
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(f"sqlite:///{tmp_path / 'q.db'}")
+    database.upgrade()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def store(db: Database) -> FutureStore:
+    return FutureStore(db, wake_bus_for(db))
+
+
+@pytest.fixture
+def queue(db: Database) -> WorkQueue:
+    return WorkQueue(Database(str(db.url)))
+
+
+def _put(store: FutureStore, model: str | None, seq: int, rtype: RequestType) -> str:
+    if model is None:
+        return store.submit("t", Submission(rtype, b"{}", sampling_session_id="ss", seq_id=seq))
+    return store.submit("t", Submission(rtype, b"{}", model_id=model, seq_id=seq))
+
+
+def _ids(claimed: list) -> list[str]:  # type: ignore[type-arg]
+    return [c.request_id for c in claimed]
+
+
+def test_barriers_order_requests_per_model_only(store: FutureStore, queue: WorkQueue) -> None:
+    a1 = _put(store, "A", 1, T.FORWARD_BACKWARD)
+    a2 = _put(store, "A", 2, T.FORWARD_BACKWARD)
+    a_opt = _put(store, "A", 3, T.OPTIM_STEP)
+    a4 = _put(store, "A", 4, T.FORWARD)
+    b_opt = _put(store, "B", 1, T.OPTIM_STEP)
+    b2 = _put(store, "B", 2, T.FORWARD_BACKWARD)
+    s0 = _put(store, None, 0, T.SAMPLE)
+
+    # Both fwd/bwd of A, B's leading barrier and the sample; nothing behind a barrier.
+    assert _ids(queue.claim_pending()) == [a1, a2, b_opt, s0]
+    assert queue.claim_pending() == []  # A's optim waits for a1, a2; b2 waits for b_opt
+    queue.complete(a1, b"{}", JSON)
+    assert queue.claim_pending() == []  # a2 still running
+    queue.complete(b_opt, b"{}", JSON)
+    assert _ids(queue.claim_pending()) == [b2]
+    queue.fail(a2, "bad input", "user")  # a failure also releases the barrier
+    assert _ids(queue.claim_pending()) == [a_opt]
+    assert queue.claim_pending() == []  # a4 waits for the running optim_step
+    queue.complete(a_opt, b"{}", JSON)
+    claimed = queue.claim_pending()
+    assert _ids(claimed) == [a4]
+    assert (claimed[0].model_id, claimed[0].seq_id, claimed[0].request_type) == ("A", 4, "forward")
+
+
+def test_limit_and_type_filter_keep_the_order(store: FutureStore, queue: WorkQueue) -> None:
+    fb = [_put(store, "A", i, T.FORWARD_BACKWARD) for i in range(1, 4)]
+    opt = _put(store, "A", 4, T.OPTIM_STEP)
+    sample = _put(store, None, 0, T.SAMPLE)
+    assert _ids(queue.claim_pending(request_types={"sample"})) == [sample]
+    assert _ids(queue.claim_pending(limit=2)) == fb[:2]
+    assert _ids(queue.claim_pending(request_types={"optim_step"})) == []
+    assert _ids(queue.claim_pending()) == [fb[2]]
+    for rid in fb:
+        queue.complete(rid, b"{}", JSON)
+    assert _ids(queue.claim_pending()) == [opt]
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        queue.claim_pending(limit=0)
+
+
+def test_transitions_are_checked(store: FutureStore, queue: WorkQueue) -> None:
+    rid = _put(store, "A", 1, T.OPTIM_STEP)
+    with pytest.raises(ValueError, match="content_type"):
+        queue.complete(rid, b"{}", "text/plain")
+    with pytest.raises(ValueError, match="category"):
+        queue.fail(rid, "x", "oops")  # type: ignore[arg-type]
+    with pytest.raises(NotFoundError):
+        queue.complete("missing", b"{}", JSON)
+    queue.complete(rid, b"{}", JSON)
+    with pytest.raises(ServerFaultError, match="already finished"):
+        queue.fail(rid, "late", "server")
+
+
+def test_requeue_running_after_a_worker_crash(store: FutureStore, queue: WorkQueue) -> None:
+    rid = _put(store, "A", 1, T.FORWARD_BACKWARD)
+    assert _ids(queue.claim_pending()) == [rid]
+    assert queue.requeue_running() == 1
+    assert _ids(queue.claim_pending()) == [rid]
+
+
+def test_submission_wakes_a_waiting_worker(store: FutureStore, queue: WorkQueue) -> None:
+    with queue.subscribe_work() as work:
+        timer = threading.Timer(0.2, _put, (store, "M", 1, T.FORWARD_BACKWARD))
+        started = time.perf_counter()
+        timer.start()
+        messages = work.wait(timeout=10.0)
+        elapsed = time.perf_counter() - started
+        timer.join()
+    assert messages == ["M"]
+    assert elapsed < 2.0
+    assert queue.claim_pending()[0].model_id == "M"
+
+
+def test_pruning_deletes_only_old_finished_futures(
+    db: Database, store: FutureStore, queue: WorkQueue
+) -> None:
+    old_done, new_done, old_pending = (_put(store, "A", i, T.FORWARD) for i in (1, 2, 3))
+    queue.claim_pending()
+    queue.complete(old_done, b"{}", JSON)
+    queue.fail(new_done, "x", "server")
+    with db.write() as s:
+        s.execute(
+            update(FutureRow)
+            .where(FutureRow.request_id.in_([old_done, old_pending]))
+            .values(finished_at=utcnow() - timedelta(days=30))
+        )
+        s.execute(
+            update(FutureRow)
+            .where(FutureRow.request_id == old_pending)
+            .values(status=FutureStatus.RUNNING)
+        )
+    assert prune_finished(db, timedelta(days=7)) == 1
+    with db.read() as s:
+        left = set(s.scalars(select(FutureRow.request_id)))
+    assert left == {new_done, old_pending}
