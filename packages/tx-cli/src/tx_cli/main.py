@@ -3,6 +3,7 @@
 import typer
 
 from tx_cli.commands.make_tiny_model import make_tiny_model
+from tx_cli.commands.train import train
 
 app = typer.Typer(help="tx: self-hosted Tinker fine-tuning backend.", no_args_is_help=True)
 
@@ -21,3 +22,4 @@ def version() -> None:
 
 
 app.command("make-tiny-model")(make_tiny_model)
+app.command("train")(train)
