@@ -82,9 +82,6 @@ def load_opt_state(ckpt: Path, template: Any) -> Any:
     filled = []
     for key, (_, leaf) in zip(keys, leaves, strict=True):
         value = np.asarray(stored[key])
-        if value.size == 1 and leaf.shape == ():
-            # the engine's writer stores 0-d leaves (e.g. optax's step count) as shape (1,)
-            value = value.reshape(())
         if value.shape != leaf.shape:
             raise TrainInputError(f"--load-checkpoint-path: {key} has shape {value.shape}")
         arr = jnp.asarray(value, leaf.dtype)

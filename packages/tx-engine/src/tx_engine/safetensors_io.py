@@ -77,7 +77,8 @@ def write_file(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
     """Write ``tensors`` as one safetensors file (names sorted, data 8-byte aligned header)."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    arrays = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}
+    # np.asarray keeps 0-d shapes (np.ascontiguousarray would make them 1-d).
+    arrays = {k: np.asarray(v, order="C") for k, v in sorted(tensors.items())}
     for name, arr in arrays.items():
         header[name] = {
             "dtype": _NAMES[arr.dtype],
