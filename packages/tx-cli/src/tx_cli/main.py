@@ -2,6 +2,7 @@
 
 import typer
 
+from tx_cli.commands.demo import demo
 from tx_cli.commands.make_tiny_model import make_tiny_model
 from tx_cli.commands.train import train
 
@@ -21,5 +22,6 @@ def version() -> None:
             typer.echo(f"{name} (not installed)")
 
 
+app.command("demo")(demo)
 app.command("make-tiny-model")(make_tiny_model)
 app.command("train")(train)
