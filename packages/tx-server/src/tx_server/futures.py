@@ -28,8 +28,8 @@ from sqlalchemy import ColumnElement, and_, select
 from sqlalchemy.exc import IntegrityError
 
 from tx_server.db.database import Database
-from tx_server.db.models import FutureRow, FutureStatus
-from tx_server.errors import BadRequestError, NotFoundError, PollTimeoutError
+from tx_server.db.models import FutureRow, FutureStatus, utcnow
+from tx_server.errors import BadRequestError, NotFoundError, PollTimeoutError, WireCategory
 from tx_server.wake import WORK, WakeBus
 
 __all__ = [
@@ -90,6 +90,9 @@ class Submission:
     seq_id: int | None = None
     model_seq_id: int | None = None
     sampling_session_id: str | None = None
+    failed: tuple[str, WireCategory] | None = None
+    """Set to ``(message, category)`` to record a request that is rejected on arrival (e.g. an
+    undecodable body): the row is written ``failed`` at once, so its poll reports the error."""
 
     def idempotency_filter(self) -> ColumnElement[bool] | None:
         """The WHERE clause matching an earlier row with the same key, or None (no key)."""
@@ -155,9 +158,14 @@ class FutureStore:
                 payload_content_type=submission.payload_content_type,
                 status=FutureStatus.PENDING,
             )
+            if submission.failed is not None:
+                row.status = FutureStatus.FAILED
+                row.error_message, row.error_category = submission.failed
+                row.finished_at = utcnow()
             session.add(row)
             session.flush()
-            self.bus.publish(session, WORK, submission.model_id or "")
+            if submission.failed is None:
+                self.bus.publish(session, WORK, submission.model_id or "")
             return row.request_id
 
     def outcome(self, tenant_id: str, request_id: str) -> FutureOutcome | None:

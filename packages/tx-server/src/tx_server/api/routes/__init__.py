@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
-from tx_server.api.routes import client, futures, health, sessions, telemetry
+from tx_server.api.routes import (
+    client,
+    futures,
+    health,
+    models,
+    runs,
+    sessions,
+    telemetry,
+    training,
+    weights,
+)
 
-ROUTERS = (health.router, client.router, sessions.router, telemetry.router, futures.router)
+ROUTERS = (
+    health.router,
+    client.router,
+    sessions.router,
+    telemetry.router,
+    futures.router,
+    models.router,
+    training.router,
+    weights.router,
+    runs.router,
+)
 
 __all__ = ["ROUTERS"]

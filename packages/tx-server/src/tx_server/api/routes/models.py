@@ -1,0 +1,135 @@
+"""Training-model endpoints: ``create_model``, ``get_info``, ``unload_model`` (spec §4.1).
+
+``create_model`` writes the ``models`` row at once (so ``get_info`` answers as soon as the
+future resolves) and queues a barrier request on which the worker allocates the adapter slot.
+A bad base model or rank is recorded as a failed future with category ``user``: the SDK then
+raises ``RequestFailedError`` instead of retrying a 4xx.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from tx_server.api.deps import StateDep, TenantDep
+from tx_server.api.state import AppState
+from tx_server.db.models import ModelRow
+from tx_server.errors import NotFoundError, WireCategory
+from tx_server.futures import RequestType, Submission
+from tx_types import (
+    CreateModelRequest,
+    GetInfoRequest,
+    GetInfoResponse,
+    ModelData,
+    UnloadModelRequest,
+    UnloadModelResponse,
+    UntypedAPIFuture,
+)
+
+__all__ = ["get_owned_model", "model_id_for", "router", "submit"]
+
+router = APIRouter(tags=["models"])
+
+
+def model_id_for(session_id: str, model_seq_id: int) -> str:
+    """Training-run id of the ``model_seq_id``-th model of a session (spec §6.9)."""
+    return f"{session_id}:train:{model_seq_id}"
+
+
+def get_owned_model(state: AppState, tenant: str, model_id: str) -> ModelRow:
+    """The caller's model row; NotFoundError for unknown and foreign ids alike."""
+    with state.db.read() as session:
+        row = session.get(ModelRow, model_id)
+        if row is None or row.tenant_id != tenant:
+            raise NotFoundError(f"unknown model_id {model_id!r}")
+        return row
+
+
+async def submit(
+    state: AppState, tenant: str, submission: Submission, model_id: str | None = None
+) -> UntypedAPIFuture:
+    """Write the futures row (in the thread pool) and answer with its request id."""
+    request_id = await run_in_threadpool(state.futures.submit, tenant, submission)
+    return UntypedAPIFuture(request_id=request_id, model_id=model_id)
+
+
+def _create_problem(state: AppState, body: CreateModelRequest) -> str | None:
+    served = state.settings.base_models
+    if body.base_model not in served:
+        return f"base_model {body.base_model!r} is not served here; served models: {served}"
+    rank = body.lora_config.rank if body.lora_config else 32
+    max_rank = state.settings.engine.max_lora_rank
+    if rank > max_rank:
+        return f"lora_config.rank {rank} exceeds this server's max_lora_rank {max_rank}"
+    if body.optimizer_config.type != "adamw":
+        return f"optimizer_config.type {body.optimizer_config.type!r}: only 'adamw' is supported"
+    return None
+
+
+def _register_model(state: AppState, tenant: str, body: CreateModelRequest, model_id: str) -> None:
+    state.sessions.get_owned(tenant, body.session_id)
+    with state.db.write() as session:
+        if session.get(ModelRow, model_id) is not None:
+            return  # a transport retry of the same create_model
+        lora = body.lora_config.model_dump(mode="json") if body.lora_config else {"rank": 32}
+        session.add(
+            ModelRow(
+                id=model_id,
+                session_id=body.session_id,
+                model_seq_id=body.model_seq_id,
+                tenant_id=tenant,
+                base_model=body.base_model,
+                lora_config=lora,
+                optimizer_config=body.optimizer_config.model_dump(mode="json"),
+                user_metadata={k: str(v) for k, v in (body.user_metadata or {}).items()},
+            )
+        )
+
+
+@router.post("/create_model", response_model=UntypedAPIFuture)
+async def create_model(
+    body: CreateModelRequest, tenant: TenantDep, state: StateDep
+) -> UntypedAPIFuture:
+    """Queue a new LoRA training run ``{session_id}:train:{model_seq_id}``."""
+    model_id = model_id_for(body.session_id, body.model_seq_id)
+    problem = _create_problem(state, body)
+    failed: tuple[str, WireCategory] | None = None
+    if problem is not None:
+        failed = (problem, "user")
+    else:
+        await run_in_threadpool(_register_model, state, tenant, body, model_id)
+    submission = Submission(
+        RequestType.CREATE_MODEL,
+        json.dumps(body.model_dump(mode="json")).encode(),
+        session_id=body.session_id,
+        model_seq_id=body.model_seq_id,
+        model_id=None if failed else model_id,
+        failed=failed,
+    )
+    return await submit(state, tenant, submission, None if failed else model_id)
+
+
+@router.post("/get_info", response_model=GetInfoResponse, response_model_exclude_none=True)
+async def get_info(body: GetInfoRequest, tenant: TenantDep, state: StateDep) -> GetInfoResponse:
+    """Model facts the SDK caches; ``tokenizer_id`` is the served name, which loads offline."""
+    row = await run_in_threadpool(get_owned_model, state, tenant, body.model_id)
+    rank = int(row.lora_config.get("rank", 32))
+    return GetInfoResponse(
+        type="get_info",
+        model_id=row.id,
+        model_data=ModelData(model_name=row.base_model, tokenizer_id=row.base_model),
+        is_lora=True,
+        lora_rank=rank,
+        model_name=row.base_model,
+    )
+
+
+@router.post("/unload_model", response_model=UnloadModelResponse)
+async def unload_model(
+    body: UnloadModelRequest, tenant: TenantDep, state: StateDep
+) -> UnloadModelResponse:
+    """Acknowledge; the worker keeps the adapter until the run is deleted (no slot pressure yet)."""
+    await run_in_threadpool(get_owned_model, state, tenant, body.model_id)
+    return UnloadModelResponse(model_id=body.model_id, type="unload_model")

@@ -1,0 +1,151 @@
+"""Training runs and their checkpoints (RestClient, spec §4.4, §6.10).
+
+Only the caller's runs are visible (``access_scope`` other than ``owned`` sees the same set
+plus nothing else: there is no sharing yet). Deleting a checkpoint removes its row first, then
+its files, so a half-deleted checkpoint is never listed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+
+from tx_server.api.deps import StateDep, TenantDep
+from tx_server.api.routes.models import get_owned_model
+from tx_server.api.state import AppState
+from tx_server.db.models import CheckpointRow, ModelRow
+from tx_server.errors import BadRequestError, NotFoundError
+from tx_server.worker.storage import SEGMENTS, TYPES, remove_dir
+from tx_types import (
+    Checkpoint,
+    CheckpointsListResponse,
+    Cursor,
+    TrainingRun,
+    TrainingRunsResponse,
+)
+from tx_types.paths import make_tinker_path
+
+router = APIRouter(tags=["training_runs"])
+
+
+def _checkpoint(row: CheckpointRow) -> Checkpoint:
+    return Checkpoint(
+        checkpoint_id=f"{SEGMENTS[row.checkpoint_type]}/{row.name}",
+        checkpoint_type=row.checkpoint_type,  # type: ignore[arg-type]
+        time=row.created_at,
+        tinker_path=row.tinker_path,
+        size_bytes=row.size_bytes,
+        public=row.public,
+        user_metadata=dict(row.user_metadata) or None,
+        expires_at=row.expires_at,
+    )
+
+
+def _run(state: AppState, row: ModelRow) -> TrainingRun:
+    with state.db.read() as session:
+        rows = session.scalars(
+            select(CheckpointRow)
+            .where(CheckpointRow.model_id == row.id)
+            .order_by(CheckpointRow.created_at.desc())
+        ).all()
+    latest = {kind: next((c for c in rows if c.checkpoint_type == kind), None) for kind in SEGMENTS}
+    training, sampler = latest["training"], latest["sampler"]
+    return TrainingRun(
+        training_run_id=row.id,
+        base_model=row.base_model,
+        model_owner=row.tenant_id,
+        is_lora=True,
+        corrupted=row.corrupted,
+        lora_rank=int(row.lora_config.get("rank", 32)),
+        last_request_time=row.last_request_at,
+        last_checkpoint=_checkpoint(training) if training else None,
+        last_sampler_checkpoint=_checkpoint(sampler) if sampler else None,
+        user_metadata=dict(row.user_metadata) or None,
+    )
+
+
+def _list_runs(state: AppState, tenant: str, limit: int, offset: int) -> TrainingRunsResponse:
+    with state.db.read() as session:
+        total = session.scalar(
+            select(func.count()).select_from(ModelRow).where(ModelRow.tenant_id == tenant)
+        )
+        rows = session.scalars(
+            select(ModelRow)
+            .where(ModelRow.tenant_id == tenant)
+            .order_by(ModelRow.created_at.desc(), ModelRow.id)
+            .limit(limit)
+            .offset(offset)
+        ).all()
+    return TrainingRunsResponse(
+        training_runs=[_run(state, r) for r in rows],
+        cursor=Cursor(offset=offset, limit=limit, total_count=int(total or 0)),
+    )
+
+
+@router.get("/training_runs", response_model=TrainingRunsResponse)
+async def list_training_runs(
+    tenant: TenantDep,
+    state: StateDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> TrainingRunsResponse:
+    """The caller's training runs, newest first."""
+    return await run_in_threadpool(_list_runs, state, tenant, limit, offset)
+
+
+@router.get("/training_runs/{run_id}", response_model=TrainingRun)
+async def get_training_run(run_id: str, tenant: TenantDep, state: StateDep) -> TrainingRun:
+    """One training run of the caller (404 for unknown and foreign ids)."""
+    row = await run_in_threadpool(get_owned_model, state, tenant, run_id)
+    return await run_in_threadpool(_run, state, row)
+
+
+def _list_checkpoints(state: AppState, tenant: str, run_id: str) -> CheckpointsListResponse:
+    get_owned_model(state, tenant, run_id)
+    with state.db.read() as session:
+        rows = session.scalars(
+            select(CheckpointRow)
+            .where(CheckpointRow.model_id == run_id)
+            .order_by(CheckpointRow.created_at)
+        ).all()
+    items = [_checkpoint(r) for r in rows]
+    return CheckpointsListResponse(
+        checkpoints=items, cursor=Cursor(offset=0, limit=len(items), total_count=len(items))
+    )
+
+
+@router.get("/training_runs/{run_id}/checkpoints", response_model=CheckpointsListResponse)
+async def list_checkpoints(
+    run_id: str, tenant: TenantDep, state: StateDep
+) -> CheckpointsListResponse:
+    """Every checkpoint of the run, oldest first."""
+    return await run_in_threadpool(_list_checkpoints, state, tenant, run_id)
+
+
+def _delete(state: AppState, tenant: str, run_id: str, kind: str, name: str) -> None:
+    get_owned_model(state, tenant, run_id)
+    if kind not in TYPES:
+        raise BadRequestError(f"checkpoint kind {kind!r} must be one of {sorted(TYPES)}")
+    tinker_path = make_tinker_path(run_id, TYPES[kind], name)  # type: ignore[arg-type]
+    with state.db.write() as session:
+        row = session.scalar(select(CheckpointRow).where(CheckpointRow.tinker_path == tinker_path))
+        if row is None or row.tenant_id != tenant:
+            raise NotFoundError(f"unknown checkpoint {tinker_path!r}")
+        storage = row.storage_path
+        session.delete(row)
+    remove_dir(Path(storage))
+
+
+@router.delete(
+    "/training_runs/{run_id}/checkpoints/{kind}/{name}", status_code=204, response_class=Response
+)
+async def delete_checkpoint(
+    run_id: str, kind: str, name: str, tenant: TenantDep, state: StateDep
+) -> Response:
+    """Delete one checkpoint (row, then files)."""
+    await run_in_threadpool(_delete, state, tenant, run_id, kind, name)
+    return Response(status_code=204)

@@ -1,0 +1,82 @@
+"""Wire types ↔ engine arrays: the one place where ``tx_types`` meets ``tx_engine``.
+
+Why one module: the engine speaks numpy (:class:`~tx_engine.batching.DatumArrays`), the wire
+speaks pydantic (:class:`tx_types.Datum`). Keeping the translation here means a wire change
+touches one file and the engine never learns about JSON or protobuf. Only the worker imports
+this module (it pulls in the engine, hence jax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from tx_engine.batching import DatumArrays, GroupOutput, InputError
+from tx_engine.engine import AdamParams as EngineAdamParams
+from tx_types import AdamParams, Datum, ForwardBackwardInput, ForwardBackwardOutput, TensorData
+from tx_types.proto._tensors import tensor_data_to_numpy
+
+__all__ = ["adam_params", "datum_arrays", "forward_backward_output", "loss_config"]
+
+
+def datum_arrays(data: Sequence[Datum]) -> list[DatumArrays]:
+    """Engine arrays for wire datums; InputError (a user error) names the offending datum."""
+    out = []
+    for i, datum in enumerate(data):
+        try:
+            tokens = np.asarray(datum.model_input.to_ints(), dtype=np.int64)
+        except ValueError as exc:
+            raise InputError(f"data[{i}].model_input: {exc}") from None
+        inputs = {}
+        for key, tensor in datum.loss_fn_inputs.items():
+            try:
+                inputs[key] = tensor_data_to_numpy(tensor)
+            except ValueError as exc:
+                raise InputError(f"data[{i}].loss_fn_inputs[{key!r}]: {exc}") from None
+        out.append(DatumArrays(input_tokens=tokens, loss_fn_inputs=inputs))
+    return out
+
+
+def loss_config(fwd: ForwardBackwardInput) -> dict[str, float] | None:
+    """Numeric loss config for the engine; string values belong to losses it does not run."""
+    if not fwd.loss_fn_config:
+        return None
+    config = {}
+    for key, value in fwd.loss_fn_config.items():
+        if isinstance(value, str):
+            raise InputError(f"loss_fn_config[{key!r}]: {fwd.loss_fn!r} takes numbers only")
+        config[key] = float(value)
+    return config
+
+
+def forward_backward_output(group: GroupOutput) -> ForwardBackwardOutput:
+    """The wire result of one request: per-datum ``logprobs``/``elementwise_loss``, ``loss:sum``."""
+    outputs = [
+        {
+            "logprobs": _tensor(d.logprobs),
+            "elementwise_loss": _tensor(d.elementwise_loss),
+        }
+        for d in group.outputs
+    ]
+    metrics = {k: float(v) for k, v in group.metrics.items()}
+    return ForwardBackwardOutput(
+        loss_fn_output_type="ArrayRecord", loss_fn_outputs=outputs, metrics=metrics
+    )
+
+
+def _tensor(arr: np.ndarray) -> TensorData:
+    values = np.asarray(arr, dtype=np.float32)
+    return TensorData(data=values.reshape(-1).tolist(), dtype="float32", shape=list(values.shape))
+
+
+def adam_params(params: AdamParams) -> EngineAdamParams:
+    """Engine optimizer hyper-parameters from the wire ``AdamParams`` (same field names)."""
+    return EngineAdamParams(
+        learning_rate=params.learning_rate,
+        beta1=params.beta1,
+        beta2=params.beta2,
+        eps=params.eps,
+        weight_decay=params.weight_decay,
+        grad_clip_norm=params.grad_clip_norm,
+    )

@@ -1,0 +1,145 @@
+"""Execute one claimed batch: fuse every forward/backward pass, then run the barriers.
+
+Why fusing is safe: the queue claims a barrier (optim_step, save, load, create) only when it
+is its model's sole claimed request, and forward/backward passes of one model between two
+barriers commute. So all passes of a claim — of every tenant — can run in one engine call per
+(base model, forward-only?) pair, results split back per request. If a fused call is refused
+as bad input, each request is rerun alone so one tenant's bad batch fails only that tenant.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tx_engine.batching import AdapterBatch, InputError
+from tx_engine.errors import TxEngineError
+from tx_server import convert
+from tx_server.errors import WireCategory, category_of
+from tx_server.futures import JSON, PROTOBUF, RequestType
+from tx_server.settings import Settings
+from tx_server.work_queue import ClaimedRequest, WorkQueue
+from tx_server.worker.engines import EngineHost, LoadedModel
+from tx_server.worker.handlers import BarrierHandlers
+from tx_types.proto import ProtoDecodeError, decode_forward_backward_request
+from tx_types.proto import encode_forward_backward_output as encode_output
+
+__all__ = ["HANDLED_TYPES", "Executor"]
+
+log = logging.getLogger(__name__)
+
+_PASSES = frozenset({RequestType.FORWARD, RequestType.FORWARD_BACKWARD})
+HANDLED_TYPES = frozenset(
+    _PASSES
+    | {
+        RequestType.CREATE_MODEL,
+        RequestType.OPTIM_STEP,
+        RequestType.SAVE_WEIGHTS,
+        RequestType.SAVE_WEIGHTS_FOR_SAMPLER,
+        RequestType.LOAD_WEIGHTS,
+    }
+)
+"""What this worker claims; sampling is left in the queue for a sampler."""
+
+
+@dataclass(frozen=True)
+class _Pass:
+    request: ClaimedRequest
+    model: LoadedModel
+    batch: AdapterBatch
+    backward: bool
+
+
+def failure_category(exc: BaseException) -> WireCategory:
+    """User for bad input (decoding, engine input errors), else per the error table.
+
+    A pydantic ValidationError here is a server bug: payloads were validated by the route.
+    """
+    if isinstance(exc, ProtoDecodeError):
+        return "user"
+    return category_of(exc)
+
+
+class Executor:
+    """Runs claimed requests on the engines and records each outcome in the queue."""
+
+    def __init__(self, settings: Settings, queue: WorkQueue) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.host = EngineHost(settings)
+        self.handlers = BarrierHandlers(self.host, queue.db, settings.checkpoint_root).table()
+        self.engine_calls = 0
+        """Forward/backward engine calls made so far (how well requests were fused)."""
+
+    def run(self, claimed: Sequence[ClaimedRequest]) -> None:
+        """Execute ``claimed`` (one claim's worth) and complete or fail every request."""
+        passes = []
+        for req in claimed:
+            if req.request_type in _PASSES:
+                try:
+                    passes.append(self._prepare(req))
+                except Exception as exc:
+                    self._fail(req, exc)
+            else:
+                self._run_barrier(req)
+        groups: dict[tuple[int, bool], list[_Pass]] = {}
+        for p in passes:
+            groups.setdefault((id(p.model.engine), p.backward), []).append(p)
+        for group in groups.values():
+            self._run_passes(group)
+
+    def _prepare(self, req: ClaimedRequest) -> _Pass:
+        decoded = decode_forward_backward_request(req.payload)
+        model = self.host.get(decoded.model_id)
+        fwd = decoded.forward_backward_input
+        data = convert.datum_arrays(fwd.data)
+        limit = self.settings.engine.max_seq_len
+        for i, datum in enumerate(data):
+            if datum.input_tokens.shape[0] > limit:
+                raise InputError(
+                    f"data[{i}].model_input has {datum.input_tokens.shape[0]} tokens; "
+                    f"this server's max_seq_len is {limit}"
+                )
+        batch = AdapterBatch(model.slot, data, fwd.loss_fn, convert.loss_config(fwd))
+        return _Pass(req, model, batch, backward=not decoded.forward_only)
+
+    def _run_passes(self, passes: list[_Pass]) -> None:
+        engine = passes[0].model.engine
+        run = engine.forward_backward if passes[0].backward else engine.forward
+        self.engine_calls += 1
+        try:
+            outputs = run([p.batch for p in passes])
+        except TxEngineError as exc:
+            if len(passes) > 1 and exc.category == "user":
+                for p in passes:  # isolate the bad request; the others still run
+                    self._run_passes([p])
+                return
+            for p in passes:
+                self._fail(p.request, exc)
+            return
+        except Exception as exc:
+            log.exception("engine call failed")
+            for p in passes:
+                self._fail(p.request, exc)
+            return
+        for p, out in zip(passes, outputs, strict=True):
+            body = encode_output(convert.forward_backward_output(out))
+            self.queue.complete(p.request.request_id, body, PROTOBUF)
+
+    def _run_barrier(self, req: ClaimedRequest) -> None:
+        handler = self.handlers.get(req.request_type)
+        try:
+            if handler is None:
+                raise InputError(f"request type {req.request_type!r} is not supported")
+            body = handler(req)
+        except Exception as exc:
+            self._fail(req, exc)
+            return
+        self.queue.complete(req.request_id, body, JSON)
+
+    def _fail(self, req: ClaimedRequest, exc: BaseException) -> None:
+        category = failure_category(exc)
+        if category == "server":
+            log.error("request %s (%s) failed", req.request_id, req.request_type, exc_info=exc)
+        self.queue.fail(req.request_id, str(exc) or type(exc).__name__, category)

@@ -1,0 +1,212 @@
+"""Barrier requests: create_model, optim_step, save/load weights, save for sampler.
+
+Each handler takes the claimed request and returns the JSON result bytes; raising fails the
+request (the caller maps the exception to a wire category). Database rows that record files
+(``checkpoints``, ``sampling_sessions``) are written only after the files are complete.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from tx_server import convert
+from tx_server.db.database import Database
+from tx_server.db.models import CheckpointRow, ModelRow, SamplingSessionRow, utcnow
+from tx_server.errors import BadRequestError, NotFoundError
+from tx_server.futures import RequestType
+from tx_server.work_queue import ClaimedRequest
+from tx_server.worker.engines import EngineHost
+from tx_server.worker.storage import checkpoint_dir, dir_size, find_checkpoint
+from tx_types import (
+    AdamParams,
+    CreateModelRequest,
+    CreateModelResponse,
+    LoadWeightsResponse,
+    OptimStepRequest,
+    OptimStepResponse,
+    SaveWeightsForSamplerResponseInternal,
+    SaveWeightsResponse,
+)
+from tx_types.paths import make_tinker_path
+
+__all__ = ["BarrierHandlers"]
+
+
+class BarrierHandlers:
+    """Runs the non-batched request types against the worker's engines."""
+
+    def __init__(self, host: EngineHost, db: Database, checkpoint_root: Path) -> None:
+        self.host = host
+        self.db = db
+        self.root = checkpoint_root
+
+    def table(self) -> dict[str, Callable[[ClaimedRequest], bytes]]:
+        """Handler per request type."""
+        return {
+            RequestType.CREATE_MODEL: self.create_model,
+            RequestType.OPTIM_STEP: self.optim_step,
+            RequestType.SAVE_WEIGHTS: self.save_weights,
+            RequestType.SAVE_WEIGHTS_FOR_SAMPLER: self.save_for_sampler,
+            RequestType.LOAD_WEIGHTS: self.load_weights,
+        }
+
+    def create_model(self, req: ClaimedRequest) -> bytes:
+        body = CreateModelRequest.model_validate_json(req.payload)
+        assert req.model_id is not None
+        if self.host.find(req.model_id) is None:
+            lora = body.lora_config
+            engine = self.host.engine(body.base_model)
+            slot = engine.create_adapter(
+                rank=lora.rank if lora else 32,
+                seed=lora.seed if lora else None,
+                train_attn=lora.train_attn if lora else True,
+                train_mlp=lora.train_mlp if lora else True,
+                train_unembed=lora.train_unembed if lora else True,
+            )
+            self.host.add(req.model_id, body.base_model, slot)
+            self._set_slot(req.model_id, slot)
+        return CreateModelResponse(model_id=req.model_id).model_dump_json().encode()
+
+    def optim_step(self, req: ClaimedRequest) -> bytes:
+        body = OptimStepRequest.model_validate_json(req.payload)
+        if not isinstance(body.optim_params, AdamParams):
+            raise BadRequestError("optim_step: only adam_params (AdamW) are supported")
+        loaded = self.host.get(body.model_id)
+        metrics = loaded.engine.optim_step(loaded.slot, convert.adam_params(body.optim_params))
+        return OptimStepResponse(metrics=metrics).model_dump_json().encode()
+
+    def save_weights(self, req: ClaimedRequest) -> bytes:
+        data = json.loads(req.payload)
+        model_id, name = data["request"]["model_id"], data["name"]
+        loaded = self.host.get(model_id)
+        target = checkpoint_dir(self.root, model_id, "training", name)
+        tinker_path = make_tinker_path(model_id, "training", name)
+        self._check_free(tinker_path, overwrite=bool(data["request"].get("overwrite")))
+        loaded.engine.save_adapter(loaded.slot, target, include_optimizer=True)
+        self._register(req, model_id, "training", name, target, data["request"])
+        return SaveWeightsResponse(path=tinker_path, type="save_weights").model_dump_json().encode()
+
+    def save_for_sampler(self, req: ClaimedRequest) -> bytes:
+        data = json.loads(req.payload)
+        body: dict[str, Any] = data["request"]
+        model_id = body["model_id"]
+        loaded = self.host.get(model_id)
+        if body.get("path") is not None:
+            name = body["path"]
+            target = checkpoint_dir(self.root, model_id, "sampler", name)
+            tinker_path = make_tinker_path(model_id, "sampler", name)
+            self._check_free(tinker_path, overwrite=True)
+            loaded.engine.export_peft(loaded.slot, target)
+            self._register(req, model_id, "sampler", name, target, body)
+            result = SaveWeightsForSamplerResponseInternal(
+                path=tinker_path, type="save_weights_for_sampler"
+            )
+        else:
+            seq = int(body["sampling_session_seq_id"])
+            name = f"ephemeral-{seq}"
+            target = checkpoint_dir(self.root, model_id, "sampler", name)
+            loaded.engine.export_peft(loaded.slot, target)
+            session_id = data["session_id"]
+            sampler_id = f"{session_id}:sample:{seq}"
+            self._add_sampler(req, sampler_id, session_id, seq, data["base_model"], model_id, name)
+            result = SaveWeightsForSamplerResponseInternal(
+                sampling_session_id=sampler_id, type="save_weights_for_sampler"
+            )
+        return result.model_dump_json(exclude_none=True).encode()
+
+    def load_weights(self, req: ClaimedRequest) -> bytes:
+        data = json.loads(req.payload)
+        model_id, storage = data["target_model_id"], data["storage_path"]
+        with_optimizer = bool(data["request"]["optimizer"])
+        loaded = self.host.find(model_id)
+        if loaded is not None:
+            loaded.engine.load_adapter(storage, slot=loaded.slot, with_optimizer=with_optimizer)
+        else:
+            base_model = self._base_model_of(model_id)
+            engine = self.host.engine(base_model)
+            slot = engine.load_adapter(storage, slot=None, with_optimizer=with_optimizer)
+            self.host.add(model_id, base_model, slot)
+            self._set_slot(model_id, slot)
+        response = LoadWeightsResponse(
+            path=data["request"]["path"], model_id=model_id, type="load_weights"
+        )
+        return response.model_dump_json(exclude_none=True).encode()
+
+    # ------------------------------------------------------------------ rows
+    def _base_model_of(self, model_id: str) -> str:
+        with self.db.read() as session:
+            row = session.get(ModelRow, model_id)
+            if row is None:
+                raise NotFoundError(f"unknown model_id {model_id!r}")
+            return row.base_model
+
+    def _set_slot(self, model_id: str, slot: int) -> None:
+        with self.db.write() as session:
+            row = session.get(ModelRow, model_id)
+            if row is not None:
+                row.adapter_slot = slot
+
+    def _check_free(self, tinker_path: str, overwrite: bool) -> None:
+        with self.db.read() as session:
+            taken = find_checkpoint(session, tinker_path) is not None
+        if taken and not overwrite:
+            raise BadRequestError(
+                f"checkpoint {tinker_path!r} already exists; pass overwrite=True to replace it"
+            )
+
+    def _register(
+        self,
+        req: ClaimedRequest,
+        model_id: str,
+        kind: str,
+        name: str,
+        target: Path,
+        body: dict[str, Any],
+    ) -> None:
+        tinker_path = make_tinker_path(model_id, kind, name)  # type: ignore[arg-type]
+        with self.db.write() as session:
+            row = find_checkpoint(session, tinker_path)
+            if row is None:
+                row = CheckpointRow(model_id=model_id, tenant_id=req.tenant_id, name=name)
+                session.add(row)
+            row.checkpoint_type = kind
+            row.tinker_path = tinker_path
+            row.storage_path = str(target)
+            row.size_bytes = dir_size(target)
+            row.user_metadata = dict(body.get("user_metadata") or {})
+            row.created_at = utcnow()
+            model = session.get(ModelRow, model_id)
+            if model is not None:
+                model.last_request_at = utcnow()
+
+    def _add_sampler(
+        self,
+        req: ClaimedRequest,
+        sampler_id: str,
+        session_id: str,
+        seq: int,
+        base_model: str,
+        model_id: str,
+        name: str,
+    ) -> None:
+        with self.db.write() as session:
+            exists = session.scalar(
+                select(SamplingSessionRow.id).where(SamplingSessionRow.id == sampler_id)
+            )
+            if exists is None:
+                session.add(
+                    SamplingSessionRow(
+                        id=sampler_id,
+                        session_id=session_id,
+                        sampling_session_seq_id=seq,
+                        tenant_id=req.tenant_id,
+                        base_model=base_model,
+                        model_path=make_tinker_path(model_id, "sampler", name),
+                        source_model_id=model_id,
+                    )
+                )
