@@ -1,0 +1,177 @@
+"""Sampling throughput of tx-engine: generated tokens/s and ms per decode step vs batch size.
+
+    uv run python benchmarks/engine_sample.py                      # tiny-qwen3 + small
+    uv run python benchmarks/engine_sample.py --presets small --batches 1,64 --new-tokens 32
+
+Two measurements per (preset, batch):
+
+* ``tok/s``: end-to-end :meth:`Sampler.sample` (prefill, decode, host stop checks) of ``batch``
+  rows × ``--new-tokens`` tokens with ``stop=[]``, warm (programs already compiled).
+* ``ms/step``: the compiled decode step alone, called back to back on a live cache.
+
+Decode is memory-bound: each step reads every weight once and the whole KV cache
+(``2 × L × B × S × K × H`` elements). The ``bound`` column is those bytes divided by the copy
+bandwidth measured *in the same run* — the faster of a large jitted array copy (read + write
+bytes / time) and a large matrix-vector product (read bytes / time; XLA:CPU runs elementwise
+loops on one thread but matmuls on all cores) — so
+``ms/step ÷ bound`` says how far the step is from the hardware's streaming limit on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tx_engine import step_sampling
+from tx_engine.config import EngineConfig
+from tx_engine.engine import TrainingEngine
+from tx_engine.sampler import Sampler, SampleRequestArrays
+from tx_engine.sampling import RowSamplingParams, SamplingRow
+from tx_engine.testing import ensure_model
+
+PROMPT_LEN = 16
+
+
+def _best_time(f: Any, x: Any, iters: int = 5) -> float:
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def copy_bandwidth(mbytes: int = 256) -> float:
+    """Bytes/s of a jitted pass over an ``mbytes`` MB float32 array (read + write bytes)."""
+    x = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0000001)  # a real pass over memory; `a.copy()` may alias
+    return 2 * x.nbytes / _best_time(f, x)
+
+
+def gemv_bandwidth(mbytes: int = 256) -> float:
+    """Bytes/s of a matrix-vector product over an ``mbytes`` MB matrix (read bytes).
+
+    On CPU XLA runs elementwise loops on one thread but matmuls on all cores, so a decode step
+    (all matmuls) can stream faster than the copy; the bound uses the faster of the two.
+    """
+    w = jnp.ones((mbytes * 2**20 // 4 // 4096, 4096), jnp.float32)
+    v = jnp.ones((4096, 1), jnp.float32)
+    return w.nbytes / _best_time(jax.jit(lambda m: m @ v), w)
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def decode_ms(engine: TrainingEngine, batch: int, cache_len: int, iters: int) -> float:
+    """Mean wall time of one compiled decode step at ``batch`` rows (after one warm-up call)."""
+    e = engine
+    tokens = np.full((1, PROMPT_LEN), 7, np.int32)
+    ones = np.ones_like(tokens)
+    params = RowSamplingParams.stack(SamplingRow.for_request(num_samples=batch, seed=0))
+    out = step_sampling.prefill(
+        e._graphdef, e._lora, e._rest, tokens, np.cumsum(ones, 1) - 1, ones,
+        np.zeros(1, np.int32), np.zeros(batch, np.int32), params,
+        cache_len=cache_len, prompt_logprobs=False, prompt_topk=0,
+    )  # fmt: skip
+    cache, tok = out.cache, out.tokens_b
+    adapters = jnp.zeros(batch, jnp.int32)
+    dparams = jax.tree.map(jnp.asarray, params)
+
+    def step(i: int) -> None:
+        nonlocal cache, tok
+        pos = jnp.full((batch,), PROMPT_LEN + i, jnp.int32)
+        tok, _, cache = step_sampling.decode_step(
+            e._graphdef, e._lora, e._rest, tok, pos, adapters, dparams,
+            jnp.asarray(i + 1, jnp.int32), cache,
+        )  # fmt: skip
+
+    step(0)
+    tok.block_until_ready()
+    t0 = time.perf_counter()
+    for i in range(1, iters + 1):
+        step(i)
+    tok.block_until_ready()
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+def bench(preset: str, batches: list[int], new_tokens: int, bw: float) -> list[dict[str, Any]]:
+    engine = TrainingEngine(ensure_model(preset), EngineConfig(max_lora_adapters=1))
+    sampler = Sampler(engine, max_batch=max(64, *batches))
+    cfg = engine.model_config
+    weight_bytes = tree_bytes(engine._rest) + tree_bytes(engine._lora) // engine.num_slots
+    rows = []
+    for batch in batches:
+        req = SampleRequestArrays(
+            np.arange(100, 100 + PROMPT_LEN, dtype=np.int32),
+            num_samples=batch,
+            max_tokens=new_tokens,
+            stop=[],
+            seed=0,
+        )
+        _, cache_len = sampler.bucket_shape(PROMPT_LEN, new_tokens)
+        # Compile with the shortest run in the same cache bucket (also shows max_tokens is data).
+        warm = max(1, cache_len // 2 - PROMPT_LEN + 2)
+        if sampler.bucket_shape(PROMPT_LEN, warm)[1] != cache_len:
+            warm = new_tokens
+        sampler.sample([replace(req, max_tokens=warm)])
+        traces = dict(step_sampling.TRACE_COUNTS)
+        t0 = time.perf_counter()
+        sampler.sample([req])
+        elapsed = time.perf_counter() - t0
+        if dict(step_sampling.TRACE_COUNTS) != traces:
+            raise RuntimeError("the timed run recompiled: the shape buckets are broken")
+        itemsize = jnp.dtype(engine.config.dtype).itemsize
+        kv_bytes = 2 * cfg.num_hidden_layers * batch * cache_len * cfg.num_key_value_heads
+        kv_bytes *= cfg.head_dim * itemsize
+        ms = decode_ms(engine, batch, cache_len, iters=min(16, cache_len - PROMPT_LEN - 2))
+        rows.append(
+            {
+                "preset": preset,
+                "batch": batch,
+                "tok/s": batch * new_tokens / elapsed,
+                "ms/step": ms,
+                "bound ms": (weight_bytes + kv_bytes) / bw * 1e3,
+                "MB/step": (weight_bytes + kv_bytes) / 2**20,
+            }
+        )
+        print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
+def _fmt(row: dict[str, Any]) -> str:
+    return (
+        f"{row['preset']:>11} {row['batch']:>5} {row['tok/s']:>10.1f} {row['ms/step']:>9.2f} "
+        f"{row['bound ms']:>9.3f} {row['ms/step'] / row['bound ms']:>8.1f}x {row['MB/step']:>9.1f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", default="tiny-qwen3,small")
+    parser.add_argument("--batches", default="1,4,16,64")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    copy_bw, gemv_bw = copy_bandwidth(), gemv_bandwidth()
+    bw = max(copy_bw, gemv_bw)
+    print(
+        f"device: {jax.devices()[0].device_kind}; copy {copy_bw / 1e9:.1f} GB/s, "
+        f"gemv read {gemv_bw / 1e9:.1f} GB/s; bound = (weights + KV bytes) / {bw / 1e9:.1f} GB/s"
+    )
+    print(
+        f"{'preset':>11} {'batch':>5} {'tok/s':>10} {'ms/step':>9} {'bound ms':>9} "
+        f"{'vs bound':>9} {'MB/step':>9}"
+    )
+    for preset in args.presets.split(","):
+        bench(preset, [int(b) for b in args.batches.split(",")], args.new_tokens, bw)
+
+
+if __name__ == "__main__":
+    main()
