@@ -1,35 +1,41 @@
 """End to end: the same training script through tx-client and through the official SDK, against
-one real tx-server, must give the same numbers (issue tx-client item 5).
+one real tx-server (API + worker), must give the same numbers (issue tx-client item 5).
 
-It activates by itself once the server serves ``/api/v1/create_model`` (the training endpoints
-arrive in a later server session); until then it skips and says why.
+The served model is the tx-engine kit's tiny Qwen3 under the hub name ``Qwen/Qwen3-8B``
+(installed into a private Hugging Face cache); the worker runs in a thread of this process.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import tinker
 
 import tx_client
+from tx_server.settings import EngineSettings
 from tx_server.testing import RunningServer, make_settings, run_server
+from tx_server.worker.loop import worker_thread
 
 API_KEY = "tml-tx-client-tests-0001"
+BASE = "Qwen/Qwen3-8B"
 
 
 @pytest.fixture
-def training_server(tmp_path: Path) -> Iterator[RunningServer]:
-    with run_server(make_settings(tmp_path)) as server:
-        probe = httpx.post(
-            f"{server.url}/api/v1/create_model", json={}, headers={"X-API-Key": API_KEY}
-        )
-        if probe.status_code == 404:
-            pytest.skip("tx-server does not serve /api/v1/create_model yet (training endpoints)")
+def training_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunningServer]:
+    from tx_engine.testing import install_hub_aliases
+
+    install_hub_aliases(tmp_path / "hf")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    engine = EngineSettings(max_lora_rank=8, max_lora_adapters=4, max_seq_len=64)
+    settings = make_settings(tmp_path, base_models=[BASE], engine=engine, long_poll_seconds=20.0)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with run_server(settings) as server, worker_thread(settings):
         yield server
 
 
@@ -59,7 +65,7 @@ def _script(sdk: Any, url: str, base_model: str) -> dict[str, Any]:
 
 
 def test_same_script_same_numbers_as_official_sdk(training_server: RunningServer) -> None:
-    base_model = training_server.settings.base_models[0]
+    base_model = BASE
     ours = _script(tx_client, training_server.url, base_model)
     theirs = _script(tinker, training_server.url, base_model)
     np.testing.assert_allclose(ours["before"], theirs["before"], rtol=1e-5, atol=1e-6)
