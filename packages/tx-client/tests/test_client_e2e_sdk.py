@@ -50,7 +50,8 @@ def _script(sdk: Any, url: str, base_model: str) -> dict[str, Any]:
         },
     )
     with sdk.ServiceClient(base_url=url, api_key=API_KEY) as sc:
-        tc = sc.create_lora_training_client(base_model, rank=4, seed=0)
+        # SDK 0.38 spelling: client creation returns a future; tx-client must accept it too.
+        tc = sc.create_lora_training_client(base_model, rank=4, seed=0).result()
         before = tc.forward([datum], "cross_entropy").result()
         fb = tc.forward_backward([datum, datum], "cross_entropy").result()
         tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
@@ -73,3 +74,19 @@ def test_same_script_same_numbers_as_official_sdk(training_server: RunningServer
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
     assert ours["path_suffix"] == theirs["path_suffix"] == ["weights", "e2e"]
     assert not np.allclose(ours["before"], ours["after"])  # the step changed the model
+
+
+def test_created_clients_also_work_as_their_creation_futures(
+    training_server: RunningServer,
+) -> None:
+    import asyncio
+
+    with tx_client.ServiceClient(base_url=training_server.url, api_key=API_KEY) as sc:
+        tc = sc.create_lora_training_client(BASE, rank=4, seed=0)
+        assert tc.result() is tc
+        assert tc.result(timeout=1) is tc
+        assert asyncio.run(_await(tc)) is tc
+
+
+async def _await(obj: Any) -> Any:
+    return await obj

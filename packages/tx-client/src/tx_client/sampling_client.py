@@ -13,6 +13,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from tx_client._backcompat import ResolvedClientFuture
 from tx_client._errors import APIStatusError
 from tx_client._futures import APIFuture, ResultDecoder, poll_result
 from tx_client._session import SessionHolder
@@ -36,7 +37,7 @@ _MAX_EXPIRED_RESUBMITS = 3
 _LOGPROB_PARAMS = SamplingParams(max_tokens=1, temperature=1.0, top_k=-1, top_p=1.0)
 
 
-class SamplingClient:
+class SamplingClient(ResolvedClientFuture):
     """Sample from a base model or saved weights. Create it with a ServiceClient or a
     TrainingClient (``create_sampling_client`` / ``save_weights_and_get_sampling_client``)."""
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tx_client import _custom_loss
+from tx_client._backcompat import ResolvedClientFuture
 from tx_client._chunking import chunk_data
 from tx_client._futures import APIFuture, ResultDecoder, poll_result
 from tx_client._fwdbwd import collect_chunks, submit_chunks
@@ -50,7 +51,7 @@ _SAVE_SAMPLER = ResultDecoder[SaveWeightsForSamplerResponseInternal](
 )
 
 
-class TrainingClient:
+class TrainingClient(ResolvedClientFuture):
     """Train one model. Create it with ``ServiceClient.create_lora_training_client``."""
 
     def __init__(self, holder: SessionHolder, model_id: str, info: GetInfoResponse) -> None:
