@@ -4,6 +4,7 @@ import typer
 
 from tx_cli.commands.demo import demo
 from tx_cli.commands.make_tiny_model import make_tiny_model
+from tx_cli.commands.serve import serve
 from tx_cli.commands.train import train
 
 app = typer.Typer(help="tx: self-hosted Tinker fine-tuning backend.", no_args_is_help=True)
@@ -24,4 +25,5 @@ def version() -> None:
 
 app.command("demo")(demo)
 app.command("make-tiny-model")(make_tiny_model)
+app.command("serve")(serve)
 app.command("train")(train)

@@ -1,0 +1,110 @@
+"""`tx serve`: the Tinker REST API + its worker, configured by flags or `TX_*` variables.
+
+Every flag defaults to "not given" so that `TX_*` environment variables (pydantic-settings, see
+`tx_server.settings`) still apply; a given flag wins over the environment. With no base model
+from either, the built-in tiny Qwen3 is built (or reused) and served, so `tx serve` works on a
+fresh machine with no network. tx-server is imported inside the command: `tx --help` stays fast
+and tx-cli does not need the server extra unless this command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def serve(
+    base_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--base-model",
+            metavar="TEXT",
+            help="HF model id or local dir to serve (repeatable) (default: the tiny Qwen3)",
+        ),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(metavar="TEXT", help="Bind address (default: 127.0.0.1)")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(metavar="INTEGER", help="Port (default: 8000)")
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(metavar="TEXT", help="SQLAlchemy URL (sqlite:///… or postgresql://…)"),
+    ] = None,
+    checkpoint_root: Annotated[
+        Path | None, typer.Option(metavar="PATH", help="Checkpoint directory")
+    ] = None,
+    api_keys_file: Annotated[
+        Path | None,
+        typer.Option(metavar="PATH", help="File of accepted API keys (`KEY [TENANT]` per line)"),
+    ] = None,
+    max_lora_adapters: Annotated[
+        int | None, typer.Option(metavar="INTEGER", help="Adapter slots")
+    ] = None,
+    max_lora_rank: Annotated[
+        int | None, typer.Option(metavar="INTEGER", help="Largest LoRA rank")
+    ] = None,
+    max_seq_len: Annotated[
+        int | None, typer.Option(metavar="INTEGER", help="Longest sequence")
+    ] = None,
+    tp: Annotated[
+        int | None, typer.Option("--tp-size", metavar="INTEGER", help="Tensor parallelism")
+    ] = None,
+    fsdp: Annotated[
+        int | None, typer.Option("--fsdp-size", metavar="INTEGER", help="FSDP degree")
+    ] = None,
+    dp: Annotated[
+        int | None, typer.Option("--dp-size", metavar="INTEGER", help="Data parallelism")
+    ] = None,
+) -> None:
+    """Serve the Tinker API (and its worker) until interrupted."""
+    top = {
+        "base_models": base_model or None,
+        "host": host,
+        "port": port,
+        "database_url": database_url,
+        "checkpoint_root": checkpoint_root,
+        "api_keys_file": api_keys_file,
+    }
+    engine = {
+        "max_lora_adapters": max_lora_adapters,
+        "max_lora_rank": max_lora_rank,
+        "max_seq_len": max_seq_len,
+        "mesh_tp": tp,
+        "mesh_fsdp": fsdp,
+        "mesh_dp": dp,
+    }
+    settings = _settings(_given(top), _given(engine))
+    from tx_server.serve import serve as run
+
+    typer.echo(
+        f"serving {', '.join(settings.base_models)} on http://{settings.host}:{settings.port}"
+    )
+    run(settings)
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _settings(top: dict[str, Any], engine: dict[str, Any]) -> Any:
+    from pydantic import ValidationError
+
+    from tx_server.settings import EngineSettings, Settings
+
+    try:
+        env = Settings()
+        merged = EngineSettings(**{**env.engine.model_dump(), **engine})
+        settings = Settings(**top, engine=merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise typer.BadParameter(f"{field}: {first['msg']}") from None
+    if not settings.base_models:
+        from tx_engine.testing import ensure_model
+
+        settings = Settings(**top, engine=merged, base_models=[str(ensure_model("tiny-qwen3"))])
+    return settings
