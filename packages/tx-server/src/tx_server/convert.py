@@ -14,10 +14,27 @@ import numpy as np
 
 from tx_engine.batching import DatumArrays, GroupOutput, InputError
 from tx_engine.engine import AdamParams as EngineAdamParams
-from tx_types import AdamParams, Datum, ForwardBackwardInput, ForwardBackwardOutput, TensorData
+from tx_engine.sampler import SampleRequestArrays, SampleResult
+from tx_types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardInput,
+    ForwardBackwardOutput,
+    SampledSequence,
+    SampleRequest,
+    SampleResponse,
+    TensorData,
+)
 from tx_types.proto._tensors import tensor_data_to_numpy
 
-__all__ = ["adam_params", "datum_arrays", "forward_backward_output", "loss_config"]
+__all__ = [
+    "adam_params",
+    "datum_arrays",
+    "forward_backward_output",
+    "loss_config",
+    "sample_request_arrays",
+    "sample_response",
+]
 
 
 def datum_arrays(data: Sequence[Datum]) -> list[DatumArrays]:
@@ -80,3 +97,53 @@ def adam_params(params: AdamParams) -> EngineAdamParams:
         weight_decay=params.weight_decay,
         grad_clip_norm=params.grad_clip_norm,
     )
+
+
+def sample_request_arrays(req: SampleRequest, slot: int | None) -> SampleRequestArrays:
+    """Engine sample request for a wire ``asample`` body, sampling adapter ``slot`` (None: base).
+
+    ``max_tokens`` absent stays None: the engine then generates up to its sequence limit.
+    """
+    try:
+        tokens = np.asarray(req.prompt.to_ints(), dtype=np.int64)
+    except ValueError as exc:
+        raise InputError(f"prompt: {exc}") from None
+    params = req.sampling_params
+    want_prompt = bool(req.prompt_logprobs) or req.topk_prompt_logprobs > 0
+    return SampleRequestArrays(
+        prompt_tokens=tokens,
+        num_samples=req.num_samples,
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        seed=params.seed,
+        stop=params.stop,
+        adapter=slot,
+        prompt_logprobs=want_prompt,
+        topk_prompt_logprobs=req.topk_prompt_logprobs,
+    )
+
+
+def sample_response(req: SampleRequest, result: SampleResult) -> SampleResponse:
+    """The wire ``SampleResponse``: tokens include the stop token; prompt scores when asked.
+
+    ``prompt_logprobs_last_n = N`` blanks (None) every position before the last N, which the
+    SDK checks; position 0 is None already (nothing predicts the first token).
+    """
+    sequences = [
+        SampledSequence(
+            stop_reason=seq.stop_reason,
+            tokens=[int(t) for t in seq.tokens],
+            logprobs=[float(x) for x in seq.logprobs],
+        )
+        for seq in result.sequences
+    ]
+    prompt_lp: list[float | None] | None = None
+    if req.prompt_logprobs and result.prompt_logprobs is not None:
+        prompt_lp = list(result.prompt_logprobs)
+        if req.prompt_logprobs_last_n is not None:
+            first = max(0, len(prompt_lp) - req.prompt_logprobs_last_n)
+            prompt_lp[:first] = [None] * first
+    topk = result.topk_prompt_logprobs if req.topk_prompt_logprobs > 0 else None
+    return SampleResponse(sequences=sequences, prompt_logprobs=prompt_lp, topk_prompt_logprobs=topk)

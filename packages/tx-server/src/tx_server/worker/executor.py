@@ -1,10 +1,12 @@
-"""Execute one claimed batch: fuse every forward/backward pass, then run the barriers.
+"""Execute one claimed batch: fuse every forward/backward pass, run the barriers, then sample.
 
 Why fusing is safe: the queue claims a barrier (optim_step, save, load, create) only when it
 is its model's sole claimed request, and forward/backward passes of one model between two
 barriers commute. So all passes of a claim — of every tenant — can run in one engine call per
 (base model, forward-only?) pair, results split back per request. If a fused call is refused
 as bad input, each request is rerun alone so one tenant's bad batch fails only that tenant.
+Sample requests of the claim are then run as one batch per base model
+(:mod:`tx_server.worker.sampling`, which also explains how training and sampling alternate).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tx_server.settings import Settings
 from tx_server.work_queue import ClaimedRequest, WorkQueue
 from tx_server.worker.engines import EngineHost, LoadedModel
 from tx_server.worker.handlers import BarrierHandlers
+from tx_server.worker.sampling import SamplingRunner
 from tx_types.proto import ProtoDecodeError, decode_forward_backward_request
 from tx_types.proto import encode_forward_backward_output as encode_output
 
@@ -38,9 +41,10 @@ HANDLED_TYPES = frozenset(
         RequestType.SAVE_WEIGHTS,
         RequestType.SAVE_WEIGHTS_FOR_SAMPLER,
         RequestType.LOAD_WEIGHTS,
+        RequestType.SAMPLE,
     }
 )
-"""What this worker claims; sampling is left in the queue for a sampler."""
+"""What this worker claims (every type it has a handler for)."""
 
 
 @dataclass(frozen=True)
@@ -69,14 +73,17 @@ class Executor:
         self.queue = queue
         self.host = EngineHost(settings)
         self.handlers = BarrierHandlers(self.host, queue.db, settings.checkpoint_root).table()
+        self.sampling = SamplingRunner(settings, self.host, queue)
         self.engine_calls = 0
         """Forward/backward engine calls made so far (how well requests were fused)."""
 
     def run(self, claimed: Sequence[ClaimedRequest]) -> None:
         """Execute ``claimed`` (one claim's worth) and complete or fail every request."""
-        passes = []
+        passes, samples = [], []
         for req in claimed:
-            if req.request_type in _PASSES:
+            if req.request_type == RequestType.SAMPLE:
+                samples.append(req)
+            elif req.request_type in _PASSES:
                 try:
                     passes.append(self._prepare(req))
                 except Exception as exc:
@@ -88,6 +95,8 @@ class Executor:
             groups.setdefault((id(p.model.engine), p.backward), []).append(p)
         for group in groups.values():
             self._run_passes(group)
+        if samples:
+            self.sampling.run(samples)
 
     def _prepare(self, req: ClaimedRequest) -> _Pass:
         decoded = decode_forward_backward_request(req.payload)

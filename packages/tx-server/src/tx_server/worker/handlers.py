@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from tx_engine.engine import TrainingEngine
 from tx_server import convert
 from tx_server.db.database import Database
 from tx_server.db.models import CheckpointRow, ModelRow, SamplingSessionRow, utcnow
@@ -34,7 +35,20 @@ from tx_types import (
 )
 from tx_types.paths import make_tinker_path
 
-__all__ = ["BarrierHandlers"]
+__all__ = ["BarrierHandlers", "export_for_sampler"]
+
+
+def export_for_sampler(engine: TrainingEngine, slot: int, target: Path) -> None:
+    """Write ``slot`` as PEFT *and* as the engine's own weights-only adapter checkpoint.
+
+    The PEFT files are for external samplers; tx's own sampler loads the engine format
+    (``adapter.safetensors`` + ``metadata.json``, no name clash with PEFT's files) into a free
+    slot, because the engine has a loader for that format only. Being files on disk, an
+    unnamed (ephemeral) save is a frozen snapshot: training continuing on the model does not
+    change what a sampler created from it returns.
+    """
+    engine.export_peft(slot, target)
+    engine.save_adapter(slot, target, include_optimizer=False)
 
 
 class BarrierHandlers:
@@ -101,7 +115,7 @@ class BarrierHandlers:
             target = checkpoint_dir(self.root, model_id, "sampler", name)
             tinker_path = make_tinker_path(model_id, "sampler", name)
             self._check_free(tinker_path, overwrite=True)
-            loaded.engine.export_peft(loaded.slot, target)
+            export_for_sampler(loaded.engine, loaded.slot, target)
             self._register(req, model_id, "sampler", name, target, body)
             result = SaveWeightsForSamplerResponseInternal(
                 path=tinker_path, type="save_weights_for_sampler"
@@ -110,7 +124,7 @@ class BarrierHandlers:
             seq = int(body["sampling_session_seq_id"])
             name = f"ephemeral-{seq}"
             target = checkpoint_dir(self.root, model_id, "sampler", name)
-            loaded.engine.export_peft(loaded.slot, target)
+            export_for_sampler(loaded.engine, loaded.slot, target)
             session_id = data["session_id"]
             sampler_id = f"{session_id}:sample:{seq}"
             self._add_sampler(req, sampler_id, session_id, seq, data["base_model"], model_id, name)

@@ -8,6 +8,7 @@ from tx_server.api.routes import (
     health,
     models,
     runs,
+    sampling,
     sessions,
     telemetry,
     training,
@@ -24,6 +25,7 @@ ROUTERS = (
     training.router,
     weights.router,
     runs.router,
+    sampling.router,
 )
 
 __all__ = ["ROUTERS"]

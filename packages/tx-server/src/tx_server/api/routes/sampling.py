@@ -1,0 +1,188 @@
+"""Sampling: ``create_sampling_session``, ``GET samplers/{id}`` and ``asample`` (spec §4.1, §4.3).
+
+A sampler is a row in ``sampling_sessions``: a base model and optionally a checkpoint
+(``model_path``). ``asample`` resolves the sampler to the checkpoint's directory *now* and queues
+that with the request, so the worker needs no lookups; the worker loads the directory into a
+slot of its own (a frozen copy, see :mod:`tx_server.worker.sampling`).
+
+A bad ``asample`` body (out-of-range sampling params, unknown sampler, options tx does not
+implement) is answered with a future recorded as failed with category ``user``: the SDK sends
+``asample`` without transport retries and would turn a 4xx into a generic error, whereas a
+failed future raises ``RequestFailedError`` with the message. ``sample_sequence_ids`` are always
+present (spec §0 item 4): ``{request_id}:{i}``, unique because request ids are.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from tx_server.api.deps import StateDep, TenantDep
+from tx_server.api.state import AppState
+from tx_server.db.models import ModelRow, SamplingSessionRow
+from tx_server.errors import BadRequestError, NotFoundError
+from tx_server.futures import RequestType, Submission
+from tx_server.worker.storage import checkpoint_dir, find_checkpoint
+from tx_types import (
+    CreateSamplingSessionRequest,
+    CreateSamplingSessionResponse,
+    GetSamplerResponse,
+    SampleRequest,
+    UntypedAPIFuture,
+)
+from tx_types.paths import ParsedCheckpointTinkerPath
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["sampling"])
+
+
+def _checkpoint_source(state: AppState, tenant: str, tinker_path: str) -> tuple[str, str]:
+    """``(base_model, training_run_id)`` of a checkpoint the caller may read (else 404)."""
+    with state.db.read() as session:
+        row = find_checkpoint(session, tinker_path)
+        if row is None or not (row.tenant_id == tenant or row.public):
+            raise NotFoundError(f"unknown checkpoint {tinker_path!r}")
+        if row.checkpoint_type not in ("sampler", "training"):
+            raise BadRequestError(f"{tinker_path!r} is not a sampler or training checkpoint")
+        model = session.get(ModelRow, row.model_id)
+        if model is None:
+            raise NotFoundError(f"the training run of {tinker_path!r} no longer exists")
+        return model.base_model, model.id
+
+
+def _create_sampler(state: AppState, tenant: str, body: CreateSamplingSessionRequest) -> str:
+    state.sessions.get_owned(tenant, body.session_id)
+    sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
+    source = None
+    base_model = body.base_model
+    if body.model_path is not None:
+        checkpoint_base, source = _checkpoint_source(state, tenant, body.model_path)
+        if base_model is not None and base_model != checkpoint_base:
+            raise BadRequestError(
+                f"base_model {base_model!r} does not match the checkpoint's {checkpoint_base!r}"
+            )
+        base_model = checkpoint_base
+    assert base_model is not None  # the request model requires one of the two
+    if base_model not in state.settings.base_models:
+        raise BadRequestError(
+            f"base_model {base_model!r} is not served; served: {state.settings.base_models}"
+        )
+    with state.db.write() as session:
+        if session.get(SamplingSessionRow, sampler_id) is None:  # else a transport retry
+            session.add(
+                SamplingSessionRow(
+                    id=sampler_id,
+                    session_id=body.session_id,
+                    sampling_session_seq_id=body.sampling_session_seq_id,
+                    tenant_id=tenant,
+                    base_model=base_model,
+                    model_path=body.model_path,
+                    source_model_id=source,
+                )
+            )
+    return sampler_id
+
+
+@router.post("/create_sampling_session", response_model=CreateSamplingSessionResponse)
+async def create_sampling_session(
+    body: CreateSamplingSessionRequest, tenant: TenantDep, state: StateDep
+) -> CreateSamplingSessionResponse:
+    """Register a sampler of a base model or of a checkpoint (sampler or training weights)."""
+    sampler_id = await run_in_threadpool(_create_sampler, state, tenant, body)
+    return CreateSamplingSessionResponse(sampling_session_id=sampler_id)
+
+
+def _owned_sampler(state: AppState, tenant: str, sampler_id: str) -> SamplingSessionRow:
+    with state.db.read() as session:
+        row = session.get(SamplingSessionRow, sampler_id)
+        if row is None or row.tenant_id != tenant:
+            raise NotFoundError(f"unknown sampling session {sampler_id!r}")
+        return row
+
+
+@router.get(
+    "/samplers/{sampler_id}", response_model=GetSamplerResponse, response_model_exclude_none=True
+)
+async def get_sampler(sampler_id: str, tenant: TenantDep, state: StateDep) -> GetSamplerResponse:
+    """The sampler's base model (the SDK loads its tokenizer) and checkpoint path."""
+    row = await run_in_threadpool(_owned_sampler, state, tenant, sampler_id)
+    return GetSamplerResponse(
+        sampler_id=row.id, base_model=row.base_model, model_path=row.model_path
+    )
+
+
+def _storage_path(state: AppState, tenant: str, row: SamplingSessionRow) -> str | None:
+    """The directory holding the sampler's weights (None: the base model alone)."""
+    if row.model_path is None:
+        return None
+    with state.db.read() as session:
+        checkpoint = find_checkpoint(session, row.model_path)
+        if checkpoint is not None and (checkpoint.tenant_id == tenant or checkpoint.public):
+            return checkpoint.storage_path
+    if row.source_model_id is None:
+        raise NotFoundError(f"checkpoint {row.model_path!r} no longer exists")
+    # An unnamed save_weights_for_sampler snapshot has no checkpoint row, only its directory.
+    parsed = ParsedCheckpointTinkerPath.from_tinker_path(row.model_path)
+    root = state.settings.checkpoint_root
+    return str(checkpoint_dir(root, parsed.training_run_id, "sampler", parsed.name))
+
+
+def _unsupported(body: SampleRequest) -> str | None:
+    if body.prompt_alt_tokens_k > 0:
+        return "prompt_alt_tokens_k > 0 is not supported by this server"
+    if body.target_prompt_logprobs is not None:
+        return "target_prompt_logprobs is not supported by this server"
+    if body.topk_sample_logprobs > 0:
+        return "topk_sample_logprobs > 0 is not supported by this server"
+    if body.sampling_session_id is None:
+        return "sampling_session_id is required (create a sampling client first)"
+    return None
+
+
+def _prepare_sample(state: AppState, tenant: str, raw: bytes) -> Submission:
+    """The queued submission for an ``asample`` body, failed at once if the body is bad."""
+    try:
+        body = SampleRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        message = f"asample request is invalid: {exc}"
+        return Submission(RequestType.SAMPLE, b"", failed=(message, "user"))
+    problem = _unsupported(body)
+    key: dict[str, Any] = {"sampling_session_id": body.sampling_session_id, "seq_id": body.seq_id}
+    if problem is not None:
+        return Submission(RequestType.SAMPLE, b"", failed=(problem, "user"), **key)
+    try:
+        assert body.sampling_session_id is not None
+        sampler = _owned_sampler(state, tenant, body.sampling_session_id)
+        storage = _storage_path(state, tenant, sampler)
+    except NotFoundError as exc:
+        return Submission(RequestType.SAMPLE, b"", failed=(str(exc), "user"), **key)
+    payload = {
+        "request": body.model_dump(mode="json"),
+        "base_model": sampler.base_model,
+        "storage_path": storage,
+    }
+    return Submission(RequestType.SAMPLE, json.dumps(payload).encode(), **key)
+
+
+def _num_samples(raw: bytes) -> int:
+    """``num_samples`` of a possibly invalid body, for the ids of a failed future (≥ 1)."""
+    try:
+        value = json.loads(raw).get("num_samples", 1)
+    except (ValueError, AttributeError):
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 1024 else 1
+
+
+@router.post("/asample", response_model=UntypedAPIFuture, response_model_exclude_none=True)
+async def asample(request: Request, tenant: TenantDep, state: StateDep) -> UntypedAPIFuture:
+    """Queue ``num_samples`` generations (also ``compute_logprobs``); answer with the ids."""
+    raw = await request.body()
+    submission = await run_in_threadpool(_prepare_sample, state, tenant, raw)
+    request_id = await run_in_threadpool(state.futures.submit, tenant, submission)
+    ids = [f"{request_id}:{i}" for i in range(_num_samples(raw))]
+    return UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids)

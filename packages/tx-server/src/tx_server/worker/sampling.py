@@ -1,0 +1,192 @@
+"""Sampling requests: resolve each sampler to weights in a slot, batch, generate, encode.
+
+A sampling session names a base model and, optionally, a checkpoint directory (resolved by the
+API when the request was queued). The checkpoint is loaded once into a free adapter slot of the
+base model's engine and kept there, keyed by its path, until the slot is needed by another
+sampler checkpoint (least recently used first). Loading from disk is what makes an unnamed
+``save_weights_for_sampler`` a frozen snapshot: the training run keeps its own slot, and its
+later steps never touch the sampler's copy.
+
+How sampling and training share the one worker: the queue hands out requests in arrival
+order, of every type, up to the claim limit, and :class:`~tx_server.worker.executor.Executor`
+runs one claim as one fused training batch per engine and then one sampling batch per engine
+(this module). The next claim again takes whatever arrived first. So the two alternate: a long
+stream of sampling requests delays a training step by at most one sampling batch and vice
+versa; neither can starve the other.
+
+All sample requests of a claim — of every tenant and sampler on one base model — go into one
+:meth:`Sampler.sample` call. If the engine refuses the batch as bad input, each request is rerun
+alone, so one tenant's bad request fails only that request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tx_engine.engine import NoFreeSlotError, TrainingEngine
+from tx_engine.errors import TxEngineError
+from tx_engine.sampler import Sampler, SampleRequestArrays
+from tx_server import convert
+from tx_server.errors import WireCategory, category_of
+from tx_server.futures import PROTOBUF
+from tx_server.settings import Settings
+from tx_server.work_queue import ClaimedRequest, WorkQueue
+from tx_server.worker.engines import EngineHost
+from tx_types import SampleRequest
+from tx_types.proto import encode_sample_response
+
+__all__ = ["SamplingRunner"]
+
+log = logging.getLogger(__name__)
+_MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class _Job:
+    request: ClaimedRequest
+    body: SampleRequest
+    base_model: str
+    arrays: SampleRequestArrays
+
+
+class _SamplerSlots:
+    """Adapter slots holding sampler checkpoints, one per checkpoint path, evicted LRU.
+
+    A named checkpoint can be overwritten (``overwrite=True``); the cached copy is then stale.
+    Each entry remembers the modification time of the checkpoint's ``metadata.json`` (rewritten
+    by every save) and is reloaded when it changed.
+    """
+
+    def __init__(self) -> None:
+        self._slots: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
+
+    def slot(self, base_model: str, engine: TrainingEngine, path: str, busy: set[int]) -> int:
+        """The slot holding ``path``'s weights, loading them (weights only) on first use."""
+        key = (base_model, path)
+        stamp = _stamp(path)
+        if key in self._slots:
+            slot, loaded_stamp = self._slots[key]
+            if loaded_stamp == stamp or slot in busy:  # busy: keep one claim consistent
+                self._slots.move_to_end(key)
+                return slot
+            engine.free_adapter(slot)  # stale: the checkpoint was overwritten since
+            del self._slots[key]
+        while True:
+            try:
+                slot = engine.load_adapter(path, slot=None, with_optimizer=False)
+                break
+            except NoFreeSlotError:
+                if not self._evict(base_model, engine, busy):
+                    raise
+        self._slots[key] = (slot, stamp)
+        return slot
+
+    def _evict(self, base_model: str, engine: TrainingEngine, busy: set[int]) -> bool:
+        for key, (slot, _stamp) in self._slots.items():
+            if key[0] == base_model and slot not in busy:
+                engine.free_adapter(slot)
+                del self._slots[key]
+                return True
+        return False
+
+
+class SamplingRunner:
+    """Runs claimed ``sample`` requests and records each outcome in the queue."""
+
+    def __init__(self, settings: Settings, host: EngineHost, queue: WorkQueue) -> None:
+        self.settings = settings
+        self.host = host
+        self.queue = queue
+        self._samplers: dict[str, Sampler] = {}
+        self._slots = _SamplerSlots()
+
+    def run(self, claimed: Sequence[ClaimedRequest]) -> None:
+        """Execute every sample request of one claim: one engine call per base model."""
+        groups: dict[str, list[_Job]] = {}
+        busy: set[int] = set()
+        for req in claimed:
+            try:
+                job = self._prepare(req, busy)
+            except Exception as exc:
+                self._fail(req, exc)
+                continue
+            groups.setdefault(job.base_model, []).append(job)
+        for base_model, jobs in groups.items():
+            self._run_group(self.sampler(base_model), jobs)
+
+    def sampler(self, base_model: str) -> Sampler:
+        """The sampler of a served base model's engine, built on first use."""
+        if base_model not in self._samplers:
+            engine = self.host.engine(base_model)
+            self._samplers[base_model] = Sampler(
+                engine,
+                max_cache_tokens=self.settings.engine.sample_tokens_per_batch,
+                max_batch=_MAX_BATCH,
+                decode_fn=_decoder(engine.model_dir),
+            )
+        return self._samplers[base_model]
+
+    def _prepare(self, req: ClaimedRequest, busy: set[int]) -> _Job:
+        data = json.loads(req.payload)
+        body = SampleRequest.model_validate(data["request"])
+        base_model = str(data["base_model"])
+        engine = self.host.engine(base_model)
+        slot = None
+        if data.get("storage_path") is not None:
+            slot = self._slots.slot(base_model, engine, str(data["storage_path"]), busy)
+            busy.add(slot)
+        return _Job(req, body, base_model, convert.sample_request_arrays(body, slot))
+
+    def _run_group(self, sampler: Sampler, jobs: list[_Job]) -> None:
+        try:
+            results = sampler.sample([j.arrays for j in jobs])
+        except TxEngineError as exc:
+            if len(jobs) > 1 and exc.category == "user":
+                for job in jobs:  # isolate the bad request; the others still run
+                    self._run_group(sampler, [job])
+                return
+            for job in jobs:
+                self._fail(job.request, exc)
+            return
+        except Exception as exc:
+            log.exception("sampling call failed")
+            for job in jobs:
+                self._fail(job.request, exc)
+            return
+        for job, result in zip(jobs, results, strict=True):
+            body = encode_sample_response(convert.sample_response(job.body, result))
+            self.queue.complete(job.request.request_id, body, PROTOBUF)
+
+    def _fail(self, req: ClaimedRequest, exc: BaseException) -> None:
+        category: WireCategory = category_of(exc)
+        if category == "server":
+            log.error("sample request %s failed", req.request_id, exc_info=exc)
+        self.queue.fail(req.request_id, str(exc) or type(exc).__name__, category)
+
+
+def _stamp(path: str) -> int:
+    """When the checkpoint at ``path`` was last written (0 if it has no metadata file)."""
+    try:
+        return (Path(path) / "metadata.json").stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _decoder(model_dir: Path) -> Callable[[Sequence[int]], str] | None:
+    """Token ids → text for stop strings, from the model's ``tokenizer.json`` if it has one."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+
+    def decode(ids: Sequence[int]) -> str:
+        return str(tokenizer.decode(list(ids), skip_special_tokens=False))
+
+    return decode

@@ -1,0 +1,193 @@
+"""Sampling through the unmodified tinker SDK 0.38.0 against a live API + worker thread.
+
+Same set-up as ``test_server_training_sdk.py``: the tx-engine kit's tiny Qwen3 served as
+``Qwen/Qwen3-8B`` from a private offline Hugging Face cache, uvicorn on 127.0.0.1, SQLite, the
+worker in a thread. The oracle for sampled logprobs is the trainer's own ``forward`` pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import tinker
+from tinker import types
+
+from tx_server.settings import EngineSettings
+from tx_server.testing import API_KEY, RunningServer, make_settings, run_server
+from tx_server.worker.engines import resolve_model_dir
+from tx_server.worker.loop import worker_thread
+
+BASE = "Qwen/Qwen3-8B"
+TOKENS = [5, 17, 42, 9, 101, 77, 3, 250, 64, 12, 33, 8]
+PROMPT = types.ModelInput.from_ints(TOKENS[:3])
+GREEDY = types.SamplingParams(max_tokens=len(TOKENS) - 3, temperature=0.0, stop=[])
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    from tx_engine.testing import install_hub_aliases
+
+    root = tmp_path_factory.mktemp("sampling")
+    hf_home = root / "hf"
+    install_hub_aliases(hf_home)
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE")}
+    os.environ.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    engine = EngineSettings(
+        max_lora_rank=16, max_lora_adapters=12, max_seq_len=64, sample_tokens_per_batch=512
+    )
+    settings = make_settings(root, base_models=[BASE], engine=engine, long_poll_seconds=20.0)
+    try:
+        with run_server(settings) as server, worker_thread(settings):
+            yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _service(server: RunningServer) -> tinker.ServiceClient:
+    return tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+
+
+def _datum(tokens: list[int]) -> types.Datum:
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData(data=tokens[1:], dtype="int64"),
+            "weights": types.TensorData(data=[1.0] * (len(tokens) - 1), dtype="float32"),
+        },
+    )
+
+
+def _forward_logprobs(tc: tinker.TrainingClient, tokens: list[int]) -> np.ndarray:
+    """Logprob of tokens[i] given tokens[:i], for i >= 1 (the trainer's forward pass)."""
+    out = tc.forward([_datum(tokens)], "cross_entropy").result(timeout=120)
+    return np.asarray(out.loss_fn_outputs[0]["logprobs"].data, np.float64)
+
+
+def _train(tc: tinker.TrainingClient, tokens: list[int], steps: int, lr: float = 2e-2) -> None:
+    for _ in range(steps):
+        tc.forward_backward([_datum(tokens)], "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=lr)).result(timeout=120)
+
+
+def _sample(
+    client: tinker.SamplingClient, params: types.SamplingParams, n: int = 1
+) -> types.SampleResponse:
+    return client.sample(prompt=PROMPT, num_samples=n, sampling_params=params).result(timeout=120)
+
+
+def test_snapshot_sampler_returns_wellformed_sequences(live: RunningServer) -> None:
+    sc = _service(live)
+    tc = sc.create_lora_training_client(BASE, rank=8, seed=1).result(timeout=120)
+    sampling = tc.save_weights_and_get_sampling_client().result(timeout=120)
+    params = types.SamplingParams(max_tokens=8, temperature=0.0)
+    resp = _sample(sampling, params, n=2)
+    assert len(resp.sequences) == 2
+    for seq in resp.sequences:
+        assert seq.logprobs is not None
+        assert len(seq.logprobs) == len(seq.tokens)
+        assert seq.stop_reason in ("stop", "length")
+        assert 1 <= len(seq.tokens) <= 8
+        assert seq.stop_reason == "stop" or len(seq.tokens) == 8
+        assert all(lp <= 0 for lp in seq.logprobs)
+    assert resp.sequences[0].tokens == resp.sequences[1].tokens  # greedy
+    ids = {seq.sequence_id for seq in resp.sequences}
+    assert len(ids) == 2
+    assert None not in ids
+    sc.holder.close()
+
+
+def test_memorised_sequence_is_sampled_and_snapshot_stays_frozen(live: RunningServer) -> None:
+    sc = _service(live)
+    tc = sc.create_lora_training_client(BASE, rank=16, seed=2).result(timeout=120)
+    for _ in range(6):  # until every target token has p > 0.6, so it is the argmax
+        _train(tc, TOKENS, steps=10, lr=5e-3)
+        if _forward_logprobs(tc, TOKENS).min() > np.log(0.6):
+            break
+    assert _forward_logprobs(tc, TOKENS).min() > np.log(0.6)
+    snapshot = tc.save_weights_and_get_sampling_client().result(timeout=120)
+    first = _sample(snapshot, GREEDY).sequences[0]
+    assert first.tokens == TOKENS[3:]
+    assert first.stop_reason == "length"
+    named = tc.save_weights_for_sampler("memorised").result(timeout=120).path
+    training = tc.save_state("memorised").result(timeout=120).path
+    _train(tc, TOKENS[::-1], steps=10)  # training on: the snapshot must not move
+    again = _sample(snapshot, GREEDY).sequences[0]
+    assert again.tokens == first.tokens
+    np.testing.assert_allclose(again.logprobs, first.logprobs, atol=1e-5)
+    for path in (named, training):  # reopen the saved weights by path (GET samplers/{id})
+        by_path = sc.create_sampling_client(model_path=path).result(timeout=120)
+        assert by_path.get_base_model() == BASE
+        assert _sample(by_path, GREEDY).sequences[0].tokens == TOKENS[3:]
+    tc.save_weights_for_sampler("memorised").result(timeout=120)  # overwrite: new weights
+    reopened = sc.create_sampling_client(model_path=named).result(timeout=120)
+    params = types.SamplingParams(max_tokens=4, temperature=1.0, seed=5, stop=[])
+    seq = _sample(reopened, params).sequences[0]
+    expected = _forward_logprobs(tc, TOKENS[:3] + list(seq.tokens))[-4:]
+    np.testing.assert_allclose(seq.logprobs, expected, atol=1e-4)
+    sc.holder.close()
+
+
+def test_sampled_and_prompt_logprobs_match_forward(live: RunningServer) -> None:
+    sc = _service(live)
+    tc = sc.create_lora_training_client(BASE, rank=8, seed=3).result(timeout=120)
+    _train(tc, TOKENS, steps=3, lr=1e-2)
+    sampling = tc.save_weights_and_get_sampling_client().result(timeout=120)
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=11, stop=[])
+    seq = _sample(sampling, params).sequences[0]
+    full = TOKENS[:3] + list(seq.tokens)
+    expected = _forward_logprobs(tc, full)[-len(seq.tokens) :]
+    np.testing.assert_allclose(seq.logprobs, expected, atol=1e-4)
+    again = _sample(sampling, params).sequences[0]
+    assert again.tokens == seq.tokens  # same seed, same tokens
+    scored = sampling.compute_logprobs(types.ModelInput.from_ints(TOKENS)).result(timeout=120)
+    assert scored[0] is None
+    assert len(scored) == len(TOKENS)
+    reference = _forward_logprobs(tc, TOKENS)
+    np.testing.assert_allclose(np.asarray(scored[1:], np.float64), reference, atol=1e-4)
+    sc.holder.close()
+
+
+def test_base_model_sampler_equals_fresh_adapter(live: RunningServer) -> None:
+    sc = _service(live)
+    base = sc.create_sampling_client(base_model=BASE).result(timeout=120)
+    assert base.get_base_model() == BASE
+    fresh = sc.create_lora_training_client(BASE, rank=4, seed=4).result(timeout=120)
+    params = types.SamplingParams(max_tokens=5, temperature=1.0, seed=3, stop=[])
+    seq = _sample(base, params).sequences[0]
+    assert len(seq.tokens) == 5
+    # A new LoRA adapter starts with B = 0: it is the base model, scored by forward.
+    expected = _forward_logprobs(fresh, TOKENS[:3] + list(seq.tokens))[-5:]
+    np.testing.assert_allclose(seq.logprobs, expected, atol=1e-4)
+    sc.holder.close()
+
+
+def test_bad_sample_requests_fail_as_user_errors(live: RunningServer) -> None:
+    sc = _service(live)
+    base = sc.create_sampling_client(base_model=BASE).result(timeout=120)
+    vocab = json.loads((resolve_model_dir(BASE) / "config.json").read_text())["vocab_size"]
+    cold = types.SamplingParams(max_tokens=4, temperature=-1.0)
+    with pytest.raises(tinker.RequestFailedError) as bad_temp:
+        _sample(base, cold)
+    assert bad_temp.value.category == types.RequestErrorCategory.User
+    assert "temperature" in bad_temp.value.message
+    too_big = types.ModelInput.from_ints([1, int(vocab)])
+    with pytest.raises(tinker.RequestFailedError) as bad_token:
+        base.sample(prompt=too_big, num_samples=1, sampling_params=GREEDY).result(timeout=120)
+    assert bad_token.value.category == types.RequestErrorCategory.User
+    assert "prompt_tokens" in bad_token.value.message
+    future = base.sample(
+        prompt=PROMPT, num_samples=1, sampling_params=GREEDY, prompt_alt_tokens_k=2
+    )
+    with pytest.raises(tinker.RequestFailedError) as unsupported:
+        future.result(timeout=120)
+    assert "prompt_alt_tokens_k" in unsupported.value.message
+    assert len(_sample(base, GREEDY).sequences[0].tokens) == len(TOKENS) - 3  # still serving
+    sc.holder.close()
