@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tx_engine import step_sampling
+from tx_engine import step as programs
 from tx_engine.config import EngineConfig
 from tx_engine.engine import TrainingEngine
 from tx_engine.sampler import Sampler, SampleRequestArrays
@@ -76,7 +76,7 @@ def decode_ms(engine: TrainingEngine, batch: int, cache_len: int, iters: int) ->
     tokens = np.full((1, PROMPT_LEN), 7, np.int32)
     ones = np.ones_like(tokens)
     params = RowSamplingParams.stack(SamplingRow.for_request(num_samples=batch, seed=0))
-    out = step_sampling.prefill(
+    out = programs.prefill(
         e._graphdef, e._lora, e._rest, tokens, np.cumsum(ones, 1) - 1, ones,
         np.zeros(1, np.int32), np.zeros(batch, np.int32), params,
         cache_len=cache_len, prompt_logprobs=False, prompt_topk=0,
@@ -88,7 +88,7 @@ def decode_ms(engine: TrainingEngine, batch: int, cache_len: int, iters: int) ->
     def step(i: int) -> None:
         nonlocal cache, tok
         pos = jnp.full((batch,), PROMPT_LEN + i, jnp.int32)
-        tok, _, cache = step_sampling.decode_step(
+        tok, _, cache = programs.decode_step(
             e._graphdef, e._lora, e._rest, tok, pos, adapters, dparams,
             jnp.asarray(i + 1, jnp.int32), cache,
         )  # fmt: skip
@@ -122,11 +122,11 @@ def bench(preset: str, batches: list[int], new_tokens: int, bw: float) -> list[d
         if sampler.bucket_shape(PROMPT_LEN, warm)[1] != cache_len:
             warm = new_tokens
         sampler.sample([replace(req, max_tokens=warm)])
-        traces = dict(step_sampling.TRACE_COUNTS)
+        traces = dict(programs.TRACE_COUNTS)
         t0 = time.perf_counter()
         sampler.sample([req])
         elapsed = time.perf_counter() - t0
-        if dict(step_sampling.TRACE_COUNTS) != traces:
+        if dict(programs.TRACE_COUNTS) != traces:
             raise RuntimeError("the timed run recompiled: the shape buckets are broken")
         itemsize = jnp.dtype(engine.config.dtype).itemsize
         kv_bytes = 2 * cfg.num_hidden_layers * batch * cache_len * cfg.num_key_value_heads

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tx_engine import step_sampling
+from tx_engine import step as programs
 from tx_engine.config import EngineConfig
 from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, InputError, TrainingEngine
 from tx_engine.errors import AdapterError
@@ -249,11 +249,11 @@ def test_no_recompilation_inside_buckets(sampler: Sampler) -> None:
         sampler.sample([req])
 
     run(10, 3, 8, seed=1)  # warm-up: prefill P=1, T=16, B=4, S=32 and its decode step
-    before = dict(step_sampling.TRACE_COUNTS)
+    before = dict(programs.TRACE_COUNTS)
     run(7, 4, 5, seed=2, top_k=7, top_p=0.5, temperature=0.7, adapter=2)
     run(16, 3, 16, seed=3, temperature=0.0, adapter=1)
     run(3, 4, 2, seed=4, top_k=1)  # S = pow2(16 + 2 - 1) = 32 still
-    assert dict(step_sampling.TRACE_COUNTS) == before
+    assert dict(programs.TRACE_COUNTS) == before
     assert before["prefill"] > 0
     assert before["decode_step"] > 0
 

@@ -1,7 +1,7 @@
 """Batched KV-cache generation over the trainer's own model and LoRA slots.
 
 :class:`Sampler` turns a list of :class:`SampleRequestArrays` into :class:`SampleResult` s with
-the compiled programs of :mod:`tx_engine.step_sampling`. It reads the engine's ``graphdef`` /
+the compiled programs of :mod:`tx_engine.step`. It reads the engine's ``graphdef`` /
 ``lora`` / ``rest`` at every call, so an adapter sampled right after ``optim_step`` uses the new
 weights, and at temperature 1 the returned logprobs are the trainer's forward logprobs.
 
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tx_engine import step_sampling
+from tx_engine import step as programs
 from tx_engine.batching import InputError
 from tx_engine.engine import TrainingEngine
 from tx_engine.errors import AdapterError
@@ -282,7 +282,7 @@ class Sampler:
         top_k = max((reqs[ri].spec.topk_prompt_logprobs for ri in todo), default=0)
         top_k = min(_pow2(top_k), self.engine.vocab_size) if top_k else 0
         e = self.engine
-        out = step_sampling.prefill(
+        out = programs.prefill(
             e._graphdef, e._lora, e._rest, tokens, positions, mask, adapters_p, row_src,
             params, cache_len=s, prompt_logprobs=want_lp, prompt_topk=top_k,
         )  # fmt: skip
@@ -293,7 +293,7 @@ class Sampler:
     def _decode(
         self,
         rows: list[_Row],
-        out: step_sampling.PrefillOut,
+        out: programs.PrefillOut,
         prompt_len_b: np.ndarray,
         adapters_b: np.ndarray,
         params: RowSamplingParams,
@@ -309,7 +309,7 @@ class Sampler:
             nxt = None
             if step + 1 < steps:
                 positions = jnp.asarray(prompt_len_b + step, jnp.int32)
-                tok, lp, cache = step_sampling.decode_step(
+                tok, lp, cache = programs.decode_step(
                     e._graphdef, e._lora, e._rest, pending[0], positions, dev_adapters,
                     dev_params, jnp.asarray(step + 1, jnp.int32), cache,
                 )  # fmt: skip
@@ -331,7 +331,7 @@ class Sampler:
         order: list[int],
         todo: list[int],
         t: int,
-        out: step_sampling.PrefillOut,
+        out: programs.PrefillOut,
     ) -> None:
         lp_pt, ids_ptk, lps_ptk = jax.device_get(
             (out.prompt_logprobs_pt, out.topk_ids_ptk, out.topk_logprobs_ptk)
