@@ -108,8 +108,12 @@ def build(session: nox.Session) -> None:
             venv = Path(tmp) / "venv"
             py = venv / "bin" / "python"
             session.run("uv", "venv", "-q", str(venv))
+            # --refresh-package: uv caches a find-links wheel by name and version, so without it
+            # a rebuilt 0.1.0 wheel would be shadowed by an older build of the same version.
+            refresh = [arg for pkg in PACKAGES for arg in ("--refresh-package", pkg)]
             session.run(
-                "uv", "pip", "install", "-q", "--python", str(py), "--find-links", str(dist), wheel
+                *("uv", "pip", "install", "-q", "--python", str(py)),
+                *("--find-links", str(dist), *refresh, wheel),
             )
             module = name.replace("-", "_")
             check = (
