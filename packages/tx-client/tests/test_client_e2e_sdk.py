@@ -7,7 +7,6 @@ The served model is the tx-engine kit's tiny Qwen3 under the hub name ``Qwen/Qwe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,24 +17,16 @@ import tinker
 
 import tx_client
 from tx_server.settings import EngineSettings
-from tx_server.testing import RunningServer, make_settings, run_server
-from tx_server.worker.loop import worker_thread
+from tx_server.testing import RunningServer, run_hub_model_server
 
 API_KEY = "tml-tx-client-tests-0001"
 BASE = "Qwen/Qwen3-8B"
 
 
 @pytest.fixture
-def training_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunningServer]:
-    from tx_engine.testing import install_hub_aliases
-
-    install_hub_aliases(tmp_path / "hf")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def training_server(tmp_path: Path) -> Iterator[RunningServer]:
     engine = EngineSettings(max_lora_rank=8, max_lora_adapters=4, max_seq_len=64)
-    settings = make_settings(tmp_path, base_models=[BASE], engine=engine, long_poll_seconds=20.0)
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
-    with run_server(settings) as server, worker_thread(settings):
+    with run_hub_model_server(tmp_path, base_models=[BASE], engine=engine) as server:
         yield server
 
 

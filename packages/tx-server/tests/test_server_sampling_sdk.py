@@ -8,7 +8,6 @@ worker in a thread. The oracle for sampled logprobs is the trainer's own ``forwa
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,9 +16,8 @@ import tinker
 from tinker import types
 
 from tx_server.settings import EngineSettings
-from tx_server.testing import API_KEY, RunningServer, make_settings, run_server
+from tx_server.testing import API_KEY, RunningServer, run_hub_model_server
 from tx_server.worker.engines import resolve_model_dir
-from tx_server.worker.loop import worker_thread
 
 BASE = "Qwen/Qwen3-8B"
 TOKENS = [5, 17, 42, 9, 101, 77, 3, 250, 64, 12, 33, 8]
@@ -29,26 +27,12 @@ GREEDY = types.SamplingParams(max_tokens=len(TOKENS) - 3, temperature=0.0, stop=
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    from tx_engine.testing import install_hub_aliases
-
-    root = tmp_path_factory.mktemp("sampling")
-    hf_home = root / "hf"
-    install_hub_aliases(hf_home)
-    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE")}
-    os.environ.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
     engine = EngineSettings(
         max_lora_rank=16, max_lora_adapters=12, max_seq_len=64, sample_tokens_per_batch=512
     )
-    settings = make_settings(root, base_models=[BASE], engine=engine, long_poll_seconds=20.0)
-    try:
-        with run_server(settings) as server, worker_thread(settings):
-            yield server
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    root = tmp_path_factory.mktemp("sampling")
+    with run_hub_model_server(root, base_models=[BASE], engine=engine) as server:
+        yield server
 
 
 def _service(server: RunningServer) -> tinker.ServiceClient:

@@ -8,7 +8,6 @@ mode is covered in ``test_server_training_process.py``); everything else is real
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import httpx
@@ -18,8 +17,7 @@ import tinker
 from tinker import types
 
 from tx_server.settings import EngineSettings
-from tx_server.testing import API_KEY, RunningServer, make_settings, run_server
-from tx_server.worker.loop import worker_thread
+from tx_server.testing import API_KEY, RunningServer, run_hub_model_server
 
 BASE = "Qwen/Qwen3-8B"
 TOKENS = [5, 17, 42, 9, 101, 77, 3, 250, 64, 12, 33, 8]
@@ -27,24 +25,10 @@ TOKENS = [5, 17, 42, 9, 101, 77, 3, 250, 64, 12, 33, 8]
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    from tx_engine.testing import install_hub_aliases
-
-    root = tmp_path_factory.mktemp("training")
-    hf_home = root / "hf"
-    install_hub_aliases(hf_home)
-    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE")}
-    os.environ.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
     engine = EngineSettings(max_lora_rank=16, max_lora_adapters=12, max_seq_len=64)
-    settings = make_settings(root, base_models=[BASE], engine=engine, long_poll_seconds=20.0)
-    try:
-        with run_server(settings) as server, worker_thread(settings):
-            yield server
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    root = tmp_path_factory.mktemp("training")
+    with run_hub_model_server(root, base_models=[BASE], engine=engine) as server:
+        yield server
 
 
 def _datum(tokens: list[int] = TOKENS, weights: list[float] | None = None) -> types.Datum:

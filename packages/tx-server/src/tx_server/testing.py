@@ -24,7 +24,15 @@ from tx_server.db.database import Database
 from tx_server.settings import Settings
 from tx_server.work_queue import WorkQueue
 
-__all__ = ["API_KEY", "Recorder", "RunningServer", "make_settings", "run_server", "wake_latencies"]
+__all__ = [
+    "API_KEY",
+    "Recorder",
+    "RunningServer",
+    "make_settings",
+    "run_hub_model_server",
+    "run_server",
+    "wake_latencies",
+]
 
 API_KEY = "tml-tx-server-tests-key-0001"
 
@@ -139,3 +147,32 @@ def wake_latencies(
         latencies.append(answered_at - done_at[0])
     queue.db.dispose()
     return latencies
+
+
+@contextlib.contextmanager
+def run_hub_model_server(root: Path, **overrides: Any) -> Iterator[RunningServer]:
+    """API + in-process worker serving the kit's tiny models under hub names (e.g. Qwen/Qwen3-8B).
+
+    The hub aliases are installed into ``root/hf`` and ``HF_HOME`` / ``HF_HUB_OFFLINE=1`` point
+    there for the duration, so unmodified clients that look tokenizers up by name work offline.
+    ``overrides`` go to :func:`make_settings` (e.g. ``base_models``, ``engine``). The worker
+    (and with it jax) is imported only here, never by the API.
+    """
+    import os
+
+    from tx_engine.testing import install_hub_aliases
+    from tx_server.worker.loop import worker_thread
+
+    install_hub_aliases(root / "hf")
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE")}
+    os.environ.update(HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1")
+    settings = make_settings(root, **{"long_poll_seconds": 20.0, **overrides})
+    try:
+        with run_server(settings) as server, worker_thread(settings):
+            yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
