@@ -15,14 +15,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tx_engine.batching import AdapterBatch, InputError
-from tx_engine.errors import TxEngineError
+from tx_engine.batching import AdapterBatch, GroupOutput, InputError
 from tx_server import convert
 from tx_server.errors import WireCategory, category_of
 from tx_server.futures import JSON, PROTOBUF, RequestType
 from tx_server.settings import Settings
 from tx_server.work_queue import ClaimedRequest, WorkQueue
 from tx_server.worker.engines import EngineHost, LoadedModel
+from tx_server.worker.fused import run_fused
 from tx_server.worker.handlers import BarrierHandlers
 from tx_server.worker.sampling import SamplingRunner
 from tx_types.proto import ProtoDecodeError, decode_forward_backward_request
@@ -116,25 +116,16 @@ class Executor:
     def _run_passes(self, passes: list[_Pass]) -> None:
         engine = passes[0].model.engine
         run = engine.forward_backward if passes[0].backward else engine.forward
-        self.engine_calls += 1
-        try:
-            outputs = run([p.batch for p in passes])
-        except TxEngineError as exc:
-            if len(passes) > 1 and exc.category == "user":
-                for p in passes:  # isolate the bad request; the others still run
-                    self._run_passes([p])
-                return
-            for p in passes:
-                self._fail(p.request, exc)
-            return
-        except Exception as exc:
-            log.exception("engine call failed")
-            for p in passes:
-                self._fail(p.request, exc)
-            return
-        for p, out in zip(passes, outputs, strict=True):
+
+        def call(group: Sequence[_Pass]) -> Sequence[GroupOutput]:
+            self.engine_calls += 1
+            return run([p.batch for p in group])
+
+        def complete(p: _Pass, out: GroupOutput) -> None:
             body = encode_output(convert.forward_backward_output(out))
             self.queue.complete(p.request.request_id, body, PROTOBUF)
+
+        run_fused(passes, call, lambda p, exc: self._fail(p.request, exc), complete)
 
     def _run_barrier(self, req: ClaimedRequest) -> None:
         handler = self.handlers.get(req.request_type)

@@ -29,14 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tx_engine.engine import NoFreeSlotError, TrainingEngine
-from tx_engine.errors import TxEngineError
-from tx_engine.sampler import Sampler, SampleRequestArrays
+from tx_engine.sampler import Sampler, SampleRequestArrays, SampleResult
 from tx_server import convert
 from tx_server.errors import WireCategory, category_of
 from tx_server.futures import PROTOBUF
 from tx_server.settings import Settings
 from tx_server.work_queue import ClaimedRequest, WorkQueue
 from tx_server.worker.engines import EngineHost
+from tx_server.worker.fused import run_fused
 from tx_types import SampleRequest
 from tx_types.proto import encode_sample_response
 
@@ -143,24 +143,16 @@ class SamplingRunner:
         return _Job(req, body, base_model, convert.sample_request_arrays(body, slot))
 
     def _run_group(self, sampler: Sampler, jobs: list[_Job]) -> None:
-        try:
-            results = sampler.sample([j.arrays for j in jobs])
-        except TxEngineError as exc:
-            if len(jobs) > 1 and exc.category == "user":
-                for job in jobs:  # isolate the bad request; the others still run
-                    self._run_group(sampler, [job])
-                return
-            for job in jobs:
-                self._fail(job.request, exc)
-            return
-        except Exception as exc:
-            log.exception("sampling call failed")
-            for job in jobs:
-                self._fail(job.request, exc)
-            return
-        for job, result in zip(jobs, results, strict=True):
+        def complete(job: _Job, result: SampleResult) -> None:
             body = encode_sample_response(convert.sample_response(job.body, result))
             self.queue.complete(job.request.request_id, body, PROTOBUF)
+
+        run_fused(
+            jobs,
+            lambda group: sampler.sample([j.arrays for j in group]),
+            lambda job, exc: self._fail(job.request, exc),
+            complete,
+        )
 
     def _fail(self, req: ClaimedRequest, exc: BaseException) -> None:
         category: WireCategory = category_of(exc)
