@@ -12,6 +12,10 @@ MoE code adds ``M`` tokens (B·T flattened), ``n`` (token, expert) pairs and ``G
 adapter) groups; attention uses ``G`` for the N/K query heads sharing one kv head.
 """
 
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-__version__ = _version("tx-engine")
+try:
+    __version__ = _version("tx-engine")
+except PackageNotFoundError:  # a source checkout on PYTHONPATH (e.g. an accelerator box)
+    __version__ = "0+source"
