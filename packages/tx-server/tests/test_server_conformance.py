@@ -4,7 +4,8 @@ Everything is real: uvicorn on 127.0.0.1, SQLite, the worker thread and its engi
 kit's tiny Qwen3 under the hub name ``Qwen/Qwen3-8B``. Cases: idempotent re-submission of a raw
 protobuf body (§10.6), an internal fault surfacing as category ``server`` while the server keeps
 serving (§10.8), the weights-only restore resetting optimizer moments (§10.9), REST pagination and
-lookup by path (§10.14) and the context-manager session lifecycle (§10.15).
+lookup by path (§10.14), the context-manager session lifecycle (§10.15) and, on a server that
+asks for one-datum chunks, chunk order and the optimizer barrier (§10.5).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tinker
 from tinker import types
 
 import tx_types
-from tx_server.settings import EngineSettings
+from tx_server.settings import ClientFlags, EngineSettings
 from tx_server.testing import API_KEY, RunningServer, run_hub_model_server
 from tx_types.proto import encode_forward_backward_request
 
@@ -172,3 +173,56 @@ def test_context_manager_finishes_the_session(live: RunningServer) -> None:
         headers={"X-API-Key": API_KEY},
     )
     assert beat.status_code == 410, beat.text
+
+
+@pytest.fixture(scope="module")
+def chunked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server that tells clients to send one datum per fwd/bwd request."""
+    engine = EngineSettings(max_lora_rank=8, max_lora_adapters=4, max_seq_len=64)
+    root = tmp_path_factory.mktemp("chunked")
+    flags = ClientFlags(fwdbwd_max_chunk_len=1)
+    with run_hub_model_server(root, base_models=[BASE], engine=engine, client=flags) as server:
+        yield server
+
+
+def _varied_data() -> list[types.Datum]:
+    """Four datums of different lengths, so an output in the wrong place cannot pass."""
+    out = []
+    for n in (5, 9, 7, 11):
+        tokens = TOKENS[:n]
+        out.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={"target_tokens": types.TensorData(data=tokens[1:], dtype="int64")},
+            )
+        )
+    return out
+
+
+def test_chunked_batch_keeps_order_and_steps_after_all_chunks(chunked: RunningServer) -> None:
+    """§10.5: 4 one-datum chunks + an immediate optim_step == the same work done unchunked."""
+    sc = _service(chunked)
+    piped, reference = (
+        sc.create_lora_training_client(BASE, rank=4, seed=21).result(timeout=TIMEOUT)
+        for _ in range(2)
+    )
+    data = _varied_data()
+    adam = types.AdamParams(learning_rate=5e-2)
+    calls_before = chunked.recorder.calls.count("POST /api/v1/forward_backward")
+    fb = piped.forward_backward(data, "cross_entropy")  # not awaited before the step
+    step = piped.optim_step(adam)
+    outputs = fb.result(timeout=TIMEOUT).loss_fn_outputs
+    step.result(timeout=TIMEOUT)
+    assert chunked.recorder.calls.count("POST /api/v1/forward_backward") - calls_before == 4
+    assert [len(o["logprobs"].data) for o in outputs] == [
+        len(d.model_input.to_ints()) for d in data
+    ]
+    for datum in data:  # the reference: each datum's gradient, all before one step
+        reference.forward_backward([datum], "cross_entropy").result(timeout=TIMEOUT)
+    reference.optim_step(adam).result(timeout=TIMEOUT)
+    after = [piped.forward(data, "cross_entropy"), reference.forward(data, "cross_entropy")]
+    got, want = (f.result(timeout=TIMEOUT).loss_fn_outputs for f in after)
+    for g, w, first in zip(got, want, outputs, strict=True):
+        np.testing.assert_allclose(g["logprobs"].data, w["logprobs"].data, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(g["logprobs"].data, first["logprobs"].data)  # the step happened
+    sc.holder.close()

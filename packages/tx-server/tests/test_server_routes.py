@@ -87,17 +87,19 @@ def test_sessions_are_private_to_their_tenant(server: RunningServer) -> None:
 
 
 def test_the_app_prunes_old_finished_futures(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, future_retention_seconds=0.2, prune_interval_seconds=0.1)
-    with run_server(settings) as server:
+    # Retention 2 s: long enough for the first poll to see the result even on a loaded
+    # machine (building an httpx client alone took 0.5 s there), short enough to watch pruning.
+    settings = make_settings(tmp_path, future_retention_seconds=2.0, prune_interval_seconds=0.1)
+    with run_server(settings) as server, httpx.Client(headers=HEADERS, timeout=30) as http:
         db = Database(settings.database_url)
         rid = FutureStore(db, wake_bus_for(db)).submit(
             tenant_of_key(API_KEY), Submission(RequestType.SAMPLE, b"{}")
         )
         server.queue().complete(rid, b"{}", "application/json")
         url = f"{server.url}/api/v1/retrieve_future"
-        assert httpx.post(url, json={"request_id": rid}, headers=HEADERS).status_code == 200
-        deadline = time.monotonic() + 5
-        while httpx.post(url, json={"request_id": rid}, headers=HEADERS).status_code != 404:
+        assert http.post(url, json={"request_id": rid}).status_code == 200
+        deadline = time.monotonic() + 15
+        while http.post(url, json={"request_id": rid}).status_code != 404:
             assert time.monotonic() < deadline, "the pruning job never deleted the future"
             time.sleep(0.1)
         db.dispose()

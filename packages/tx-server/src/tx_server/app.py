@@ -2,7 +2,7 @@
 
 ``create_app(settings)`` builds the object graph (:class:`~tx_server.api.state.AppState`); the
 lifespan then applies the Alembic migrations, subscribes to completion wake-ups and starts the
-pruning job. Importing this module must not import jax or the engine: the API process stays
+pruning job and the maintenance job (session expiry, expired-checkpoint cleanup). Importing this module must not import jax or the engine: the API process stays
 small and survives a crashing worker (a test checks this in a subprocess).
 """
 
@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from tx_server import __version__
 from tx_server.api.errors import install_error_handlers
+from tx_server.api.maintenance import maintain_forever
 from tx_server.api.routes import ROUTERS
 from tx_server.api.state import AppState
 from tx_server.settings import Settings
@@ -52,13 +53,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(state.db.upgrade)
         subscription = await state.bus.subscribe_async(FUTURES, state.waiters.wake)
-        pruner = asyncio.create_task(_prune_forever(state), name="prune-futures")
+        tasks = [
+            asyncio.create_task(_prune_forever(state), name="prune-futures"),
+            asyncio.create_task(maintain_forever(state), name="maintenance"),
+        ]
         try:
             yield
         finally:
-            pruner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pruner
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await subscription.close()
             state.bus.close()
             state.db.dispose()

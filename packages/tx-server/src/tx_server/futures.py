@@ -12,6 +12,11 @@ publishes the request id on :data:`tx_server.wake.FUTURES`, whose subscription (
 app) sets the event. The wait is cut every ``recheck`` seconds for a safety re-read, so a lost
 wake-up delays an answer by at most that much; after ``timeout`` the poll ends in 408
 (:class:`~tx_server.errors.PollTimeoutError`), which the SDK re-polls at once.
+
+Backpressure: with a limit on unfinished requests (per tenant and/or global), a *new*
+submission over the limit raises :class:`BackpressureError`, answered 429 with ``Retry-After``;
+every SDK submission path retries 429 with the same key (spec §1.6, §4.3). Duplicates of
+earlier submissions and requests failed on arrival are never refused: they add no work.
 """
 
 from __future__ import annotations
@@ -24,18 +29,27 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import anyio.to_thread
-from sqlalchemy import ColumnElement, and_, select
+from sqlalchemy import ColumnElement, and_, func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from tx_server.db.database import Database
 from tx_server.db.models import FutureRow, FutureStatus, utcnow
-from tx_server.errors import BadRequestError, NotFoundError, PollTimeoutError, WireCategory
+from tx_server.errors import (
+    BadRequestError,
+    NotFoundError,
+    PollTimeoutError,
+    TxServerError,
+    WireCategory,
+)
 from tx_server.wake import WORK, WakeBus
 
 __all__ = [
     "BARRIER_TYPES",
     "JSON",
     "PROTOBUF",
+    "BackpressureError",
+    "BackpressureLimits",
     "CompletionWaiters",
     "FutureOutcome",
     "FutureStore",
@@ -76,6 +90,30 @@ BARRIER_TYPES = frozenset(
 """Requests that read or replace a model's weights/optimizer state: each one waits for every
 earlier request of its model and holds back every later one. Forward/backward passes between
 two barriers commute (gradients add up), so the worker may run and batch them together."""
+
+
+UNFINISHED = (FutureStatus.PENDING, FutureStatus.RUNNING)
+
+
+class BackpressureError(TxServerError):
+    """Too many unfinished requests: answered 429 + ``Retry-After``, which the SDK retries.
+
+    Deliberately not in :data:`tx_server.errors.ERROR_TABLE` (429 is *only* correct for this
+    transient condition); the API layer maps it and adds the header.
+    """
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class BackpressureLimits:
+    """Caps on unfinished (pending or running) requests; None = unlimited."""
+
+    per_tenant: int | None = None
+    total: int | None = None
+    retry_after: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -121,9 +159,12 @@ class FutureOutcome:
 class FutureStore:
     """Synchronous database operations of the API process (run them in a worker thread)."""
 
-    def __init__(self, db: Database, bus: WakeBus) -> None:
+    def __init__(
+        self, db: Database, bus: WakeBus, limits: BackpressureLimits | None = None
+    ) -> None:
         self.db = db
         self.bus = bus
+        self.limits = limits if limits is not None else BackpressureLimits()
 
     def submit(self, tenant_id: str, submission: Submission) -> str:
         """Enqueue ``submission`` (or find its earlier copy) and return the request id."""
@@ -144,6 +185,8 @@ class FutureStore:
                 ).first()
                 if earlier is not None:
                     return _check_duplicate(tenant_id, submission, *earlier)
+            if submission.failed is None:
+                self._check_capacity(session, tenant_id)
             row = FutureRow(
                 request_id=str(uuid.uuid4()),
                 tenant_id=tenant_id,
@@ -167,6 +210,33 @@ class FutureStore:
             if submission.failed is None:
                 self.bus.publish(session, WORK, submission.model_id or "")
             return row.request_id
+
+    def _check_capacity(self, session: Session, tenant_id: str) -> None:
+        """BackpressureError when one more unfinished request would exceed a limit.
+
+        Counted inside the writing transaction; concurrent submissions may overshoot by the
+        number of API threads, which is fine for a throttle.
+        """
+        limits = self.limits
+        unfinished = (
+            select(func.count()).select_from(FutureRow).where(FutureRow.status.in_(UNFINISHED))
+        )
+        if limits.per_tenant is not None:
+            mine = session.scalar(unfinished.where(FutureRow.tenant_id == tenant_id)) or 0
+            if mine >= limits.per_tenant:
+                raise BackpressureError(
+                    f"{mine} requests of this API key are unfinished (limit "
+                    f"max_pending_futures_per_tenant={limits.per_tenant}); retry later",
+                    limits.retry_after,
+                )
+        if limits.total is not None:
+            total = session.scalar(unfinished) or 0
+            if total >= limits.total:
+                raise BackpressureError(
+                    f"the server has {total} unfinished requests (limit "
+                    f"max_pending_futures={limits.total}); retry later",
+                    limits.retry_after,
+                )
 
     def outcome(self, tenant_id: str, request_id: str) -> FutureOutcome | None:
         """The finished outcome, None while pending/running; NotFoundError if absent."""

@@ -3,26 +3,85 @@
 A finished session answers heartbeats with 410, which stops the SDK's heartbeat loop (spec
 §4.6). Sessions of another tenant are reported as absent (404), never as forbidden, so ids
 leak nothing.
+
+Expiry: a session without a heartbeat for ``timeout_seconds`` is finished with reason
+``expired`` — by the API's maintenance task (:meth:`SessionService.expire_stale`) and, so the
+answer never depends on that task's timing, lazily by any heartbeat or new work that arrives
+too late. The worker frees the adapter slots of models whose session is finished; finishing
+is the only thing expiry has to do. The SDK heartbeats every 10 s, so a timeout of minutes
+only ends sessions whose client is gone.
 """
 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tx_server.db.database import Database
 from tx_server.db.models import SessionRow, utcnow
 from tx_server.errors import NotFoundError, SessionFinishedError
 
-__all__ = ["SessionService"]
+__all__ = ["EXPIRED", "SessionService"]
+
+EXPIRED = "expired"
+"""``finish_reason`` of a session ended by the server for lack of heartbeats."""
+
+
+def _expired_detail(timeout: timedelta) -> str:
+    return f"no heartbeat for {timeout.total_seconds():g} s"
+
+
+def _finished_message(row: SessionRow) -> str:
+    detail = f" ({row.finish_detail})" if row.finish_detail else ""
+    return f"session {row.id} is finished: {row.finish_reason}{detail}"
 
 
 class SessionService:
     """Synchronous session operations (FastAPI runs them in its thread pool)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, timeout_seconds: float | None = None) -> None:
+        """``timeout_seconds`` None: sessions never expire."""
         self.db = db
+        self.timeout = timedelta(seconds=timeout_seconds) if timeout_seconds else None
+
+    def _expire_if_stale(self, row: SessionRow, now: datetime) -> None:
+        if row.finished_at is None and self.timeout and row.last_heartbeat_at < now - self.timeout:
+            row.finished_at = now
+            row.finish_reason = EXPIRED
+            row.finish_detail = _expired_detail(self.timeout)
+
+    def expire_stale(self) -> int:
+        """Finish every session whose last heartbeat is older than the timeout; the count."""
+        if self.timeout is None:
+            return 0
+        now = utcnow()
+        with self.db.write() as session:
+            result = session.execute(
+                update(SessionRow)
+                .where(
+                    SessionRow.finished_at.is_(None),
+                    SessionRow.last_heartbeat_at < now - self.timeout,
+                )
+                .values(
+                    finished_at=now,
+                    finish_reason=EXPIRED,
+                    finish_detail=_expired_detail(self.timeout),
+                )
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    def get_active(self, tenant_id: str, session_id: str) -> SessionRow:
+        """The tenant's unfinished session (expiring it if stale); 410 once finished."""
+        with self.db.write() as session:
+            row = session.get(SessionRow, session_id)
+            if row is None or row.tenant_id != tenant_id:
+                raise NotFoundError(f"unknown session_id {session_id!r}")
+            self._expire_if_stale(row, utcnow())
+        if row.finished_at is not None:  # raised after the commit, so an expiry sticks
+            raise SessionFinishedError(_finished_message(row))
+        return row
 
     def create(
         self,
@@ -73,9 +132,12 @@ class SessionService:
             row = session.get(SessionRow, session_id)
             if row is None or row.tenant_id != tenant_id:
                 raise NotFoundError(f"unknown session_id {session_id!r}")
-            if row.finished_at is not None:
-                raise SessionFinishedError(f"session {session_id} is finished")
-            row.last_heartbeat_at = utcnow()
+            now = utcnow()
+            self._expire_if_stale(row, now)
+            if row.finished_at is None:
+                row.last_heartbeat_at = now
+        if row.finished_at is not None:  # raised after the commit, so an expiry sticks
+            raise SessionFinishedError(_finished_message(row))
 
     def finish(self, tenant_id: str, session_id: str, reason: str, detail: str | None) -> None:
         """Mark the session finished; the first reason wins, later calls change nothing."""

@@ -19,7 +19,7 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["EngineSettings", "Settings", "default_data_dir"]
+__all__ = ["ClientFlags", "EngineSettings", "Settings", "default_data_dir"]
 
 
 def default_data_dir() -> Path:
@@ -59,6 +59,21 @@ class EngineSettings(BaseModel):
         return {k: v for k, v in self.model_dump().items() if k not in self._SERVER_ONLY}
 
 
+class ClientFlags(BaseModel):
+    """The fwd/bwd flags ``client/config`` hands to SDKs (spec §2.1); the rest stay default.
+
+    Chunking is the client's job, so these are the knobs an operator has over request sizes:
+    smaller chunks bound one request's memory, zstd trades CPU for bandwidth on slow links.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    proto_compress_fwdbwd: bool = False
+    parallel_fwdbwd_chunks: bool = True
+    fwdbwd_max_chunk_len: int = Field(default=1024, ge=1)
+    fwdbwd_max_chunk_bytes_count: int = Field(default=5_000_000, ge=1)
+
+
 class Settings(BaseSettings):
     """Every knob of ``tx serve``; see the module docstring for how to set them."""
 
@@ -86,9 +101,36 @@ class Settings(BaseSettings):
     future_recheck_seconds: float = Field(
         default=1.0, gt=0, description="Safety re-check of a waiting poll if a wake-up is lost."
     )
+    max_pending_futures_per_tenant: int | None = Field(
+        default=None, ge=1, description="Unfinished requests one tenant may queue; over it: 429."
+    )
+    max_pending_futures: int | None = Field(
+        default=None, ge=1, description="Unfinished requests of all tenants together; over it: 429."
+    )
+    backpressure_retry_after_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="Retry-After of a 429 (the SDK honours 0-60 s)."
+    )
+    session_timeout_seconds: float | None = Field(
+        default=600.0,
+        ge=0,
+        description="A session without heartbeat this long is 'expired'; 0 or None: never.",
+    )
+    checkpoint_min_ttl_seconds: int = Field(
+        default=3600, ge=1, description="Smallest accepted ttl_seconds (the SDK documents 1 h)."
+    )
+    maintenance_interval_seconds: float = Field(
+        default=30.0, gt=0, description="Period of session expiry and expired-checkpoint cleanup."
+    )
+    archive_url_ttl_seconds: float = Field(default=900.0, gt=0)
+    archive_signing_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC key of archive download URLs; unset: random per process (set it when "
+        "several API processes serve one database, or links must survive a restart).",
+    )
     base_models: list[str] = Field(default_factory=list)
     log_level: str = "info"
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    client: ClientFlags = Field(default_factory=ClientFlags)
 
     @field_validator("database_url")
     @classmethod

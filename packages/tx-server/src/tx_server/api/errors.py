@@ -3,17 +3,22 @@
 The SDK treats a 400 without a body as a proxy glitch and retries it (spec §1.6 item 3), and
 retries 5xx forever on ``retrieve_future``, so both rules are enforced here for every error
 this server raises (:data:`tx_server.errors.ERROR_TABLE`), for FastAPI's validation errors and
-for unexpected exceptions.
+for unexpected exceptions. Two API-only errors have their own handlers: backpressure (429 with
+``Retry-After``/``retry-after-ms``, which both SDK retry layers honour) and a bad or expired
+archive download link (403, as object stores answer an invalid signed URL).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from tx_server.api.archive import ArchiveLinkError
 from tx_server.errors import PollTimeoutError, TxServerError, spec_for
+from tx_server.futures import BackpressureError
 
 __all__ = ["install_error_handlers"]
 
@@ -28,6 +33,20 @@ def _tx_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=spec.status)
 
 
+def _backpressure(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BackpressureError)
+    headers = {
+        "Retry-After": str(max(1, math.ceil(exc.retry_after))),
+        "retry-after-ms": str(round(exc.retry_after * 1000)),
+    }
+    body = {"detail": str(exc), "category": "server"}
+    return JSONResponse(body, status_code=429, headers=headers)
+
+
+def _bad_link(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc), "category": "user"}, status_code=403)
+
+
 def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error", exc_info=exc)
     return JSONResponse({"detail": "internal server error", "category": "server"}, 500)
@@ -36,4 +55,6 @@ def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the JSON error handlers on ``app``."""
     app.add_exception_handler(TxServerError, _tx_error)
+    app.add_exception_handler(BackpressureError, _backpressure)
+    app.add_exception_handler(ArchiveLinkError, _bad_link)
     app.add_exception_handler(Exception, _unexpected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tx_server.api.routes import (
+    checkpoints,
     client,
     futures,
     health,
@@ -25,6 +26,7 @@ ROUTERS = (
     training.router,
     weights.router,
     runs.router,
+    checkpoints.router,
     sampling.router,
 )
 

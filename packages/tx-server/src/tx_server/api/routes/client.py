@@ -16,13 +16,14 @@ router = APIRouter(tags=["client"], dependencies=[Depends(authenticate)])
 
 
 @router.post("/client/config", response_model=ClientConfigResponse)
-def client_config() -> ClientConfigResponse:
-    """Flags for the SDK. No JWT exchange; zstd request bodies stay off until decoded.
+def client_config(state: StateDep) -> ClientConfigResponse:
+    """Flags for the SDK: no JWT exchange; fwd/bwd chunking and zstd from ``settings.client``.
 
     The body (``ClientConfigRequest``, the SDK version) is not read: flags do not depend on it
     yet, and an unexpected body must never make this first call fail (spec §0 item 1).
     """
-    return ClientConfigResponse(pjwt_auth_enabled=False, proto_compress_fwdbwd=False)
+    flags = state.settings.client.model_dump()
+    return ClientConfigResponse(pjwt_auth_enabled=False, **flags)
 
 
 @router.post("/client/dynamic_config", response_model=ClientDynamicConfigResponse)

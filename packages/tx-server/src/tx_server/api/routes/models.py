@@ -69,7 +69,7 @@ def _create_problem(state: AppState, body: CreateModelRequest) -> str | None:
 
 
 def _register_model(state: AppState, tenant: str, body: CreateModelRequest, model_id: str) -> None:
-    state.sessions.get_owned(tenant, body.session_id)
+    state.sessions.get_active(tenant, body.session_id)
     with state.db.write() as session:
         if session.get(ModelRow, model_id) is not None:
             return  # a transport retry of the same create_model

@@ -1,8 +1,10 @@
 """Training runs and their checkpoints (RestClient, spec §4.4, §6.10).
 
-Only the caller's runs are visible (``access_scope`` other than ``owned`` sees the same set
-plus nothing else: there is no sharing yet). Deleting a checkpoint removes its row first, then
-its files, so a half-deleted checkpoint is never listed.
+Only the caller's runs are listed (``access_scope`` other than ``owned`` sees the same set:
+published checkpoints are shared by path, see :mod:`tx_server.api.routes.checkpoints`).
+Checkpoints whose TTL ran out are never listed, even before the cleanup removes them.
+Deleting a checkpoint removes its row first, then its files, so a half-deleted checkpoint is
+never listed.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from fastapi import APIRouter, Query, Response
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
+from tx_server.api.access import live_checkpoint, route_tinker_path
 from tx_server.api.deps import StateDep, TenantDep
 from tx_server.api.routes.models import get_owned_model
 from tx_server.api.state import AppState
 from tx_server.db.models import CheckpointRow, ModelRow
-from tx_server.errors import BadRequestError, NotFoundError
-from tx_server.worker.storage import SEGMENTS, TYPES, remove_dir
+from tx_server.errors import NotFoundError
+from tx_server.worker.storage import SEGMENTS, remove_dir
 from tx_types import (
     Checkpoint,
     CheckpointsListResponse,
@@ -27,7 +30,6 @@ from tx_types import (
     TrainingRun,
     TrainingRunsResponse,
 )
-from tx_types.paths import make_tinker_path
 
 router = APIRouter(tags=["training_runs"])
 
@@ -49,7 +51,7 @@ def _run(state: AppState, row: ModelRow) -> TrainingRun:
     with state.db.read() as session:
         rows = session.scalars(
             select(CheckpointRow)
-            .where(CheckpointRow.model_id == row.id)
+            .where(CheckpointRow.model_id == row.id, live_checkpoint())
             .order_by(CheckpointRow.created_at.desc())
         ).all()
     latest = {kind: next((c for c in rows if c.checkpoint_type == kind), None) for kind in SEGMENTS}
@@ -109,7 +111,7 @@ def _list_checkpoints(state: AppState, tenant: str, run_id: str) -> CheckpointsL
     with state.db.read() as session:
         rows = session.scalars(
             select(CheckpointRow)
-            .where(CheckpointRow.model_id == run_id)
+            .where(CheckpointRow.model_id == run_id, live_checkpoint())
             .order_by(CheckpointRow.created_at)
         ).all()
     items = [_checkpoint(r) for r in rows]
@@ -128,9 +130,7 @@ async def list_checkpoints(
 
 def _delete(state: AppState, tenant: str, run_id: str, kind: str, name: str) -> None:
     get_owned_model(state, tenant, run_id)
-    if kind not in TYPES:
-        raise BadRequestError(f"checkpoint kind {kind!r} must be one of {sorted(TYPES)}")
-    tinker_path = make_tinker_path(run_id, TYPES[kind], name)  # type: ignore[arg-type]
+    tinker_path = route_tinker_path(run_id, kind, name)
     with state.db.write() as session:
         row = session.scalar(select(CheckpointRow).where(CheckpointRow.tinker_path == tinker_path))
         if row is None or row.tenant_id != tenant:

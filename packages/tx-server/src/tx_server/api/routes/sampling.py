@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from tx_server.api.access import readable_checkpoint
 from tx_server.api.deps import StateDep, TenantDep
 from tx_server.api.state import AppState
 from tx_server.db.models import ModelRow, SamplingSessionRow
@@ -44,9 +45,7 @@ router = APIRouter(tags=["sampling"])
 def _checkpoint_source(state: AppState, tenant: str, tinker_path: str) -> tuple[str, str]:
     """``(base_model, training_run_id)`` of a checkpoint the caller may read (else 404)."""
     with state.db.read() as session:
-        row = find_checkpoint(session, tinker_path)
-        if row is None or not (row.tenant_id == tenant or row.public):
-            raise NotFoundError(f"unknown checkpoint {tinker_path!r}")
+        row = readable_checkpoint(session, tenant, tinker_path)
         if row.checkpoint_type not in ("sampler", "training"):
             raise BadRequestError(f"{tinker_path!r} is not a sampler or training checkpoint")
         model = session.get(ModelRow, row.model_id)
@@ -56,7 +55,7 @@ def _checkpoint_source(state: AppState, tenant: str, tinker_path: str) -> tuple[
 
 
 def _create_sampler(state: AppState, tenant: str, body: CreateSamplingSessionRequest) -> str:
-    state.sessions.get_owned(tenant, body.session_id)
+    state.sessions.get_active(tenant, body.session_id)
     sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
     source = None
     base_model = body.base_model
@@ -117,14 +116,18 @@ async def get_sampler(sampler_id: str, tenant: TenantDep, state: StateDep) -> Ge
 
 
 def _storage_path(state: AppState, tenant: str, row: SamplingSessionRow) -> str | None:
-    """The directory holding the sampler's weights (None: the base model alone)."""
+    """The directory holding the sampler's weights (None: the base model alone).
+
+    Checked on every ``asample``, so unpublishing, deleting or expiry of a checkpoint also
+    stops samplers that other tenants created from it while it was readable.
+    """
     if row.model_path is None:
         return None
     with state.db.read() as session:
-        checkpoint = find_checkpoint(session, row.model_path)
-        if checkpoint is not None and (checkpoint.tenant_id == tenant or checkpoint.public):
-            return checkpoint.storage_path
-    if row.source_model_id is None:
+        if find_checkpoint(session, row.model_path) is not None:
+            return readable_checkpoint(session, tenant, row.model_path).storage_path
+        source = session.get(ModelRow, row.source_model_id) if row.source_model_id else None
+    if source is None or source.tenant_id != tenant:
         raise NotFoundError(f"checkpoint {row.model_path!r} no longer exists")
     # An unnamed save_weights_for_sampler snapshot has no checkpoint row, only its directory.
     parsed = ParsedCheckpointTinkerPath.from_tinker_path(row.model_path)

@@ -14,13 +14,14 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
+from tx_server.api.access import readable_checkpoint
 from tx_server.api.deps import StateDep, TenantDep
 from tx_server.api.routes.models import get_owned_model, model_id_for, submit
 from tx_server.api.state import AppState
 from tx_server.db.models import CheckpointRow, ModelRow
 from tx_server.errors import BadRequestError, NotFoundError
 from tx_server.futures import RequestType, Submission
-from tx_server.worker.storage import checkpoint_dir, find_checkpoint
+from tx_server.worker.storage import checkpoint_dir
 from tx_types import (
     LoadWeightsRequest,
     SaveWeightsForSamplerRequest,
@@ -33,6 +34,19 @@ from tx_types import (
 router = APIRouter(tags=["weights"])
 
 
+_MAX_TTL_SECONDS = 10 * 365 * 24 * 3600  # the SDK documents "1 hour to 10 years"
+
+
+def check_ttl(state: AppState, ttl_seconds: int | None) -> None:
+    """BadRequestError naming ``ttl_seconds`` when it is outside the accepted range."""
+    low = state.settings.checkpoint_min_ttl_seconds
+    if ttl_seconds is not None and not low <= ttl_seconds <= _MAX_TTL_SECONDS:
+        raise BadRequestError(
+            f"ttl_seconds must be between {low} and {_MAX_TTL_SECONDS} (10 years), "
+            f"got {ttl_seconds}"
+        )
+
+
 def _payload(body: Any, **extra: Any) -> bytes:
     return json.dumps({"request": body.model_dump(mode="json"), **extra}).encode()
 
@@ -41,7 +55,12 @@ def _payload(body: Any, **extra: Any) -> bytes:
 async def save_weights(
     body: SaveWeightsRequest, tenant: TenantDep, state: StateDep
 ) -> UntypedAPIFuture:
-    """Queue a save of weights and optimizer state as ``tinker://{model}/weights/{name}``."""
+    """Queue a save of weights and optimizer state as ``tinker://{model}/weights/{name}``.
+
+    ``ttl_seconds`` travels in the payload; the checkpoint row takes its ``expires_at`` from
+    it when the worker registers the files (see :mod:`tx_server.db.models`).
+    """
+    check_ttl(state, body.ttl_seconds)
     await run_in_threadpool(get_owned_model, state, tenant, body.model_id)
     name = body.path or f"step-{body.seq_id or 0}"
     checkpoint_dir(state.settings.checkpoint_root, body.model_id, "training", name)
@@ -59,6 +78,7 @@ async def save_weights_for_sampler(
     body: SaveWeightsForSamplerRequest, tenant: TenantDep, state: StateDep
 ) -> UntypedAPIFuture:
     """Named: a PEFT export under ``sampler_weights/{name}``; unnamed: a sampling session."""
+    check_ttl(state, body.ttl_seconds)
     model = await run_in_threadpool(get_owned_model, state, tenant, body.model_id)
     extra: dict[str, Any] = {"base_model": model.base_model, "session_id": model.session_id}
     if body.path is not None:
@@ -79,9 +99,7 @@ def _readable_checkpoint(
 ) -> tuple[CheckpointRow, ModelRow]:
     """The checkpoint at ``tinker_path`` and its run, if the caller may read it (else 404)."""
     with state.db.read() as session:
-        row = find_checkpoint(session, tinker_path)
-        if row is None or not (row.tenant_id == tenant or row.public):
-            raise NotFoundError(f"unknown checkpoint {tinker_path!r}")
+        row = readable_checkpoint(session, tenant, tinker_path)
         model = session.get(ModelRow, row.model_id)
         if model is None:
             raise NotFoundError(f"the training run of {tinker_path!r} no longer exists")
@@ -102,7 +120,7 @@ def _register_loaded_model(
             f"base_model {body.base_model!r} does not match the checkpoint's {source.base_model!r}"
         )
     session_id, model_seq_id = key
-    state.sessions.get_owned(tenant, session_id)
+    state.sessions.get_active(tenant, session_id)
     with state.db.write() as session:
         if session.get(ModelRow, model_id) is not None:
             return  # a transport retry
