@@ -75,6 +75,7 @@ class RequestType(enum.StrEnum):
     LOAD_WEIGHTS = "load_weights"
     SAMPLE = "sample"
     CREATE_CUSTOM_LOSS = "create_custom_loss"
+    UNLOAD_MODEL = "unload_model"
 
 
 BARRIER_TYPES = frozenset(
@@ -85,6 +86,7 @@ BARRIER_TYPES = frozenset(
         RequestType.SAVE_WEIGHTS_FOR_SAMPLER,
         RequestType.SAVE_WEIGHTS_EXTERNAL,
         RequestType.LOAD_WEIGHTS,
+        RequestType.UNLOAD_MODEL,
     }
 )
 """Requests that read or replace a model's weights/optimizer state: each one waits for every

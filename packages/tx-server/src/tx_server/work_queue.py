@@ -4,7 +4,7 @@ The worker is a separate process that shares only the database (and the wake-up 
 the API. Its loop is::
 
     queue = WorkQueue(db)
-    queue.requeue_running()              # crash recovery: unfinished work runs again
+    queue.fail_running(RESTART_MESSAGE)  # crash recovery: what the dead worker ran fails
     with queue.subscribe_work() as work:
         while True:
             for req in queue.claim_pending(limit=64):
@@ -38,11 +38,15 @@ from tx_server.errors import NotFoundError, ServerFaultError, WireCategory
 from tx_server.futures import JSON, PROTOBUF
 from tx_server.wake import FUTURES, WORK, SyncSubscription, WakeBus, wake_bus_for
 
-__all__ = ["ClaimedRequest", "WorkQueue", "prune_finished"]
+__all__ = ["KEPT_TYPES", "RESTART_MESSAGE", "ClaimedRequest", "WorkQueue", "prune_finished"]
 
 _CLAIM_LOCK_KEY = 0x7478_5155  # "txQU": the advisory lock that serializes claims on PostgreSQL
 _RESULT_TYPES = (JSON, PROTOBUF)
 _DONE = (FutureStatus.COMPLETED, FutureStatus.FAILED)
+RESTART_MESSAGE = "the worker restarted while this request ran; resubmit it"
+KEPT_TYPES = ("unload_model",)
+"""Finished requests that are never pruned: a completed ``unload_model`` is the durable record
+that its model is gone (see :mod:`tx_server.worker.recovery`), and each one is a few bytes."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,32 @@ class WorkQueue:
                 raise ServerFaultError(f"request {request_id} already finished ({exists})")
             self.bus.publish(session, FUTURES, request_id)
 
+    def fail_running(self, message: str = RESTART_MESSAGE) -> int:
+        """Fail every ``running`` request with category ``server`` (call once at worker start).
+
+        Why fail rather than re-run: a request that was running when its worker died may have
+        half-applied (an optim_step's update, a save's files), and the client is told plainly to
+        resubmit. Pending requests are untouched and run as usual.
+        """
+        with self.db.write() as session:
+            ids = session.scalars(
+                select(FutureRow.request_id).where(FutureRow.status == FutureStatus.RUNNING)
+            ).all()
+            if ids:
+                session.execute(
+                    update(FutureRow)
+                    .where(FutureRow.request_id.in_(ids))
+                    .values(
+                        status=FutureStatus.FAILED,
+                        error_message=message,
+                        error_category="server",
+                        finished_at=utcnow(),
+                    )
+                )
+                for request_id in ids:
+                    self.bus.publish(session, FUTURES, request_id)
+            return len(ids)
+
     def requeue_running(self) -> int:
         """Put ``running`` requests back to ``pending`` (call once when a worker starts)."""
         with self.db.write() as session:
@@ -226,7 +256,11 @@ def prune_finished(db: Database, retention: timedelta) -> int:
     cutoff = utcnow() - retention
     with db.write() as session:
         result = session.execute(
-            delete(FutureRow).where(FutureRow.status.in_(_DONE), FutureRow.finished_at < cutoff)
+            delete(FutureRow).where(
+                FutureRow.status.in_(_DONE),
+                FutureRow.finished_at < cutoff,
+                FutureRow.request_type.not_in(KEPT_TYPES),
+            )
         )
         count: int = result.rowcount  # type: ignore[attr-defined]
         return count

@@ -12,16 +12,12 @@ Design notes:
 * Every timestamp is timezone-aware UTC (:class:`UTCDateTime`), because SQLite drops the zone.
 * The schema is owned by the Alembic migrations in ``migrations/versions``; a test checks that
   these models and the migrations agree.
-* A checkpoint's ``expires_at`` comes from the ``ttl_seconds`` of the save request that wrote
-  it (:func:`_expiry_from_save_request`), set in the very transaction that registers the
-  files, so no code path that writes checkpoint rows can forget it.
 """
 
 from __future__ import annotations
 
 import enum
-import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -40,11 +36,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
-    event,
-    inspect,
-    select,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, UOWTransaction, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "Base",
@@ -225,53 +218,3 @@ class FutureRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
-
-
-_SAVE_TYPES = ("save_weights", "save_weights_for_sampler", "save_weights_external")
-
-
-def _running_save_ttl(session: Session, model_id: str) -> tuple[bool, int | None]:
-    """``(found, ttl_seconds)`` of the save request now running for ``model_id``.
-
-    Saves are barriers, so at most one save of a model runs at a time: the one that is
-    writing this checkpoint.
-    """
-    with session.no_autoflush:
-        payload = session.scalar(
-            select(FutureRow.payload)
-            .where(
-                FutureRow.model_id == model_id,
-                FutureRow.status == FutureStatus.RUNNING,
-                FutureRow.request_type.in_(_SAVE_TYPES),
-            )
-            .order_by(FutureRow.id.desc())
-            .limit(1)
-        )
-    if payload is None:
-        return False, None
-    try:
-        ttl = json.loads(payload)["request"].get("ttl_seconds")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return True, None
-    return True, int(ttl) if isinstance(ttl, int) and ttl > 0 else None
-
-
-@event.listens_for(Session, "before_flush")
-def _expiry_from_save_request(session: Session, _ctx: UOWTransaction, _instances: object) -> None:
-    """Give a checkpoint (re)written by a save request the expiry that request asked for.
-
-    A checkpoint's files are (re)written exactly when its row's ``created_at`` is set, so
-    that is the trigger; the expiry counts from then. An overwrite without ``ttl_seconds``
-    clears an earlier expiry. Rows written outside a running save (tests, tools) keep the
-    ``expires_at`` they were given.
-    """
-    for obj in (*session.new, *session.dirty):
-        if not isinstance(obj, CheckpointRow) or obj.model_id is None:
-            continue
-        state = inspect(obj)
-        if not (state.pending or state.attrs.created_at.history.has_changes()):
-            continue
-        found, ttl = _running_save_ttl(session, obj.model_id)
-        if found:
-            created = obj.created_at or utcnow()
-            obj.expires_at = created + timedelta(seconds=ttl) if ttl else None

@@ -1,5 +1,9 @@
 """One engine per served base model, and which adapter slot holds which training run.
 
+Slots: training runs take a slot at ``create_model``/``load_weights`` or, after a worker restart,
+when first used (:mod:`.recovery`), and give it back when unloaded or their session finishes;
+sampler checkpoints fill the remaining slots as an LRU cache (:mod:`.slots`).
+
 Engines are built lazily, on the first request for their base model, and kept for the life of
 the worker: building one loads the weights and compiles programs, which must happen once, not
 per request. A base-model name is a local directory or a hub repo id resolved from the local
@@ -8,16 +12,25 @@ Hugging Face cache only (``local_files_only``): the worker never downloads.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tx_engine.config import EngineConfig
-from tx_engine.engine import TrainingEngine
+from tx_engine.engine import NoFreeSlotError, TrainingEngine
+from tx_server.db.database import Database
 from tx_server.errors import BadRequestError, ServerFaultError
 from tx_server.settings import Settings
+from tx_server.worker.passes import decode_pass
+from tx_server.worker.recovery import Recovery, drop_snapshots, write_snapshot
+from tx_server.worker.slots import SamplerSlots
 
-__all__ = ["EngineHost", "LoadedModel", "resolve_model_dir"]
+__all__ = ["EngineHost", "LoadedModel", "create_from_config", "resolve_model_dir"]
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model_dir(name: str) -> Path:
@@ -48,20 +61,29 @@ def _hub_cache() -> str:
     return os.path.join(home, "hub")
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoadedModel:
-    """A training run that lives in this worker: its engine and adapter slot."""
+    """A training run that lives in this worker: its engine, adapter slot and last snapshot."""
 
     base_model: str
     engine: TrainingEngine
     slot: int
+    snapshot: str | None = None
+    """Request id of the recovery snapshot that holds this run's state after its last barrier."""
 
 
 class EngineHost:
-    """The worker's engines and its map from training-run id to adapter slot."""
+    """The worker's engines, which training run holds which slot, and the sampler slot cache.
 
-    def __init__(self, settings: Settings) -> None:
+    Every slot allocation goes through :meth:`allocate`: when an engine is full, the least
+    recently used sampler slot is evicted (it reloads from disk); training runs are freed only
+    when they stop being live (:meth:`sweep`, :meth:`release`), never evicted.
+    """
+
+    def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings
+        self.recovery = Recovery(db, settings.checkpoint_root)
+        self.samplers = SamplerSlots()
         self._engines: dict[str, TrainingEngine] = {}
         self._models: dict[str, LoadedModel] = {}
 
@@ -76,22 +98,105 @@ class EngineHost:
             self._engines[base_model] = TrainingEngine(resolve_model_dir(base_model), config)
         return self._engines[base_model]
 
-    def add(self, model_id: str, base_model: str, slot: int) -> LoadedModel:
-        """Record that ``model_id`` now occupies ``slot`` of ``base_model``'s engine."""
+    def allocate(self, base_model: str, make: Callable[[TrainingEngine], int]) -> int:
+        """Run ``make`` (which takes a fresh slot) on the engine, evicting samplers if full."""
+        engine = self.engine(base_model)
+        while True:
+            try:
+                return make(engine)
+            except NoFreeSlotError:
+                if not self.samplers.evict(base_model, engine, busy=set()):
+                    limit = self.settings.engine.max_lora_adapters
+                    raise BadRequestError(
+                        f"no free adapter slot for {base_model!r}: all {limit} slots "
+                        f"(max_lora_adapters={limit}) hold live training runs; unload_model or "
+                        "finish a session to free one, or raise max_lora_adapters"
+                    ) from None
+
+    def add(
+        self, model_id: str, base_model: str, slot: int, lora: dict[str, Any] | None = None
+    ) -> LoadedModel:
+        """Record that ``model_id`` now occupies ``slot`` (here and in ``models``)."""
         loaded = LoadedModel(base_model, self.engine(base_model), slot)
         self._models[model_id] = loaded
+        self.recovery.set_slot(model_id, slot, lora)
         return loaded
 
     def get(self, model_id: str) -> LoadedModel:
-        """The live training run; a server fault if this worker does not hold it."""
+        """The live training run, restored into a slot first if this worker does not hold it."""
         loaded = self._models.get(model_id)
-        if loaded is None:
-            raise ServerFaultError(
-                f"model {model_id!r} is not loaded in the worker (its in-memory state was lost "
-                "when the worker restarted); create it again from a saved checkpoint"
-            )
-        return loaded
+        return loaded if loaded is not None else self._restore(model_id)
 
     def find(self, model_id: str) -> LoadedModel | None:
-        """The live training run, or None."""
+        """The training run if this worker holds it, or None."""
         return self._models.get(model_id)
+
+    def release(self, model_id: str) -> None:
+        """Free ``model_id``'s slot (if held) and record that it holds none."""
+        loaded = self._models.pop(model_id, None)
+        if loaded is not None:
+            loaded.engine.free_adapter(loaded.slot)
+        self.recovery.set_slot(model_id, None)
+
+    def sweep(self) -> list[str]:
+        """Release every held run that is no longer live; drop its snapshots. Returns the ids."""
+        dead = self.recovery.dead(list(self._models))
+        for model_id in dead:
+            self.release(model_id)
+            drop_snapshots(self.settings.checkpoint_root, model_id)
+        if dead:
+            log.info("released the adapter slots of %d finished or unloaded runs", len(dead))
+        return dead
+
+    def snapshot(self, model_id: str, request_id: str) -> None:
+        """Write the run's recovery snapshot for barrier ``request_id`` (before it completes)."""
+        loaded = self.get(model_id)
+        write_snapshot(
+            loaded.engine,
+            loaded.slot,
+            self.settings.checkpoint_root,
+            model_id,
+            request_id,
+            keep=loaded.snapshot,
+        )
+        loaded.snapshot = request_id
+
+    def _restore(self, model_id: str) -> LoadedModel:
+        plan = self.recovery.plan(model_id)
+        if plan.snapshot is not None:
+            path = plan.snapshot
+            slot = self.allocate(
+                plan.base_model, lambda e: e.load_adapter(path, slot=None, with_optimizer=True)
+            )
+        else:
+            slot = self.allocate(plan.base_model, lambda e: create_from_config(e, plan.lora))
+        loaded = self.add(model_id, plan.base_model, slot)
+        loaded.snapshot = plan.snapshot_id
+        try:
+            for payload in plan.replay:  # gradients the dead worker had accumulated
+                decoded = decode_pass(payload, self.settings.engine.max_seq_len)
+                loaded.engine.forward_backward([decoded.batch(slot)])
+        except Exception as exc:
+            self.release(model_id)
+            raise ServerFaultError(
+                f"restoring model {model_id!r}: replaying its pending forward_backward failed: {exc}"
+            ) from exc
+        log.warning(
+            "restored model %s into slot %d (%s, %d passes replayed)",
+            model_id,
+            slot,
+            f"snapshot {plan.snapshot_id}" if plan.snapshot_id else "initial adapter",
+            len(plan.replay),
+        )
+        return loaded
+
+
+def create_from_config(engine: TrainingEngine, lora: dict[str, Any]) -> int:
+    """A fresh adapter from a stored ``lora_config`` (its ``seed`` makes the init repeatable)."""
+    return engine.create_adapter(
+        rank=int(lora.get("rank", 32)),
+        seed=None if lora.get("seed") is None else int(lora["seed"]),
+        train_attn=bool(lora.get("train_attn", True)),
+        train_mlp=bool(lora.get("train_mlp", True)),
+        train_unembed=bool(lora.get("train_unembed", True)),
+    )

@@ -24,8 +24,9 @@ from tx_server.work_queue import ClaimedRequest, WorkQueue
 from tx_server.worker.engines import EngineHost, LoadedModel
 from tx_server.worker.fused import run_fused
 from tx_server.worker.handlers import BarrierHandlers
+from tx_server.worker.passes import decode_pass
 from tx_server.worker.sampling import SamplingRunner
-from tx_types.proto import ProtoDecodeError, decode_forward_backward_request
+from tx_types.proto import ProtoDecodeError
 from tx_types.proto import encode_forward_backward_output as encode_output
 
 __all__ = ["HANDLED_TYPES", "Executor"]
@@ -42,6 +43,7 @@ HANDLED_TYPES = frozenset(
         RequestType.SAVE_WEIGHTS_FOR_SAMPLER,
         RequestType.LOAD_WEIGHTS,
         RequestType.SAMPLE,
+        RequestType.UNLOAD_MODEL,
     }
 )
 """What this worker claims (every type it has a handler for)."""
@@ -71,11 +73,22 @@ class Executor:
     def __init__(self, settings: Settings, queue: WorkQueue) -> None:
         self.settings = settings
         self.queue = queue
-        self.host = EngineHost(settings)
+        self.host = EngineHost(settings, queue.db)
         self.handlers = BarrierHandlers(self.host, queue.db, settings.checkpoint_root).table()
         self.sampling = SamplingRunner(settings, self.host, queue)
         self.engine_calls = 0
         """Forward/backward engine calls made so far (how well requests were fused)."""
+
+    def sweep(self) -> None:
+        """Free the slots of runs that stopped being live (call between claims, never within).
+
+        Within a claim a pass may already hold its run's slot; freeing it mid-claim could hand
+        the slot to another run before the pass executes.
+        """
+        try:
+            self.host.sweep()
+        except Exception:  # a failed sweep only delays freeing; the next one retries
+            log.exception("sweeping released adapter slots failed")
 
     def run(self, claimed: Sequence[ClaimedRequest]) -> None:
         """Execute ``claimed`` (one claim's worth) and complete or fail every request."""
@@ -99,19 +112,9 @@ class Executor:
             self.sampling.run(samples)
 
     def _prepare(self, req: ClaimedRequest) -> _Pass:
-        decoded = decode_forward_backward_request(req.payload)
+        decoded = decode_pass(req.payload, self.settings.engine.max_seq_len)
         model = self.host.get(decoded.model_id)
-        fwd = decoded.forward_backward_input
-        data = convert.datum_arrays(fwd.data)
-        limit = self.settings.engine.max_seq_len
-        for i, datum in enumerate(data):
-            if datum.input_tokens.shape[0] > limit:
-                raise InputError(
-                    f"data[{i}].model_input has {datum.input_tokens.shape[0]} tokens; "
-                    f"this server's max_seq_len is {limit}"
-                )
-        batch = AdapterBatch(model.slot, data, fwd.loss_fn, convert.loss_config(fwd))
-        return _Pass(req, model, batch, backward=not decoded.forward_only)
+        return _Pass(req, model, decoded.batch(model.slot), backward=decoded.backward)
 
     def _run_passes(self, passes: list[_Pass]) -> None:
         engine = passes[0].model.engine

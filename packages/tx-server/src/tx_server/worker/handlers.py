@@ -1,4 +1,4 @@
-"""Barrier requests: create_model, optim_step, save/load weights, save for sampler.
+"""Barrier requests: create_model, optim_step, save/load weights, save for sampler, unload.
 
 Each handler takes the claimed request and returns the JSON result bytes; raising fails the
 request (the caller maps the exception to a wire category). Database rows that record files
@@ -8,7 +8,9 @@ request (the caller maps the exception to a wire category). Database rows that r
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,11 @@ from tx_engine.engine import TrainingEngine
 from tx_server import convert
 from tx_server.db.database import Database
 from tx_server.db.models import CheckpointRow, ModelRow, SamplingSessionRow, utcnow
-from tx_server.errors import BadRequestError, NotFoundError
+from tx_server.errors import BadRequestError
 from tx_server.futures import RequestType
 from tx_server.work_queue import ClaimedRequest
-from tx_server.worker.engines import EngineHost
+from tx_server.worker.engines import EngineHost, create_from_config
+from tx_server.worker.recovery import drop_snapshots
 from tx_server.worker.storage import checkpoint_dir, dir_size, find_checkpoint
 from tx_types import (
     AdamParams,
@@ -32,6 +35,7 @@ from tx_types import (
     OptimStepResponse,
     SaveWeightsForSamplerResponseInternal,
     SaveWeightsResponse,
+    UnloadModelResponse,
 )
 from tx_types.paths import make_tinker_path
 
@@ -67,23 +71,18 @@ class BarrierHandlers:
             RequestType.SAVE_WEIGHTS: self.save_weights,
             RequestType.SAVE_WEIGHTS_FOR_SAMPLER: self.save_for_sampler,
             RequestType.LOAD_WEIGHTS: self.load_weights,
+            RequestType.UNLOAD_MODEL: self.unload_model,
         }
 
     def create_model(self, req: ClaimedRequest) -> bytes:
         body = CreateModelRequest.model_validate_json(req.payload)
         assert req.model_id is not None
         if self.host.find(req.model_id) is None:
-            lora = body.lora_config
-            engine = self.host.engine(body.base_model)
-            slot = engine.create_adapter(
-                rank=lora.rank if lora else 32,
-                seed=lora.seed if lora else None,
-                train_attn=lora.train_attn if lora else True,
-                train_mlp=lora.train_mlp if lora else True,
-                train_unembed=lora.train_unembed if lora else True,
-            )
-            self.host.add(req.model_id, body.base_model, slot)
-            self._set_slot(req.model_id, slot)
+            lora = body.lora_config.model_dump(mode="json") if body.lora_config else {"rank": 32}
+            if lora.get("seed") is None:  # drawn here and recorded, so a restore repeats it
+                lora["seed"] = int.from_bytes(os.urandom(4), "little")
+            slot = self.host.allocate(body.base_model, lambda e: create_from_config(e, lora))
+            self.host.add(req.model_id, body.base_model, slot, lora)
         return CreateModelResponse(model_id=req.model_id).model_dump_json().encode()
 
     def optim_step(self, req: ClaimedRequest) -> bytes:
@@ -92,6 +91,7 @@ class BarrierHandlers:
             raise BadRequestError("optim_step: only adam_params (AdamW) are supported")
         loaded = self.host.get(body.model_id)
         metrics = loaded.engine.optim_step(loaded.slot, convert.adam_params(body.optim_params))
+        self.host.snapshot(body.model_id, req.request_id)
         return OptimStepResponse(metrics=metrics).model_dump_json().encode()
 
     def save_weights(self, req: ClaimedRequest) -> bytes:
@@ -140,31 +140,28 @@ class BarrierHandlers:
         loaded = self.host.find(model_id)
         if loaded is not None:
             loaded.engine.load_adapter(storage, slot=loaded.slot, with_optimizer=with_optimizer)
-        else:
-            base_model = self._base_model_of(model_id)
-            engine = self.host.engine(base_model)
-            slot = engine.load_adapter(storage, slot=None, with_optimizer=with_optimizer)
+        else:  # a new run (create-via-load), or one this worker does not hold: no restore needed
+            base_model = self.host.recovery.require_live(model_id)
+            slot = self.host.allocate(
+                base_model,
+                lambda e: e.load_adapter(storage, slot=None, with_optimizer=with_optimizer),
+            )
             self.host.add(model_id, base_model, slot)
-            self._set_slot(model_id, slot)
+        self.host.snapshot(model_id, req.request_id)
         response = LoadWeightsResponse(
             path=data["request"]["path"], model_id=model_id, type="load_weights"
         )
         return response.model_dump_json(exclude_none=True).encode()
 
+    def unload_model(self, req: ClaimedRequest) -> bytes:
+        """Free the run's slot for good; its completed request is the durable unload record."""
+        assert req.model_id is not None
+        self.host.release(req.model_id)
+        drop_snapshots(self.root, req.model_id)
+        response = UnloadModelResponse(model_id=req.model_id, type="unload_model")
+        return response.model_dump_json().encode()
+
     # ------------------------------------------------------------------ rows
-    def _base_model_of(self, model_id: str) -> str:
-        with self.db.read() as session:
-            row = session.get(ModelRow, model_id)
-            if row is None:
-                raise NotFoundError(f"unknown model_id {model_id!r}")
-            return row.base_model
-
-    def _set_slot(self, model_id: str, slot: int) -> None:
-        with self.db.write() as session:
-            row = session.get(ModelRow, model_id)
-            if row is not None:
-                row.adapter_slot = slot
-
     def _check_free(self, tinker_path: str, overwrite: bool) -> None:
         with self.db.read() as session:
             taken = find_checkpoint(session, tinker_path) is not None
@@ -194,6 +191,10 @@ class BarrierHandlers:
             row.size_bytes = dir_size(target)
             row.user_metadata = dict(body.get("user_metadata") or {})
             row.created_at = utcnow()
+            # The save's ttl_seconds (range-checked by the route); an overwrite without one
+            # clears an earlier expiry, since the files are new.
+            ttl = body.get("ttl_seconds")
+            row.expires_at = row.created_at + timedelta(seconds=ttl) if ttl else None
             model = session.get(ModelRow, model_id)
             if model is not None:
                 model.last_request_at = utcnow()

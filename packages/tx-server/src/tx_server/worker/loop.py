@@ -1,8 +1,11 @@
 """The worker's main loop, run as a process (``python -m tx_server.worker``) or a thread.
 
-Start-up puts requests a crashed worker left ``running`` back to ``pending``. Then: claim
-everything runnable, execute it, and block on the work subscription until a submission wakes
-it (the 1 s timeout only re-checks the stop flag and covers a lost wake-up).
+Start-up fails the requests a dead worker left ``running`` (category ``server``: they may have
+half-applied; the client resubmits) and clears every recorded adapter slot, since this worker
+holds none yet; live training runs are restored into slots on first use
+(:mod:`tx_server.worker.recovery`). Then: claim everything runnable, execute it, and block on
+the work subscription until a submission wakes it (the 1 s timeout re-checks the stop flag,
+covers a lost wake-up, and lets the worker free the slots of finished sessions while idle).
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 from tx_server.db.database import Database
 from tx_server.settings import Settings
-from tx_server.work_queue import WorkQueue
+from tx_server.work_queue import RESTART_MESSAGE, WorkQueue
 from tx_server.worker.executor import HANDLED_TYPES, Executor
 
 __all__ = ["run_worker", "worker_thread"]
@@ -22,6 +26,8 @@ __all__ = ["run_worker", "worker_thread"]
 log = logging.getLogger(__name__)
 CLAIM_LIMIT = 64
 RECHECK_SECONDS = 1.0
+SWEEP_SECONDS = 1.0
+"""How often (at most) to look for runs whose session finished or that were unloaded."""
 
 
 def run_worker(
@@ -32,13 +38,18 @@ def run_worker(
     queue = WorkQueue(db)
     try:
         executor = Executor(settings, queue)
-        requeued = queue.requeue_running()
-        if requeued:
-            log.warning("requeued %d requests left running by a previous worker", requeued)
+        failed = queue.fail_running(RESTART_MESSAGE)
+        if failed:
+            log.warning("failed %d requests left running by a previous worker", failed)
+        executor.host.recovery.clear_slots()
+        swept_at = 0.0
         with queue.subscribe_work() as work:
             if ready is not None:
                 ready.set()
             while not stop.is_set():
+                if time.monotonic() - swept_at >= SWEEP_SECONDS:
+                    executor.sweep()
+                    swept_at = time.monotonic()
                 claimed = queue.claim_pending(limit=CLAIM_LIMIT, request_types=HANDLED_TYPES)
                 if claimed:
                     executor.run(claimed)

@@ -3,7 +3,7 @@
 A sampling session names a base model and, optionally, a checkpoint directory (resolved by the
 API when the request was queued). The checkpoint is loaded once into a free adapter slot of the
 base model's engine and kept there, keyed by its path, until the slot is needed by another
-sampler checkpoint (least recently used first). Loading from disk is what makes an unnamed
+sampler checkpoint or a training run (least recently used first; :mod:`.slots`). Loading from disk is what makes an unnamed
 ``save_weights_for_sampler`` a frozen snapshot: the training run keeps its own slot, and its
 later steps never touch the sampler's copy.
 
@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tx_engine.engine import NoFreeSlotError, TrainingEngine
 from tx_engine.sampler import Sampler, SampleRequestArrays, SampleResult
 from tx_server import convert
 from tx_server.errors import WireCategory, category_of
@@ -54,47 +52,6 @@ class _Job:
     arrays: SampleRequestArrays
 
 
-class _SamplerSlots:
-    """Adapter slots holding sampler checkpoints, one per checkpoint path, evicted LRU.
-
-    A named checkpoint can be overwritten (``overwrite=True``); the cached copy is then stale.
-    Each entry remembers the modification time of the checkpoint's ``metadata.json`` (rewritten
-    by every save) and is reloaded when it changed.
-    """
-
-    def __init__(self) -> None:
-        self._slots: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
-
-    def slot(self, base_model: str, engine: TrainingEngine, path: str, busy: set[int]) -> int:
-        """The slot holding ``path``'s weights, loading them (weights only) on first use."""
-        key = (base_model, path)
-        stamp = _stamp(path)
-        if key in self._slots:
-            slot, loaded_stamp = self._slots[key]
-            if loaded_stamp == stamp or slot in busy:  # busy: keep one claim consistent
-                self._slots.move_to_end(key)
-                return slot
-            engine.free_adapter(slot)  # stale: the checkpoint was overwritten since
-            del self._slots[key]
-        while True:
-            try:
-                slot = engine.load_adapter(path, slot=None, with_optimizer=False)
-                break
-            except NoFreeSlotError:
-                if not self._evict(base_model, engine, busy):
-                    raise
-        self._slots[key] = (slot, stamp)
-        return slot
-
-    def _evict(self, base_model: str, engine: TrainingEngine, busy: set[int]) -> bool:
-        for key, (slot, _stamp) in self._slots.items():
-            if key[0] == base_model and slot not in busy:
-                engine.free_adapter(slot)
-                del self._slots[key]
-                return True
-        return False
-
-
 class SamplingRunner:
     """Runs claimed ``sample`` requests and records each outcome in the queue."""
 
@@ -103,7 +60,6 @@ class SamplingRunner:
         self.host = host
         self.queue = queue
         self._samplers: dict[str, Sampler] = {}
-        self._slots = _SamplerSlots()
 
     def run(self, claimed: Sequence[ClaimedRequest]) -> None:
         """Execute every sample request of one claim: one engine call per base model."""
@@ -138,7 +94,7 @@ class SamplingRunner:
         engine = self.host.engine(base_model)
         slot = None
         if data.get("storage_path") is not None:
-            slot = self._slots.slot(base_model, engine, str(data["storage_path"]), busy)
+            slot = self.host.samplers.slot(base_model, engine, str(data["storage_path"]), busy)
             busy.add(slot)
         return _Job(req, body, base_model, convert.sample_request_arrays(body, slot))
 
@@ -159,14 +115,6 @@ class SamplingRunner:
         if category == "server":
             log.error("sample request %s failed", req.request_id, exc_info=exc)
         self.queue.fail(req.request_id, str(exc) or type(exc).__name__, category)
-
-
-def _stamp(path: str) -> int:
-    """When the checkpoint at ``path`` was last written (0 if it has no metadata file)."""
-    try:
-        return (Path(path) / "metadata.json").stat().st_mtime_ns
-    except OSError:
-        return 0
 
 
 def _decoder(model_dir: Path) -> Callable[[Sequence[int]], str] | None:

@@ -1,7 +1,8 @@
 """Keep a worker process running next to the API (used by :func:`tx_server.serve.serve`).
 
 Why a separate process: a crash or OOM in the engine (jax) must not take the API down; pollers
-keep their long-polls and the restarted worker re-runs what was left ``running``. Restarts back
+keep their long-polls; the restarted worker fails what was left ``running`` (category ``server``)
+and restores live training runs on demand (:mod:`tx_server.worker.recovery`). Restarts back
 off (1 s doubling to 30 s) so a worker that dies at start-up does not spin.
 """
 

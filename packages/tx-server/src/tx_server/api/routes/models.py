@@ -130,6 +130,11 @@ async def get_info(body: GetInfoRequest, tenant: TenantDep, state: StateDep) -> 
 async def unload_model(
     body: UnloadModelRequest, tenant: TenantDep, state: StateDep
 ) -> UnloadModelResponse:
-    """Acknowledge; the worker keeps the adapter until the run is deleted (no slot pressure yet)."""
+    """Queue the unload as a barrier of its model and acknowledge at once (the SDK expects a
+    synchronous answer). Earlier requests of the run still complete; the worker then frees the
+    adapter slot, and the completed queue row is the durable record that the run is gone."""
     await run_in_threadpool(get_owned_model, state, tenant, body.model_id)
+    payload = json.dumps(body.model_dump(mode="json")).encode()
+    unload = Submission(RequestType.UNLOAD_MODEL, payload, model_id=body.model_id)
+    await run_in_threadpool(state.futures.submit, tenant, unload)
     return UnloadModelResponse(model_id=body.model_id, type="unload_model")

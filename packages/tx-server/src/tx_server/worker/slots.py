@@ -1,0 +1,70 @@
+"""Adapter slots that hold sampler checkpoints: a cache, evicted least recently used first.
+
+Why a cache that training may evict: a sampler's weights are files on disk (a sampler
+checkpoint), so dropping them costs only a reload, while a training run's slot holds state that
+exists nowhere else in full (pending gradients). When a slot is needed — for another sampler or
+for a training run — the least recently used sampler slot not in use by the current claim goes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+from tx_engine.engine import NoFreeSlotError, TrainingEngine
+
+__all__ = ["SamplerSlots"]
+
+
+class SamplerSlots:
+    """Slots holding sampler checkpoints, one per (base model, checkpoint path).
+
+    A named checkpoint can be overwritten (``overwrite=True``); the cached copy is then stale.
+    Each entry remembers the modification time of the checkpoint's ``metadata.json`` (rewritten
+    by every save) and is reloaded when it changed.
+    """
+
+    def __init__(self) -> None:
+        self._slots: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
+
+    def slot(self, base_model: str, engine: TrainingEngine, path: str, busy: set[int]) -> int:
+        """The slot holding ``path``'s weights, loading them (weights only) on first use."""
+        key = (base_model, path)
+        stamp = _stamp(path)
+        if key in self._slots:
+            slot, loaded_stamp = self._slots[key]
+            if loaded_stamp == stamp or slot in busy:  # busy: keep one claim consistent
+                self._slots.move_to_end(key)
+                return slot
+            engine.free_adapter(slot)  # stale: the checkpoint was overwritten since
+            del self._slots[key]
+        while True:
+            try:
+                slot = engine.load_adapter(path, slot=None, with_optimizer=False)
+                break
+            except NoFreeSlotError:
+                if not self.evict(base_model, engine, busy):
+                    raise
+        self._slots[key] = (slot, stamp)
+        return slot
+
+    def evict(self, base_model: str, engine: TrainingEngine, busy: set[int]) -> bool:
+        """Free the least recently used sampler slot of ``base_model`` not in ``busy``."""
+        for key, (slot, _stamp) in self._slots.items():
+            if key[0] == base_model and slot not in busy:
+                engine.free_adapter(slot)
+                del self._slots[key]
+                return True
+        return False
+
+    def held(self, base_model: str) -> list[str]:
+        """Checkpoint paths cached for ``base_model``, least recently used first."""
+        return [path for (base, path) in self._slots if base == base_model]
+
+
+def _stamp(path: str) -> int:
+    """When the checkpoint at ``path`` was last written (0 if it has no metadata file)."""
+    try:
+        return (Path(path) / "metadata.json").stat().st_mtime_ns
+    except OSError:
+        return 0
