@@ -122,6 +122,14 @@ class Executor:
 
         def call(group: Sequence[_Pass]) -> Sequence[GroupOutput]:
             self.engine_calls += 1
+            models = sorted({str(p.request.model_id) for p in group})
+            log.info(
+                "one %s engine call for %d requests of %d models: %s",
+                "forward_backward" if group[0].backward else "forward",
+                len(group),
+                len(models),
+                ", ".join(models),
+            )
             return run([p.batch for p in group])
 
         def complete(p: _Pass, out: GroupOutput) -> None:
