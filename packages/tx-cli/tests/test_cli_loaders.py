@@ -99,9 +99,13 @@ def test_collate_pads_with_zero_weight_and_mask() -> None:
         return Example(toks[:-1], toks[1:], np.full(n, 0.5, np.float32))
 
     batch = collate([ex(3), ex(40)])
-    assert batch["input_ids"].shape == (2, 64) == batch["weights"].shape
-    np.testing.assert_array_equal(batch["weights"][0, :3], 0.5)
-    assert not batch["weights"][0, 3:].any()
+    weights = batch["inputs"]["weights"]
+    assert batch["input_ids"].shape == (2, 64) == weights.shape
+    # normalised by the batch's total weight (43 · 0.5), so the summed loss is the mean
+    np.testing.assert_allclose(weights[0, :3], 0.5 / 21.5)
+    assert weights.sum() == pytest.approx(1.0)
+    assert not weights[0, 3:].any()
+    assert not batch["loss_mask"][0, 3:].any()
     assert not batch["attention_mask"][0, 3:].any()
     assert batch["attention_mask"][1, :40].all()
     assert not batch["attention_mask"][1, 40:].any()

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from typer.testing import CliRunner
 
 from tx_cli.main import app
 from tx_cli.train_data import collate
-from tx_cli.train_loop import mean_cross_entropy
+from tx_engine import step as engine_step
 from tx_engine.loading import load_model
 from tx_engine.testing import build_model
 
@@ -42,6 +41,7 @@ DOCUMENTED = {  # option -> (metavar, default shown in help or None, required)
     "--tp-size": ("INTEGER", "1", False),
     "--tracker": ("[wandb]", None, False),
     "--tracker-args": ("LOADS", "{}", False),
+    "--lora-rank": ("INTEGER", None, False),  # the one extra beyond the documented surface
 }
 runner = CliRunner()
 
@@ -179,7 +179,11 @@ def test_tensor_parallel_run_matches_single_device(
 
 
 def test_loss_ignores_padding_and_matches_numpy(model_dir: Path) -> None:
-    """Same example alone and padded next to a longer one: same summed loss; NumPy oracle."""
+    """Same example alone and padded next to a longer one: same summed loss; NumPy oracle.
+
+    The batch goes through the engine's own ``forward`` program on the full fine-tuning split,
+    i.e. the loss that :func:`tx_engine.step.full_train_step` differentiates.
+    """
     from flax import nnx
 
     from tx_cli.loaders import Example
@@ -187,34 +191,32 @@ def test_loss_ignores_padding_and_matches_numpy(model_dir: Path) -> None:
     model, _ = load_model(model_dir, max_lora_adapters=1, max_lora_rank=1)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    @jax.jit
-    def loss_and_logits(batch: dict[str, Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
-        loss, count = mean_cross_entropy(graphdef, params, rest, batch)
-        m: Any = nnx.merge(graphdef, params, rest)
-        adapters = jnp.zeros(batch["input_ids"].shape[:1], jnp.int32)
-        hidden = m(
-            batch["input_ids"],
-            positions_bt=batch["positions"],
-            attention_mask_bt=batch["attention_mask"],
-            adapter_indices_b=adapters,
-        )
-        return loss * count, count, m.compute_logits(hidden, adapters)
+    def total_loss(batch: dict[str, Any]) -> float:
+        out = engine_step.forward(graphdef, params, rest, batch, "cross_entropy")
+        return float(out.metrics["loss:sum"].sum())
 
+    m: Any = nnx.merge(graphdef, params, rest)
     rng = np.random.default_rng(0)
     short = Example(*rng.integers(0, 2000, (2, 5)).astype(np.int32), rng.random(5, np.float32))
-    long = Example(*rng.integers(0, 2000, (2, 40)).astype(np.int32), np.ones(40, np.float32))
-    total_short, count, logits = loss_and_logits(collate([short]))
-    total_both, count_both, _ = loss_and_logits(collate([short, long]))
-    z = np.asarray(logits, np.float64)[0, :5]
+    long = Example(*rng.integers(0, 2000, (2, 20)).astype(np.int32), np.ones(20, np.float32))
+    batch = collate([short])
+    adapters = jnp.zeros((1,), jnp.int32)
+    hidden = m(
+        jnp.asarray(batch["input_ids"]),
+        positions_bt=jnp.asarray(batch["positions"]),
+        attention_mask_bt=jnp.asarray(batch["attention_mask"]),
+        adapter_indices_b=adapters,
+    )
+    z = np.asarray(m.compute_logits(hidden, adapters), np.float64)[0, :5]
     logp = z - z.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    oracle = -(logp[np.arange(5), short.target_tokens] * short.weights).sum()
-    assert float(count) == pytest.approx(short.weights.sum())
-    assert float(count_both) == pytest.approx(short.weights.sum() + 40)
-    # the long row alone, padded to the same bucket as in the pair
-    total_long = float(loss_and_logits(collate([long]))[0])
-    np.testing.assert_allclose(float(total_short), oracle, rtol=1e-4)
-    np.testing.assert_allclose(float(total_both), float(total_short) + total_long, rtol=1e-4)
+    nll = -(logp[np.arange(5), short.target_tokens] * short.weights).sum()
+    w_short, w_long = float(short.weights.sum()), 20.0
+    # weights are normalised per batch: the summed loss is the weighted-token mean
+    np.testing.assert_allclose(total_loss(batch), nll / w_short, rtol=1e-4)
+    long_nll = total_loss(collate([long])) * w_long
+    both = total_loss(collate([short, long]))
+    np.testing.assert_allclose(both, (nll + long_nll) / (w_short + w_long), rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -224,6 +226,11 @@ def test_loss_ignores_padding_and_matches_numpy(model_dir: Path) -> None:
         (["--optimizer-args", "[1]"], "--optimizer-args: expected a JSON object"),
         (["--optimizer-args", '{"bogus": 1}'], "--optimizer-args: invalid for adamw"),
         (["--tracker-args", "{"], "--tracker-args: malformed JSON"),
+        (["--tracker", "mlflow"], "--tracker: unknown tracker 'mlflow'; choose wandb"),
+        (["--tracker", "wandb", "--tracker-args", '{"bogus": 1}'], "--tracker-args: "),
+        (["--lora-rank", "0"], "--lora-rank: must be >= 1, got 0"),
+        (["--lora-rank", "2", "--optimizer", "sgd"], "--optimizer: LoRA training"),
+        (["--lora-rank", "2", "--optimizer-args", '{"b3": 1}'], "b3 not supported with"),
         (["--loader", "tx.loaders.nope"], "unknown loader 'tx.loaders.nope'"),
         (["--optimizer", "adagrad"], "--optimizer: unknown optimizer 'adagrad'"),
         (["--dataset", "MISSING"], "dataset file not found"),

@@ -2,12 +2,17 @@
 
 Layout of ``<output-dir>/checkpoint-<step>/``:
 
-* ``config.json`` + ``model.safetensors`` under HF key names (written by
+* full fine-tuning: ``config.json`` + ``model.safetensors`` under HF key names (written by
   :func:`tx_engine.loading.save_hf_weights`, so :func:`tx_engine.loading.load_model` and
-  ``transformers`` both read it) and the tokenizer files — a complete model to serve or sample;
-* ``optimizer.safetensors`` — every leaf of the optax state, keyed by its pytree path;
-* ``trainer_state.json`` — the number of optimizer steps taken, which is all the data order
-  needs (:mod:`tx_cli.train_data` derives batches from the step).
+  ``transformers`` both read it) and ``optimizer.safetensors``, every leaf of the optax state
+  keyed by its pytree path;
+* LoRA (``--lora-rank``): the engine's adapter checkpoint (``adapter.safetensors``,
+  ``optimizer.safetensors``, ``metadata.json``; :meth:`TrainingEngine.save_adapter`) and its
+  PEFT export (``adapter_config.json`` + ``adapter_model.safetensors``), side by side, so the
+  directory is both resumable and loadable by ``peft``/vLLM as is;
+* always: the tokenizer files and ``trainer_state.json`` — the number of optimizer steps
+  taken, which is all the data order needs (:mod:`tx_cli.train_data` derives batches from
+  the step), the run's options and ``lora_rank`` (null for a full fine-tune).
 
 Weights are stored at their training precision (float32), so resuming reproduces an
 uninterrupted run bit for bit.
@@ -33,22 +38,45 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / f"checkpoint-{step}"
 
 
-def save_checkpoint(
-    out: Path, model: Any, opt_state: Any, step: int, tokenizer: Any, meta: dict[str, Any]
-) -> Path:
-    """Write model, tokenizer, optimizer state and ``{"step": step, **meta}`` into ``out``."""
+def save_full(out: Path, model: Any, opt_state: Any) -> Path:
+    """Write a full fine-tune's weights (HF layout) and its optax state into ``out``."""
     from tx_engine.loading import save_hf_weights
     from tx_engine.safetensors_io import write_file
 
     save_hf_weights(model, out)
-    tokenizer.save_pretrained(str(out))
     leaves = jax.tree_util.tree_flatten_with_path(opt_state)[0]
     write_file(
         out / OPTIMIZER_FILE,
         {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves},
     )
-    (out / STATE_FILE).write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
     return out
+
+
+def write_state(out: Path, step: int, tokenizer: Any, meta: dict[str, Any]) -> None:
+    """The tokenizer files and ``trainer_state.json`` = ``{"step": step, **meta}``."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out))
+    (out / STATE_FILE).write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
+
+
+def check_kind(ckpt: Path, lora_rank: int | None) -> None:
+    """Refuse to resume a LoRA checkpoint as a full fine-tune, or with another rank."""
+    state_file = ckpt / STATE_FILE
+    if not state_file.is_file():
+        raise TrainInputError(f"--load-checkpoint-path: {ckpt} has no {STATE_FILE}")
+    saved = json.loads(state_file.read_text()).get("lora_rank")
+    if saved == lora_rank:
+        return
+    if saved is None:
+        raise TrainInputError(
+            f"--lora-rank {lora_rank}: {ckpt} is a full fine-tuning checkpoint; "
+            "resume it without --lora-rank"
+        )
+    given = "not given" if lora_rank is None else f"{lora_rank}"
+    raise TrainInputError(
+        f"--lora-rank: {ckpt} is a rank-{saved} LoRA checkpoint; pass --lora-rank {saved} "
+        f"(got {given})"
+    )
 
 
 def read_step(ckpt: Path) -> int:

@@ -105,28 +105,52 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> l
     return out
 
 
-def collate(examples: list[Example]) -> dict[str, np.ndarray]:
-    """Right-pad ``examples`` into ``[B, T]`` arrays; padding has weight 0 and mask 0."""
+def collate(examples: list[Example]) -> dict[str, Any]:
+    """Right-pad ``examples`` into the batch dict of :mod:`tx_engine.step` (``[B, T]`` arrays).
+
+    The keys are those of :func:`tx_engine.batching.pack`, so the full fine-tuning step runs
+    the server's loss code unchanged. Weights are divided by the batch's total weight: the
+    engine's ``cross_entropy`` is a weighted *sum*, and this turns it into the per-token mean,
+    so the update size does not depend on how many tokens a batch happens to hold. Padding has
+    weight 0, attention mask 0 and loss mask 0.
+    """
     b, t = len(examples), bucket_length(max(len(e) for e in examples))
-    batch = {
-        "input_ids": np.zeros((b, t), np.int32),
-        "target_tokens": np.zeros((b, t), np.int32),
-        "weights": np.zeros((b, t), np.float32),
-        "attention_mask": np.zeros((b, t), np.int32),
-        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-    }
+    ids = np.zeros((b, t), np.int32)
+    targets = np.zeros((b, t), np.int32)
+    weights = np.zeros((b, t), np.float32)
+    mask = np.zeros((b, t), np.float32)
     for r, ex in enumerate(examples):
         n = len(ex)
-        batch["input_ids"][r, :n] = ex.input_tokens
-        batch["target_tokens"][r, :n] = ex.target_tokens
-        batch["weights"][r, :n] = ex.weights
-        batch["attention_mask"][r, :n] = 1
-    return batch
+        ids[r, :n] = ex.input_tokens
+        targets[r, :n] = ex.target_tokens
+        weights[r, :n] = ex.weights
+        mask[r, :n] = 1.0
+    return {
+        "input_ids": ids,
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+        "attention_mask": mask.astype(np.int32),
+        "adapter_indices": np.zeros((b,), np.int32),  # slot 0: the base model, no LoRA
+        "loss_mask": mask,
+        "target_tokens": targets,
+        "inputs": {"weights": weights / batch_weight(examples)},
+        "config": {},
+    }
+
+
+def batch_weight(examples: list[Example]) -> float:
+    """Total weight of a batch (> 0: loaders drop examples without a weighted target)."""
+    return float(sum(float(e.weights.sum()) for e in examples))
+
+
+def examples_for_step(
+    examples: list[Example], batch_size: int, step: int, seed: int = 0
+) -> list[Example]:
+    """The examples of 0-based ``step`` (deterministic in ``step`` and ``seed``)."""
+    return [examples[i] for i in batch_indices(len(examples), batch_size, step, seed)]
 
 
 def batch_for_step(
     examples: list[Example], batch_size: int, step: int, seed: int = 0
-) -> dict[str, np.ndarray]:
+) -> dict[str, Any]:
     """The padded batch of 0-based ``step`` (deterministic in ``step`` and ``seed``)."""
-    idx = batch_indices(len(examples), batch_size, step, seed)
-    return collate([examples[i] for i in idx])
+    return collate(examples_for_step(examples, batch_size, step, seed))

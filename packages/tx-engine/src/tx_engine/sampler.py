@@ -7,19 +7,30 @@ weights, and at temperature 1 the returned logprobs are the trainer's forward lo
 
 How a call is run:
 
-1. Each request is validated (token ids, adapter slot, sampling values, fit) and expanded into
-   ``num_samples`` decode rows sharing one seed (distinct sample indices → distinct draws).
-2. Rows are packed, in order, into *waves* whose cache ``rows × S`` fits ``max_cache_tokens``
-   and whose row count is at most ``max_batch``. Within a wave each request is prefilled once
-   and its cache rows copied to its samples.
-3. Shapes are bucketed so warm-up covers everything: prefill rows and decode rows to powers of
-   two (≤ ``max_batch``), prompt length to a power of two ≥ ``min_prompt_bucket``, cache length
-   ``S`` to the power of two ≥ ``T + max_new - 1``; top-k prompt logprobs' ``k`` to a power of
-   two. max_tokens, temperature, top-k, top-p and seeds are array values: no recompilation.
-4. Decode is pipelined one step ahead (step ``i+1`` is dispatched before step ``i``'s tokens are
-   fetched for the stop checks), and the loop **exits early** as soon as every row of the wave
-   has stopped or reached its ``max_tokens``. Finished rows are *not* refilled with waiting
-   requests (no continuous batching yet): waiting rows run in the next wave.
+1. Each request is validated (token ids, adapter slot, sampling values, prompt-score options,
+   fit) and expanded into ``num_samples`` decode rows sharing one seed (distinct sample
+   indices → distinct draws).
+2. Rows are grouped into *runs* by the cache length ``S`` their request needs (so one long
+   request does not shrink everyone's batch); a run has ``B`` decode rows with
+   ``B × S <= max_cache_tokens`` and ``B <= max_batch``.
+3. Each run is **continuously batched** (:mod:`tx_engine.sampling.continuous`): waiting
+   samples are prefilled into rows as soon as rows finish (each request prefilled once per
+   admission and copied to its samples), so a short row never waits for the longest one.
+4. Shapes are bucketed so warm-up covers everything: ``B``, admission rows and top-k sizes to
+   powers of two, prompt length to a power of two ≥ ``min_prompt_bucket``, ``S`` to the power
+   of two ≥ ``T + max_new - 1``. max_tokens, temperature, top-k, top-p, seeds, positions and
+   per-row steps are array values: no recompilation.
+
+A row's tokens depend only on its request (seed, sample index, prompt, values): not on the
+batch it shares, the row it lands on or the cache slots it occupies.
+
+Prompt scores (each computed once per request, at its first admission): ``prompt_logprobs``,
+``topk_prompt_logprobs`` (both limited to the last ``prompt_logprobs_last_n`` positions when
+set), ``target_prompt_logprobs`` (logprobs of given ids per position) and
+``prompt_alt_tokens_k`` (independent draws per position with the request's sampling values).
+Per sampled token: ``topk_sample_logprobs``. Prompt and target logprobs are the model's
+(temperature 1, the trainer's forward logprobs); sampled tokens, their top-k and the alt draws
+are scored under the request's tempered distribution (see :mod:`tx_engine.sampling`).
 
 Limits: a request needs ``len(prompt) + max_tokens <= min(max_cache_tokens, context)`` (context
 = ``max_position_embeddings``), otherwise :class:`InputError`; ``max_tokens=None`` means "up to
@@ -30,31 +41,37 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tx_engine import step as programs
 from tx_engine.batching import InputError
 from tx_engine.engine import TrainingEngine
 from tx_engine.errors import AdapterError
-from tx_engine.sampling import RowSamplingParams, SamplingRow, StopCriteria, StopState
+from tx_engine.sampling import SamplingRow, StopCriteria
+from tx_engine.sampling.continuous import ContinuousRun, Job, Row, pow2
+from tx_engine.sampling.params import ALT_DRAWS_SAMPLE_INDEX
 from tx_engine.sampling.stopping import DecodeFn, StopReason
 
 __all__ = ["SampleRequestArrays", "SampleResult", "SampledSequence", "Sampler"]
 
 StopParam = str | Sequence[str] | Sequence[int] | None
+TopK = list[tuple[int, float]]
 
 
 @dataclass(frozen=True)
 class SampleRequestArrays:
-    """One sample request: the prompt (int token ids) and Tinker ``SamplingParams`` fields.
+    """One sample request: the prompt (int token ids), Tinker ``SamplingParams`` fields and the
+    ``asample`` scoring options.
 
     ``adapter`` None or 0 samples the base model. ``stop`` follows the wire semantics (None →
     EOS, ``[]`` → never stop). ``max_tokens`` None → up to the cache/context limit.
+    ``target_prompt_logprobs``: int ``[len(prompt)-1, K]`` token ids to score at each prompt
+    position (row ``i`` scores position ``i+1``), ``-1`` = not requested.
+    ``prompt_logprobs_last_n``: score only the last N prompt positions (prompt and top-k prompt
+    logprobs; earlier entries are None).
     """
 
     prompt_tokens: np.ndarray
@@ -68,59 +85,49 @@ class SampleRequestArrays:
     adapter: int | None = None
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: np.ndarray | None = None
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: int | None = None
 
 
 @dataclass(frozen=True)
 class SampledSequence:
-    """Generated ``tokens`` (int32, stop token included) and their ``logprobs`` (float32)."""
+    """Generated ``tokens`` (int32, stop token included) and their ``logprobs`` (float32);
+    ``topk_logprobs`` (if asked): per token, the k best ``(id, logprob)``, best first, under the
+    same distribution as ``logprobs``."""
 
     tokens: np.ndarray
     logprobs: np.ndarray
     stop_reason: StopReason
+    topk_logprobs: list[TopK] | None = None
 
 
 @dataclass(frozen=True)
 class SampleResult:
-    """Samples of one request, plus prompt scores when asked (index 0 is always None)."""
+    """Samples of one request, plus prompt scores when asked (lists: index 0 is always None).
+
+    ``target_prompt_logprobs``: float32 ``[len(prompt)-1, K]``, 0.0 where the id was -1.
+    ``prompt_alt_tokens`` / ``prompt_alt_logprobs``: int32 / float32 ``[len(prompt)-1, k]``,
+    ``k`` independent draws per position (row ``i`` → position ``i+1``) and their logprobs.
+    """
 
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
-    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
-
-
-@dataclass
-class _Request:
-    """A validated request and what its waves produced."""
-
-    prompt: np.ndarray
-    slot: int
-    max_new: int
-    spec: SampleRequestArrays
-    prompt_lp: list[float | None] | None = None
-    prompt_topk: list[list[tuple[int, float]] | None] | None = None
-
-
-@dataclass
-class _Row:
-    """One decode row: a sample of a request."""
-
-    req: int
-    sampling: SamplingRow
-    state: StopState
-    logprobs: list[float] = field(default_factory=list)
-
-
-def _pow2(n: int, floor: int = 1) -> int:
-    return 1 << max(0, max(n, floor) - 1).bit_length()
+    topk_prompt_logprobs: list[TopK | None] | None = None
+    target_prompt_logprobs: np.ndarray | None = None
+    prompt_alt_tokens: np.ndarray | None = None
+    prompt_alt_logprobs: np.ndarray | None = None
 
 
 class Sampler:
     """Generation for a :class:`TrainingEngine` (see the module docstring).
 
-    ``max_cache_tokens``: KV-cache budget in token slots (rows × cache length) of one wave;
+    ``max_cache_tokens``: KV-cache budget in token slots (rows × cache length) of one run;
     this bounds sampler memory. ``decode_fn``: token ids → text, needed for stop strings.
     ``eos_token_ids``: default stop set; None reads ``config.json`` and
-    ``generation_config.json`` of the engine's model directory.
+    ``generation_config.json`` of the engine's model directory. ``decode_steps`` and
+    ``cache_shifts`` count the decode steps and cache shifts dispatched so far (all calls).
     """
 
     def __init__(
@@ -140,13 +147,14 @@ class Sampler:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
                 raise InputError(f"{name} must be an int >= 2, got {value!r}")
-        if _pow2(max_batch) != max_batch:
+        if pow2(max_batch) != max_batch:
             raise InputError(f"max_batch must be a power of two, got {max_batch}")
         self.engine = engine
         self.max_batch = max_batch
         self.max_cache_tokens = max_cache_tokens
         self.min_prompt_bucket = min_prompt_bucket
         self.decode_fn = decode_fn
+        self.decode_steps = self.cache_shifts = 0
         hf = engine.model_config.hf_config
         context = int(hf.get("max_position_embeddings") or max_cache_tokens)
         self.max_sequence_tokens = min(context, max_cache_tokens)
@@ -159,27 +167,51 @@ class Sampler:
     # ----------------------------------------------------------------- public
     def sample(self, requests: Sequence[SampleRequestArrays]) -> list[SampleResult]:
         """Generate every request's samples; results are in request order."""
-        reqs = [self._prepare(i, r) for i, r in enumerate(requests)]
-        rows: list[_Row] = []
-        for i, req in enumerate(reqs):
-            criteria = self._criteria(i, req.spec)
-            for sampling in self._sampling_rows(i, req.spec):
-                rows.append(_Row(i, sampling, criteria.new_state(req.max_new)))
-        for wave in self._plan(reqs, rows):
-            self._run_wave(reqs, wave)
-        results = [SampleResult([], r.prompt_lp, r.prompt_topk) for r in reqs]
-        for row in rows:
+        jobs = [self._prepare(i, r) for i, r in enumerate(requests)]
+        runs: dict[int, list[Row]] = {}
+        all_rows: list[Row] = []
+        for i, (job, req) in enumerate(zip(jobs, requests, strict=True)):
+            criteria = self._criteria(i, req)
+            s = self.bucket_shape(len(job.prompt), job.max_new)[1]
+            for sampling in self._sampling_rows(i, req):
+                row = Row(i, sampling, criteria.new_state(job.max_new))
+                runs.setdefault(s, []).append(row)
+                all_rows.append(row)
+            if req.prompt_alt_tokens_k:
+                first = runs[s][-1].sampling
+                job.alt_row = SamplingRow(
+                    first.temperature, first.top_k, first.top_p, first.seed, ALT_DRAWS_SAMPLE_INDEX
+                )
+        for s, rows in sorted(runs.items()):
+            batch = min(self.max_batch, pow2(len(rows)), _floor_pow2(self.max_cache_tokens // s))
+            run = ContinuousRun(self.engine, jobs, rows, batch=batch, cache_len=s)
+            run.run()
+            self.decode_steps += run.decode_steps
+            self.cache_shifts += run.cache_shifts
+        results = [_result(job, req) for job, req in zip(jobs, requests, strict=True)]
+        for row in all_rows:
             assert row.state.stop_reason is not None
-            seq = SampledSequence(
-                np.asarray(row.state.tokens, np.int32),
-                np.asarray(row.logprobs, np.float32),
-                row.state.stop_reason,
+            topk = row.topk if jobs[row.job].sample_topk else None
+            results[row.job].sequences.append(
+                SampledSequence(
+                    np.asarray(row.state.tokens, np.int32),
+                    np.asarray(row.logprobs, np.float32),
+                    row.state.stop_reason,
+                    topk,
+                )
             )
-            results[row.req].sequences.append(seq)
         return results
 
+    def bucket_shape(self, longest: int, max_new: int) -> tuple[int, int]:
+        """``(T, S)``: bucketed prompt length and cache length for a prompt of ``longest``
+        tokens generating up to ``max_new`` (both within the limit)."""
+        t = pow2(longest, self.min_prompt_bucket)
+        if t + max_new - 1 > self.max_sequence_tokens:
+            t = max(longest, 2)  # bucketing would overflow the limit; the exact length fits
+        return t, min(pow2(t + max_new - 1), self.max_sequence_tokens)
+
     # ----------------------------------------------------------------- validation
-    def _prepare(self, i: int, r: SampleRequestArrays) -> _Request:
+    def _prepare(self, i: int, r: SampleRequestArrays) -> Job:
         where = f"requests[{i}]"
         prompt = np.asarray(r.prompt_tokens)
         if prompt.ndim != 1 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
@@ -187,29 +219,51 @@ class Sampler:
         vocab = self.engine.vocab_size
         if prompt.min() < 0 or prompt.max() >= vocab:
             raise InputError(f"{where}.prompt_tokens has ids outside [0, {vocab})")
-        for name in ("num_samples", "topk_prompt_logprobs"):
+        for name in ("num_samples", "topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):  # fmt: skip
             value = getattr(r, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"{where}.{name} must be an int >= 0, got {value!r}")
         if r.num_samples < 1:
             raise InputError(f"{where}.num_samples must be >= 1, got {r.num_samples}")
-        if r.topk_prompt_logprobs > vocab:
-            raise InputError(f"{where}.topk_prompt_logprobs must be <= vocab size {vocab}")
+        for name in ("topk_prompt_logprobs", "topk_sample_logprobs"):
+            if getattr(r, name) > vocab:
+                raise InputError(f"{where}.{name} must be <= vocab size {vocab}")
+        last_n = r.prompt_logprobs_last_n
+        if last_n is not None and (isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < 1):  # fmt: skip
+            raise InputError(f"{where}.prompt_logprobs_last_n must be an int >= 1, got {last_n!r}")
+        targets = _targets(where, r.target_prompt_logprobs, len(prompt), vocab)
         slot = 0 if r.adapter is None else r.adapter
         if slot != 0 and slot not in self.engine.adapters:
             raise AdapterError(f"{where}.adapter: slot {slot} is not an allocated adapter")
-        mt = r.max_tokens
+        max_new = self._max_new(where, r.max_tokens, len(prompt))
+        scoring = programs.Scoring(
+            logprobs=r.prompt_logprobs,
+            topk=r.topk_prompt_logprobs,
+            target_k=0 if targets is None else max(1, targets.shape[1]),
+            alt_k=r.prompt_alt_tokens_k,
+        )
+        return Job(
+            prompt=prompt.astype(np.int32),
+            slot=int(slot),
+            max_new=max_new,
+            prompt_t=self.bucket_shape(len(prompt), max_new)[0],
+            scoring=scoring,
+            targets=targets,
+            sample_topk=r.topk_sample_logprobs,
+        )
+
+    def _max_new(self, where: str, mt: int | None, prompt_len: int) -> int:
         if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
             raise InputError(f"{where}.max_tokens must be an int >= 1 or None, got {mt!r}")
-        room = self.max_sequence_tokens - len(prompt)
+        room = self.max_sequence_tokens - prompt_len
         max_new = room if mt is None else mt
         if max_new < 1 or max_new > room:
             raise InputError(
-                f"{where}: prompt ({len(prompt)} tokens) + max_tokens ({r.max_tokens}) exceeds "
+                f"{where}: prompt ({prompt_len} tokens) + max_tokens ({mt}) exceeds "
                 f"the sampler limit of {self.max_sequence_tokens} tokens "
                 "(min of max_cache_tokens and the model's context)"
             )
-        return _Request(prompt.astype(np.int32), int(slot), int(max_new), r)
+        return int(max_new)
 
     def _criteria(self, i: int, r: SampleRequestArrays) -> StopCriteria:
         try:
@@ -229,128 +283,52 @@ class Sampler:
         except ValueError as e:
             raise InputError(f"requests[{i}].{e}") from None
 
-    # ----------------------------------------------------------------- planning
-    def _shape(self, reqs: list[_Request], rows: Sequence[_Row]) -> tuple[int, int]:
-        """``(T, S)`` for a wave of ``rows`` (see `bucket_shape`)."""
-        longest = max(len(reqs[r.req].prompt) for r in rows)
-        return self.bucket_shape(longest, max(reqs[r.req].max_new for r in rows))
 
-    def bucket_shape(self, longest: int, max_new: int) -> tuple[int, int]:
-        """``(T, S)``: bucketed prompt length and cache length for the longest prompt and the
-        largest ``max_tokens`` of a wave (both within the limit)."""
-        t = _pow2(longest, self.min_prompt_bucket)
-        if t + max_new - 1 > self.max_sequence_tokens:
-            t = max(longest, 2)  # bucketing would overflow the limit; the exact length fits
-        return t, min(_pow2(t + max_new - 1), self.max_sequence_tokens)
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
 
-    def _plan(self, reqs: list[_Request], rows: list[_Row]) -> list[list[_Row]]:
-        """Consecutive rows grouped so each wave's padded cache fits the token budget."""
-        waves: list[list[_Row]] = [[]]
-        longest = max_new = 0
-        for row in rows:
-            req = reqs[row.req]
-            grown = (max(longest, len(req.prompt)), max(max_new, req.max_new))
-            n = len(waves[-1]) + 1
-            _, s = self.bucket_shape(*grown)
-            if n > 1 and (n > self.max_batch or _pow2(n) * s > self.max_cache_tokens):
-                waves.append([])
-                grown = (len(req.prompt), req.max_new)
-            waves[-1].append(row)
-            longest, max_new = grown
-        return waves
 
-    # ----------------------------------------------------------------- execution
-    def _run_wave(self, reqs: list[_Request], rows: list[_Row]) -> None:
-        t, s = self._shape(reqs, rows)
-        order = list(dict.fromkeys(r.req for r in rows))  # prefill rows, first-seen order
-        p_rows, b_rows = _pow2(len(order)), _pow2(len(rows))
-        tokens, mask, positions = (np.zeros((p_rows, t), np.int32) for _ in range(3))
-        adapters_p = np.zeros(p_rows, np.int32)
-        for p, ri in enumerate(order):
-            prompt = reqs[ri].prompt
-            tokens[p, t - len(prompt) :] = prompt
-            mask[p, t - len(prompt) :] = 1
-            positions[p, t - len(prompt) :] = np.arange(len(prompt))
-            adapters_p[p] = reqs[ri].slot
-        row_src = np.zeros(b_rows, np.int32)
-        row_src[: len(rows)] = [order.index(r.req) for r in rows]
-        prompt_len_b = np.array([len(reqs[ri].prompt) for ri in order], np.int32)[row_src]
-        adapters_b = adapters_p[row_src]
-        params = RowSamplingParams.stack([r.sampling for r in rows], pad_to=b_rows)
-        todo = [ri for ri in order if reqs[ri].prompt_lp is None and reqs[ri].prompt_topk is None]
-        want_lp = any(reqs[ri].spec.prompt_logprobs for ri in todo)
-        top_k = max((reqs[ri].spec.topk_prompt_logprobs for ri in todo), default=0)
-        top_k = min(_pow2(top_k), self.engine.vocab_size) if top_k else 0
-        e = self.engine
-        out = programs.prefill(
-            e._graphdef, e._lora, e._rest, tokens, positions, mask, adapters_p, row_src,
-            params, cache_len=s, prompt_logprobs=want_lp, prompt_topk=top_k,
-        )  # fmt: skip
-        if want_lp or top_k:
-            self._store_prompt_scores(reqs, order, todo, t, out)
-        self._decode(rows, out, prompt_len_b, adapters_b, params)
-
-    def _decode(
-        self,
-        rows: list[_Row],
-        out: programs.PrefillOut,
-        prompt_len_b: np.ndarray,
-        adapters_b: np.ndarray,
-        params: RowSamplingParams,
-    ) -> None:
-        """Decode until every row is done, dispatching one step ahead of the stop checks."""
-        e = self.engine
-        steps = max(r.state.max_tokens for r in rows)
-        cache = out.cache
-        pending: tuple[Any, Any] = (out.tokens_b, out.logprobs_b)
-        dev_params = jax.tree.map(jnp.asarray, params)
-        dev_adapters = jnp.asarray(adapters_b)
-        for step in range(steps):
-            nxt = None
-            if step + 1 < steps:
-                positions = jnp.asarray(prompt_len_b + step, jnp.int32)
-                tok, lp, cache = programs.decode_step(
-                    e._graphdef, e._lora, e._rest, pending[0], positions, dev_adapters,
-                    dev_params, jnp.asarray(step + 1, jnp.int32), cache,
-                )  # fmt: skip
-                nxt = (tok, lp)
-            tokens_b, logprobs_b = jax.device_get(pending)
-            for b, row in enumerate(rows):
-                if not row.state.done:
-                    row.logprobs.append(float(logprobs_b[b]))
-                    row.state.push(int(tokens_b[b]))
-            if nxt is None or all(r.state.done for r in rows):
-                break
-            pending = nxt
-        for row in rows:  # only reachable undone if the wave's step count was cut
-            row.state.end_for_length()
-
-    @staticmethod
-    def _store_prompt_scores(
-        reqs: list[_Request],
-        order: list[int],
-        todo: list[int],
-        t: int,
-        out: programs.PrefillOut,
-    ) -> None:
-        lp_pt, ids_ptk, lps_ptk = jax.device_get(
-            (out.prompt_logprobs_pt, out.topk_ids_ptk, out.topk_logprobs_ptk)
+def _targets(where: str, value: Any, prompt_len: int, vocab: int) -> np.ndarray | None:
+    """``target_prompt_logprobs`` checked: int ``[len(prompt)-1, K]`` ids in ``[-1, vocab)``."""
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    name = f"{where}.target_prompt_logprobs"
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{name} must be a 2-D int array, got {arr.dtype} {arr.shape}")
+    if arr.shape[0] != prompt_len - 1:
+        raise InputError(
+            f"{name} must have len(prompt)-1 = {prompt_len - 1} rows, got {arr.shape[0]}"
         )
-        for ri in todo:
-            req, p = reqs[ri], order.index(ri)
-            cols = slice(t - len(req.prompt), t - 1)
-            if req.spec.prompt_logprobs:
-                req.prompt_lp = [None, *(float(x) for x in lp_pt[p, cols])]
-            k = req.spec.topk_prompt_logprobs
-            if k:
-                ids, lps = ids_ptk[p, cols, :k], lps_ptk[p, cols, :k]
-                req.prompt_topk = [
-                    None,
-                    *(
-                        [(int(a), float(b)) for a, b in zip(i_row, l_row, strict=True)]
-                        for i_row, l_row in zip(ids, lps, strict=True)
-                    ),
-                ]
+    if arr.size and (arr.min() < -1 or arr.max() >= vocab):
+        raise InputError(f"{name} has ids outside [-1, {vocab})")
+    return arr.astype(np.int32)
+
+
+def _result(job: Job, req: SampleRequestArrays) -> SampleResult:
+    """The request's prompt scores in result form (sequences are appended by the caller)."""
+    got = job.scores or {}
+    n = len(job.prompt)
+    first = 1 if req.prompt_logprobs_last_n is None else max(1, n - req.prompt_logprobs_last_n)
+    lp: list[float | None] | None = None
+    if "logprobs" in got:
+        lp = [None] * first + [float(x) for x in got["logprobs"][first - 1 :]]
+    topk: list[TopK | None] | None = None
+    if "topk_ids" in got:
+        rows = zip(got["topk_ids"].tolist(), got["topk_logprobs"].tolist(), strict=True)
+        topk = [None] * n
+        for i, (ids, lps) in enumerate(rows, start=1):
+            if i >= first:
+                topk[i] = list(zip(ids, lps, strict=True))
+    target = None
+    if req.target_prompt_logprobs is not None:
+        k = np.shape(req.target_prompt_logprobs)[1]
+        target = got.get("target", np.zeros((n - 1, k), np.float32))[:, :k].astype(np.float32)
+    return SampleResult(
+        [], lp, topk, target,
+        got["alt_ids"].astype(np.int32) if "alt_ids" in got else None,
+        got["alt_logprobs"].astype(np.float32) if "alt_logprobs" in got else None,
+    )  # fmt: skip
 
 
 def _model_eos_ids(hf_config: Any, model_dir: Any) -> tuple[int, ...]:

@@ -1,6 +1,9 @@
-"""`tx train`: full fine-tuning of a model on a dataset, offline, from the command line.
+"""`tx train`: fine-tuning of a model on a dataset, offline, from the command line.
 
-The option surface is documented and fixed (see the issue "tx-cli"); JSON options and the
+Full fine-tuning by default (:class:`tx_cli.train_loop.FullTrainer`), LoRA with ``--lora-rank``
+(:class:`tx_cli.train_lora.LoraTrainer`); both run the engine's jitted programs.
+The option surface is documented and fixed (see the issue "tx-cli"), ``--lora-rank`` being
+the one extra; JSON options and the
 optimizer/tracker names are plain strings validated here instead of click types, because a bad
 value must end in *one* line naming the problem and exit code 2, not a usage panel. Cheap
 checks run first; datasets, transformers and jax are imported only after them, inside the
@@ -18,7 +21,6 @@ import typer
 
 DEFAULT_OPTIMIZER_ARGS = '{"learning_rate": 1e-5, "weight_decay": 0.1}'
 MAX_LENGTH = 2048  # longest training sequence in tokens; longer ones are truncated
-TRACKERS = ("wandb",)
 
 
 class UsageError(ValueError):
@@ -84,8 +86,14 @@ def train(
     tracker_args: Annotated[
         str, typer.Option(metavar="LOADS", help="Tracker arguments as JSON")
     ] = "{}",
+    lora_rank: Annotated[
+        int | None,
+        typer.Option(
+            metavar="INTEGER", help="Train a LoRA adapter of this rank instead of all weights"
+        ),
+    ] = None,
 ) -> None:
-    """Fine-tune MODEL on DATASET (full fine-tuning, checkpoints in Hugging Face layout)."""
+    """Fine-tune MODEL on DATASET (full fine-tuning, or LoRA with --lora-rank)."""
     from tx_cli.loaders.base import TrainInputError
 
     try:
@@ -102,13 +110,15 @@ def _check_numbers(opts: dict[str, Any]) -> None:
     for name in ("batch_size", "save_steps", "tp_size"):
         if opts[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')}: must be >= 1, got {opts[name]}")
-    if opts["max_steps"] is not None and opts["max_steps"] < 1:
-        raise UsageError(f"--max-steps: must be >= 1, got {opts['max_steps']}")
+    for name in ("max_steps", "lora_rank"):
+        if opts[name] is not None and opts[name] < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be >= 1, got {opts[name]}")
 
 
 def _run(opts: dict[str, Any]) -> None:
     from tx_cli.loaders import resolve_loader
     from tx_cli.train_loop import OPTIMIZERS
+    from tx_cli.train_tracker import TRACKERS
 
     _check_numbers(opts)
     opt_args = _json_object("--optimizer-args", opts["optimizer_args"])
@@ -118,24 +128,43 @@ def _run(opts: dict[str, Any]) -> None:
             f"--optimizer: unknown optimizer {opts['optimizer']!r}; "
             f"choose one of {', '.join(OPTIMIZERS)}"
         )
+    _check_optimizer(opts["optimizer"], opt_args, opts["lora_rank"])
     if opts["tracker"] is not None and opts["tracker"] not in TRACKERS:
-        raise UsageError(f"--tracker: unknown tracker {opts['tracker']!r}; choose wandb")
+        raise UsageError(
+            f"--tracker: unknown tracker {opts['tracker']!r}; choose {', '.join(TRACKERS)}"
+        )
     load_fn = resolve_loader(opts["loader"])
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torch-missing banner
     from tx_cli.train_data import open_dataset
 
     data = open_dataset(opts["dataset"], opts["split"])
-    log = _make_tracker(opts["tracker"], tracker_args)
-    _train(opts, load_fn, data, opt_args, log)
+    _train(opts, load_fn, data, opt_args, tracker_args)
+
+
+def _check_optimizer(name: str, args: dict[str, Any], lora_rank: int | None) -> None:
+    """Build the optimizer once before any heavy work, so bad arguments fail in a second."""
+    if lora_rank is None:
+        from tx_cli.train_loop import make_optimizer
+
+        make_optimizer(name, args)
+    else:
+        from tx_cli.train_lora import adam_params
+
+        adam_params(name, args)
 
 
 def _train(
-    opts: dict[str, Any], load_fn: Any, data: Any, opt_args: dict[str, Any], log: Any
+    opts: dict[str, Any],
+    load_fn: Any,
+    data: Any,
+    opt_args: dict[str, Any],
+    tracker_args: dict[str, Any],
 ) -> None:
     from transformers import AutoTokenizer
 
-    from tx_cli.train_loop import TrainSettings, train
-    from tx_engine.loading import load_model
+    from tx_cli import train_checkpoint
+    from tx_cli.train_loop import TrainSettings, run
+    from tx_cli.train_tracker import open_tracker
 
     model_dir = _resolve_model(opts["model"])
     try:
@@ -145,12 +174,13 @@ def _train(
     examples = load_fn(data, tokenizer, MAX_LENGTH)
     if not examples:
         raise UsageError(f"--dataset: {opts['dataset']!r} produced no training examples")
-    weights_dir = opts["load_checkpoint_path"] or model_dir
-    if not Path(weights_dir).is_dir():
-        raise UsageError(f"--load-checkpoint-path: {weights_dir} is not a directory")
-    mesh = _mesh(opts["tp_size"])
-    model, _ = load_model(weights_dir, max_lora_adapters=1, max_lora_rank=1, mesh=mesh)
+    resume = opts["load_checkpoint_path"]
+    if resume is not None:
+        if not Path(resume).is_dir():
+            raise UsageError(f"--load-checkpoint-path: {resume} is not a directory")
+        train_checkpoint.check_kind(Path(resume), opts["lora_rank"])
     steps_per_epoch = -(-len(examples) // opts["batch_size"])
+    keys = ("model", "dataset", "loader", "split", "batch_size", "lora_rank")
     settings = TrainSettings(
         output_dir=opts["output_dir"],
         batch_size=opts["batch_size"],
@@ -158,12 +188,30 @@ def _train(
         save_steps=opts["save_steps"],
         optimizer=opts["optimizer"],
         optimizer_args=opt_args,
-        meta={"model": opts["model"], "dataset": opts["dataset"], "loader": opts["loader"]},
+        meta={k: opts[k] for k in keys},
     )
-    losses = train(model, examples, tokenizer, settings, opts["load_checkpoint_path"], log)
+    trainer = _trainer(opts, model_dir, settings)
+    config = {**settings.meta, "optimizer": settings.optimizer, **opt_args}
+    with open_tracker(opts["tracker"], tracker_args, config) as log:
+        losses = run(trainer, examples, tokenizer, settings, log)
     if losses:
         typer.echo(f"trained {len(losses)} steps, final loss {losses[-1]:.4f}")
     typer.echo(f"checkpoint: {settings.output_dir / f'checkpoint-{settings.max_steps}'}")
+
+
+def _trainer(opts: dict[str, Any], model_dir: Path, settings: Any) -> Any:
+    """The LoRA trainer with ``--lora-rank``, else full fine-tuning from the real weights."""
+    mesh = _mesh(opts["tp_size"])
+    resume = opts["load_checkpoint_path"]
+    if opts["lora_rank"] is not None:
+        from tx_cli.train_lora import LoraTrainer
+
+        return LoraTrainer(model_dir, opts["lora_rank"], settings, resume, opts["tp_size"])
+    from tx_cli.train_loop import FullTrainer
+    from tx_engine.loading import load_model
+
+    model, _ = load_model(resume or model_dir, max_lora_adapters=1, max_lora_rank=1, mesh=mesh)
+    return FullTrainer(model, settings, resume)
 
 
 def _resolve_model(model: str) -> Path:
@@ -190,15 +238,3 @@ def _mesh(tp_size: int) -> Any:
         return make_mesh(tp=tp_size)
     except ValueError as e:
         raise UsageError(f"--tp-size: {e}") from e
-
-
-def _make_tracker(name: str | None, args: dict[str, Any]) -> Any:
-    """A ``log(metrics, step)`` callable for ``name``, or None without a tracker."""
-    if name is None:
-        return None
-    try:
-        import wandb
-    except ImportError as e:
-        raise UsageError("--tracker wandb: the wandb package is not installed") from e
-    run = wandb.init(**args)
-    return lambda metrics, step: run.log(metrics, step=step)

@@ -12,6 +12,9 @@ row's token to its `StopState` (from `StopCriteria.from_params(stop, eos_ids, de
 
 Returned logprobs are ``log_softmax(logits / T)`` at the chosen token, untruncated (T=1 for
 greedy rows): at T=1 they equal the trainer's forward logprobs. See `kernels`.
+
+`continuous` (imported by the sampler, not here: it uses the compiled programs of `step.py`,
+which import this package) runs the continuously batched decode loop.
 """
 
 from tx_engine.sampling.kernels import sample_tokens, token_logprobs, topk_logprobs

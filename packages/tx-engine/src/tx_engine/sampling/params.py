@@ -33,6 +33,9 @@ import numpy as np
 KEY_IMPL = "threefry2x32"  # fixed, so key data is always uint32[2] whatever jax's default
 KEY_WORDS = 2
 _SEED_BYTES = 16  # seeds are arbitrary ints on the wire; accept anything in signed 128 bits
+# The key stream of a request's prompt_alt_tokens draws: a sample index no real sample reaches,
+# so the draws are independent of every sample's tokens yet fixed by the seed.
+ALT_DRAWS_SAMPLE_INDEX = 2**64 - 1
 
 
 def resolve_seed(seed: int | None) -> int:

@@ -1,0 +1,322 @@
+"""Continuous batching: ``B`` decode rows over one ``S``-slot KV cache, refilled as rows finish.
+
+:class:`ContinuousRun` is the device loop behind :class:`tx_engine.sampler.Sampler`. It keeps
+a fixed set of ``B`` decode rows (one sample each) and a queue of waiting samples. Whenever rows
+are free and samples wait, it *admits* the queue head into the free rows with
+:func:`tx_engine.step.admit` (a prefill of the waiting prompts written into those rows of the
+running cache) and keeps decoding. A short row therefore frees its row for the next sample
+instead of idling until the longest row of a wave is done.
+
+Cache layout. All rows share one write index ``i`` (the attention layer writes every row at
+the same slot, so :func:`tx_engine.step.decode_step` stays one dense update). A row admitted at
+index ``i`` holds its left-padded prompt at slots ``i-T .. i-1``; its ``g``-th decode step
+writes slot ``i+g-1``; rope positions are per row (prompt length + step), so a row's outputs do
+not depend on which slots it occupies. A live row (one still needing decode steps) therefore
+occupies ``[start, end)`` with ``end = i + max_new - sent`` (``sent`` = tokens dispatched).
+Admitting a group with prompt bucket ``T`` and largest ``max_new = m`` needs ``i >= T`` and
+``i + m - 1 <= S``; when that fails, :func:`tx_engine.step.shift_cache` moves every row left
+(or right) by ``delta`` with ``max(end, i + m - 1) - S <= delta <= min(start, i - T)``, i.e.
+drops slots no live row needs. If no ``delta`` fits, the head waits for more rows to finish
+(FIFO; a request alone on an empty cache always fits, so the loop always progresses).
+
+Host/device overlap: decode step ``n+1`` is dispatched before step ``n``'s tokens are fetched
+for the stop checks (one step ahead); every dispatch records which rows it served, so a row
+that stopped, or was refilled, between dispatch and fetch never receives a stale token.
+Shapes are bucketed (``B``, ``S`` fixed per run; admission ``P``/``R`` rows to powers of two,
+prompt bucket ``T``) and all per-row values (positions, steps, sampling values, adapters) are
+arrays, so a run compiles nothing new inside its buckets.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tx_engine import step as programs
+from tx_engine.engine import TrainingEngine
+from tx_engine.sampling.params import RowSamplingParams, SamplingRow
+from tx_engine.sampling.stopping import StopState
+
+__all__ = ["ContinuousRun", "Job", "Row", "pow2"]
+
+_GREEDY = SamplingRow(temperature=0.0)  # what idle rows decode with: cheap, output ignored
+
+
+def pow2(n: int, floor: int = 1) -> int:
+    """The power of two >= ``max(n, floor)``."""
+    return 1 << max(0, max(n, floor) - 1).bit_length()
+
+
+@dataclass
+class Job:
+    """One validated request as the run sees it; ``scores`` is filled by its first admission.
+
+    ``scoring`` holds the request's own (unbucketed) prompt-score sizes; ``targets`` is
+    ``int32[len(prompt)-1, K]`` (-1 = not requested); ``alt_row`` the sampling row of its
+    ``prompt_alt_tokens`` draws.
+    """
+
+    prompt: np.ndarray
+    slot: int
+    max_new: int
+    prompt_t: int
+    scoring: programs.Scoring
+    targets: np.ndarray | None = None
+    alt_row: SamplingRow | None = None
+    sample_topk: int = 0
+    scores: dict[str, np.ndarray] | None = None
+    scores_sent: bool = False
+
+
+@dataclass
+class Row:
+    """One sample of a job: what it generated so far and its stop tracker."""
+
+    job: int
+    sampling: SamplingRow
+    state: StopState
+    logprobs: list[float] = field(default_factory=list)
+    topk: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    """Device outputs not fetched yet, and the (output index, row) pairs they belong to."""
+
+    arrays: tuple[Any, Any, Any, Any]  # tokens, logprobs, top-k ids, top-k logprobs
+    rows: list[tuple[int, Row]]
+    scores: programs.PromptScores | None = None
+    scored: list[tuple[int, Job]] = field(default_factory=list)
+    t: int = 0
+
+
+class ContinuousRun:
+    """Generates every row of ``rows`` (all fitting ``cache_len``) on ``batch`` decode rows."""
+
+    def __init__(
+        self,
+        engine: TrainingEngine,
+        jobs: list[Job],
+        rows: list[Row],
+        *,
+        batch: int,
+        cache_len: int,
+    ) -> None:
+        self.engine, self.jobs, self.queue = engine, jobs, deque(rows)
+        self.batch, self.cache_len = batch, cache_len
+        k = max((jobs[r.job].sample_topk for r in rows), default=0)
+        self.sample_topk = min(pow2(k), engine.vocab_size) if k else 0
+        self.owner: list[Row | None] = [None] * batch
+        self.sent = [0] * batch  # tokens dispatched for the row's current owner
+        self.start = [0] * batch  # the owner's first prompt slot
+        self.index = 0  # host mirror of the cache's shared write index
+        self.decode_steps = self.cache_shifts = 0
+        e = engine
+        self.cache = programs.empty_cache(
+            e._graphdef, e._lora, e._rest, batch=batch, cache_len=cache_len
+        )
+        self.tokens = jnp.zeros(batch, jnp.int32)  # what the next decode step feeds
+        self._refresh_rows()
+
+    def run(self) -> None:
+        """Admit, decode and collect until the queue is empty and every row is done."""
+        pending: deque[_Pending] = deque()
+        while True:
+            admitted = bool(self.queue) and self._admit(pending)
+            live = [b for b in range(self.batch) if not self._free(b)]
+            if live:
+                self._decode(live, pending)
+            while len(pending) > (1 if live else 0):
+                self._collect(pending.popleft())
+            if not (live or pending or self.queue):
+                return
+            if not (live or admitted or pending):
+                raise RuntimeError("sampler: the queue head cannot be admitted on an empty cache")
+
+    # ----------------------------------------------------------------- admission
+    def _free(self, b: int) -> bool:
+        row = self.owner[b]
+        return row is None or row.state.done or self.sent[b] >= row.state.max_tokens
+
+    def _shift_for(self, live: list[int], t: int, m: int) -> int | None:
+        """The cache shift that lets a group (prompt bucket ``t``, ``max_new`` ``m``) in now."""
+        lo = self.index + m - 1 - self.cache_len
+        hi = self.index - t
+        for b in live:
+            row = self.owner[b]
+            assert row is not None
+            lo = max(lo, self.index + row.state.max_tokens - self.sent[b] - self.cache_len)
+            hi = min(hi, self.start[b])
+        return None if lo > hi else min(max(0, lo), hi)
+
+    def _take(self, n_free: int, live: list[int]) -> tuple[list[Row], int, int]:
+        """The longest queue prefix (≤ ``n_free`` rows) that fits now: rows, ``T``, shift."""
+        chosen: list[Row] = []
+        t = m = delta = 0
+        for row in self.queue:
+            job = self.jobs[row.job]
+            t2, m2 = max(t, job.prompt_t), max(m, job.max_new)
+            if len(chosen) == n_free or t2 + m2 - 1 > self.cache_len:
+                break
+            d = self._shift_for(live, t2, m2) if live else 0
+            if d is None:
+                break
+            chosen.append(row)
+            t, m, delta = t2, m2, d
+        return chosen, t, delta
+
+    def _admit(self, pending: deque[_Pending]) -> bool:
+        free = [b for b in range(self.batch) if self._free(b)]
+        live = [b for b in range(self.batch) if b not in free]
+        chosen, t, delta = self._take(len(free), live)
+        if not chosen:
+            return False
+        for _ in chosen:
+            self.queue.popleft()
+        if not live:
+            self.index = t  # nothing to keep: the other rows' contents are never read
+        elif delta:
+            self.cache = programs.shift_cache(self.cache, jnp.asarray(delta, jnp.int32))
+            self.index -= delta
+            self.cache_shifts += 1
+            for b in live:
+                self.start[b] -= delta
+        order = list(dict.fromkeys(r.job for r in chosen))
+        n_p, n_r = pow2(len(order)), pow2(len(chosen))
+        src, dst = np.zeros(n_r, np.int32), np.full(n_r, self.batch, np.int32)
+        for r, (row, b) in enumerate(zip(chosen, free, strict=False)):
+            src[r], dst[r] = order.index(row.job), b
+            self.owner[b], self.sent[b] = row, 1
+            self.start[b] = self.index - len(self.jobs[row.job].prompt)
+        scoring, targets, alt, scored = self._scoring(order, n_p, t)
+        e = self.engine
+        out = programs.admit(
+            e._graphdef, e._lora, e._rest, self._prompts(order, n_p, t), src, dst,
+            RowSamplingParams.stack([r.sampling for r in chosen], pad_to=n_r), self.tokens,
+            jnp.asarray(self.index, jnp.int32), self.cache, targets, alt,
+            scoring=scoring, sample_topk=self.sample_topk,
+        )  # fmt: skip
+        self.cache, self.tokens = out.cache, out.next_tokens_b
+        arrays = (out.tokens_r, out.logprobs_r, out.topk_ids_rk, out.topk_logprobs_rk)
+        scores = out.scores if scored else None
+        pending.append(_Pending(arrays, list(enumerate(chosen)), scores, scored, t))
+        self._refresh_rows()
+        return True
+
+    def _prompts(self, order: list[int], n_p: int, t: int) -> tuple[np.ndarray, ...]:
+        """Left-padded ``[P, T]`` tokens, positions, mask and ``[P]`` adapters."""
+        tokens, positions, mask = (np.zeros((n_p, t), np.int32) for _ in range(3))
+        adapters = np.zeros(n_p, np.int32)
+        for p, ji in enumerate(order):
+            prompt = self.jobs[ji].prompt
+            tokens[p, t - len(prompt) :] = prompt
+            mask[p, t - len(prompt) :] = 1
+            positions[p, t - len(prompt) :] = np.arange(len(prompt))
+            adapters[p] = self.jobs[ji].slot
+        return tokens, positions, mask, adapters
+
+    def _scoring(
+        self, order: list[int], n_p: int, t: int
+    ) -> tuple[
+        programs.Scoring, np.ndarray | None, RowSamplingParams | None, list[tuple[int, Job]]
+    ]:
+        """Bucketed prompt-score sizes for the jobs of ``order`` not scored yet, and inputs."""
+        todo = [(p, self.jobs[ji]) for p, ji in enumerate(order) if not self.jobs[ji].scores_sent]
+        todo = [(p, job) for p, job in todo if job.scoring.any]
+        sizes = [job.scoring for _, job in todo]
+        topk, target_k, alt_k = (max((getattr(z, f) for z in sizes), default=0) for f in ("topk", "target_k", "alt_k"))  # fmt: skip
+        scoring = programs.Scoring(
+            logprobs=any(z.logprobs for z in sizes),
+            topk=min(pow2(topk), self.engine.vocab_size) if topk else 0,
+            target_k=pow2(target_k) if target_k else 0,  # padded with -1 ids
+            alt_k=pow2(alt_k) if alt_k else 0,  # extra draws are dropped
+        )
+        targets = alt = None
+        if scoring.target_k:
+            targets = np.full((n_p, t - 1, scoring.target_k), -1, np.int32)
+            for p, job in todo:
+                if job.targets is not None:
+                    n, k = job.targets.shape
+                    targets[p, t - 1 - n :, :k] = job.targets
+        if scoring.alt_k:
+            alt_rows = [_GREEDY] * n_p
+            for p, job in todo:
+                alt_rows[p] = job.alt_row or _GREEDY
+            alt = RowSamplingParams.stack(alt_rows)
+        for _, job in todo:
+            job.scores_sent = True
+        return scoring, targets, alt, todo
+
+    def _refresh_rows(self) -> None:
+        """Device copies of the decode rows' sampling values, adapters and prompt lengths."""
+        rows = [r.sampling if r is not None else _GREEDY for r in self.owner]
+        self.params = jax.tree.map(jnp.asarray, RowSamplingParams.stack(rows))
+        slots = [self.jobs[r.job].slot if r is not None else 0 for r in self.owner]
+        self.adapters = jnp.asarray(slots, jnp.int32)
+        self.prompt_len = np.array(
+            [len(self.jobs[r.job].prompt) if r is not None else 0 for r in self.owner], np.int32
+        )
+
+    # ----------------------------------------------------------------- decoding
+    def _decode(self, live: list[int], pending: deque[_Pending]) -> None:
+        """One decode step for every row; the live ones generate their token ``sent``."""
+        positions, steps = np.zeros(self.batch, np.int32), np.zeros(self.batch, np.int32)
+        for b in live:
+            positions[b] = self.prompt_len[b] + self.sent[b] - 1
+            steps[b] = self.sent[b]
+        e = self.engine
+        args = (
+            e._graphdef, e._lora, e._rest, self.tokens, positions, self.adapters, self.params,
+            steps, self.cache,
+        )  # fmt: skip
+        ids = lps = None
+        if self.sample_topk:
+            tokens, logprobs, self.cache, ids, lps = programs.decode_step_topk(
+                *args, k=self.sample_topk
+            )
+        else:
+            tokens, logprobs, self.cache = programs.decode_step(*args)
+        self.tokens = tokens
+        self.index += 1
+        self.decode_steps += 1
+        pending.append(_Pending((tokens, logprobs, ids, lps), [(b, self.owner[b]) for b in live]))  # type: ignore[misc]
+        for b in live:
+            self.sent[b] += 1
+
+    def _collect(self, item: _Pending) -> None:
+        """Fetch one dispatch's outputs and feed them to the rows it served."""
+        tokens, logprobs, ids, lps = jax.device_get(item.arrays)
+        for i, row in item.rows:
+            if row.state.done:  # stopped on an earlier token; this one was speculative
+                continue
+            row.logprobs.append(float(logprobs[i]))
+            k = self.jobs[row.job].sample_topk
+            if k:
+                row.topk.append(list(zip(ids[i, :k].tolist(), lps[i, :k].tolist(), strict=True)))
+            row.state.push(int(tokens[i]))
+        if item.scores is not None:
+            self._store_scores(item)
+
+    def _store_scores(self, item: _Pending) -> None:
+        """Each scored job's columns of the prompt scores, as ``[len(prompt)-1, ...]`` arrays."""
+        assert item.scores is not None
+        got = jax.device_get(item.scores)
+        for p, job in item.scored:
+            cols = slice(item.t - len(job.prompt), item.t - 1)
+            s, out = job.scoring, {}
+            if s.logprobs:
+                out["logprobs"] = got.logprobs_pt[p, cols]
+            if s.topk:
+                out["topk_ids"] = got.topk_ids_ptk[p, cols, : s.topk]
+                out["topk_logprobs"] = got.topk_logprobs_ptk[p, cols, : s.topk]
+            if s.target_k:
+                out["target"] = got.target_ptk[p, cols, : s.target_k]
+            if s.alt_k:
+                out["alt_ids"] = got.alt_ids_ptk[p, cols, : s.alt_k]
+                out["alt_logprobs"] = got.alt_logprobs_ptk[p, cols, : s.alt_k]
+            job.scores = {k: np.asarray(v) for k, v in out.items()}
