@@ -175,3 +175,68 @@ def test_bad_sample_requests_fail_as_user_errors(live: RunningServer) -> None:
     assert "prompt_alt_tokens_k" in unsupported.value.message
     assert len(_sample(base, GREEDY).sequences[0].tokens) == len(TOKENS) - 3  # still serving
     sc.holder.close()
+
+
+def test_sample_and_prompt_scores_of_every_kind(live: RunningServer) -> None:
+    """topk_sample_logprobs, target_prompt_logprobs (dense and CSR), prompt_alt_tokens_k and
+    prompt_logprobs_last_n, each checked against the prompt logprobs of the same call."""
+    sampler = _service(live).create_sampling_client(base_model=BASE).result(timeout=120)
+    prompt = types.ModelInput.from_ints(TOKENS[:8])
+    n = len(TOKENS[:8])
+    params = types.SamplingParams(max_tokens=5, temperature=1.0, seed=3, stop=[])
+    dense_ids = [[TOKENS[i + 1], 7] for i in range(n - 1)]  # [actual next token, token 7]
+    dense = types.TensorData(
+        data=np.asarray(dense_ids).reshape(-1).tolist(), dtype="int64", shape=[n - 1, 2]
+    )
+    out = sampler.sample(
+        prompt,
+        2,
+        params,
+        include_prompt_logprobs=True,
+        topk_sample_logprobs=3,
+        target_prompt_logprobs=dense,
+        prompt_alt_tokens_k=4,
+    ).result(timeout=120)
+    prompt_lp = np.asarray(out.prompt_logprobs[1:], np.float64)
+    for seq in out.sequences:
+        assert len(seq.topk_logprobs) == len(seq.tokens)
+        for token, lp, row in zip(seq.tokens, seq.logprobs, seq.topk_logprobs, strict=True):
+            assert 1 <= len(row) <= 3
+            values = [v for _, v in row]
+            assert values == sorted(values, reverse=True)
+            assert values[0] >= lp - 1e-6
+            if token in dict(row):
+                assert dict(row)[token] == pytest.approx(lp, abs=1e-5)
+    scores = np.asarray(out.target_prompt_logprobs.data, np.float64).reshape(n - 1, 2)
+    np.testing.assert_allclose(scores[:, 0], prompt_lp, atol=1e-5)  # column 0 = actual tokens
+    alt_tokens = np.asarray(out.prompt_alt_tokens.tokens.data).reshape(n - 1, 4)
+    alt_lp = np.asarray(out.prompt_alt_tokens.logprobs.data).reshape(n - 1, 4)
+    # The draws' logprobs (temperature 1) are what target scoring of the same ids gives.
+    alt_ids = types.TensorData(
+        data=alt_tokens.reshape(-1).tolist(), dtype="int64", shape=[n - 1, 4]
+    )
+    rescored = sampler.sample(prompt, 1, params, target_prompt_logprobs=alt_ids).result(timeout=120)
+    scored = np.asarray(rescored.target_prompt_logprobs.data, np.float64).reshape(n - 1, 4)
+    np.testing.assert_allclose(alt_lp, scored, atol=1e-5)
+
+    # CSR: row i asks only for the actual next token; unlisted cells mean "not requested".
+    sparse = types.TensorData(
+        data=[TOKENS[i + 1] for i in range(n - 1)],
+        dtype="int64",
+        shape=[n - 1, 2],
+        sparse_crow_indices=list(range(n)),
+        sparse_col_indices=[i % 2 for i in range(n - 1)],
+    )
+    last = sampler.sample(
+        prompt,
+        1,
+        params,
+        include_prompt_logprobs=True,
+        target_prompt_logprobs=sparse,
+        prompt_logprobs_last_n=3,
+    ).result(timeout=120)
+    got = last.target_prompt_logprobs
+    assert got.sparse_col_indices == sparse.sparse_col_indices
+    np.testing.assert_allclose(np.asarray(got.data, np.float64), prompt_lp, atol=1e-5)
+    assert last.prompt_logprobs[: n - 3] == [None] * (n - 3)
+    np.testing.assert_allclose(np.asarray(last.prompt_logprobs[n - 3 :]), prompt_lp[-3:], atol=1e-5)

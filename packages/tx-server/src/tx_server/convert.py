@@ -20,6 +20,7 @@ from tx_types import (
     Datum,
     ForwardBackwardInput,
     ForwardBackwardOutput,
+    PromptAltTokens,
     SampledSequence,
     SampleRequest,
     SampleResponse,
@@ -110,6 +111,7 @@ def sample_request_arrays(req: SampleRequest, slot: int | None) -> SampleRequest
         raise InputError(f"prompt: {exc}") from None
     params = req.sampling_params
     want_prompt = bool(req.prompt_logprobs) or req.topk_prompt_logprobs > 0
+    targets = req.target_prompt_logprobs
     return SampleRequestArrays(
         prompt_tokens=tokens,
         num_samples=req.num_samples,
@@ -122,28 +124,84 @@ def sample_request_arrays(req: SampleRequest, slot: int | None) -> SampleRequest
         adapter=slot,
         prompt_logprobs=want_prompt,
         topk_prompt_logprobs=req.topk_prompt_logprobs,
+        topk_sample_logprobs=req.topk_sample_logprobs,
+        target_prompt_logprobs=None if targets is None else _target_ids(targets),
+        prompt_alt_tokens_k=req.prompt_alt_tokens_k,
+        prompt_logprobs_last_n=req.prompt_logprobs_last_n,
     )
 
 
-def sample_response(req: SampleRequest, result: SampleResult) -> SampleResponse:
-    """The wire ``SampleResponse``: tokens include the stop token; prompt scores when asked.
+def _target_ids(td: TensorData) -> np.ndarray:
+    """Dense ``[len(prompt)-1, K]`` ids; cells a CSR request leaves out are -1 (spec §5)."""
+    values = tensor_data_to_numpy(td, keep_sparse=True).astype(np.int64)
+    if td.sparse_crow_indices is None or td.sparse_col_indices is None:
+        return values
+    assert td.shape is not None  # CSR tensors are validated 2-D
+    ids = np.full(td.shape, -1, dtype=np.int64)
+    crow, col = td.sparse_crow_indices, td.sparse_col_indices
+    for row in range(td.shape[0]):
+        ids[row, col[crow[row] : crow[row + 1]]] = values[crow[row] : crow[row + 1]]
+    return ids
 
-    ``prompt_logprobs_last_n = N`` blanks (None) every position before the last N, which the
-    SDK checks; position 0 is None already (nothing predicts the first token).
+
+def _target_scores(td: TensorData, scores: np.ndarray) -> TensorData:
+    """Scores in the request's layout: the same shape, and the same CSR indices if sparse."""
+    if td.sparse_crow_indices is None or td.sparse_col_indices is None:
+        return _tensor(scores)
+    crow, col = td.sparse_crow_indices, td.sparse_col_indices
+    rows = np.repeat(np.arange(len(crow) - 1), np.diff(crow))
+    values = np.asarray(scores, np.float32)[rows, col]
+    return TensorData(
+        data=values.tolist(),
+        dtype="float32",
+        shape=td.shape,
+        sparse_crow_indices=crow,
+        sparse_col_indices=col,
+    )
+
+
+def _optional_rows(
+    rows: Sequence[list[tuple[int, float]]] | None, k: int
+) -> list[list[tuple[int, float]] | None] | None:
+    """Per-token top-k rows when ``k`` were asked for (the wire type allows None rows)."""
+    return None if k <= 0 or rows is None else [list(row) for row in rows]
+
+
+def sample_response(req: SampleRequest, result: SampleResult) -> SampleResponse:
+    """The wire ``SampleResponse``: tokens include the stop token; scores only where asked.
+
+    ``prompt_logprobs_last_n`` is applied by the engine (earlier positions come back None);
+    position 0 is always None (nothing predicts the first token).
     """
     sequences = [
         SampledSequence(
             stop_reason=seq.stop_reason,
             tokens=[int(t) for t in seq.tokens],
             logprobs=[float(x) for x in seq.logprobs],
+            topk_logprobs=_optional_rows(seq.topk_logprobs, req.topk_sample_logprobs),
         )
         for seq in result.sequences
     ]
-    prompt_lp: list[float | None] | None = None
-    if req.prompt_logprobs and result.prompt_logprobs is not None:
-        prompt_lp = list(result.prompt_logprobs)
-        if req.prompt_logprobs_last_n is not None:
-            first = max(0, len(prompt_lp) - req.prompt_logprobs_last_n)
-            prompt_lp[:first] = [None] * first
-    topk = result.topk_prompt_logprobs if req.topk_prompt_logprobs > 0 else None
-    return SampleResponse(sequences=sequences, prompt_logprobs=prompt_lp, topk_prompt_logprobs=topk)
+    targets = None
+    if req.target_prompt_logprobs is not None and result.target_prompt_logprobs is not None:
+        targets = _target_scores(req.target_prompt_logprobs, result.target_prompt_logprobs)
+    alt = None
+    if req.prompt_alt_tokens_k > 0 and result.prompt_alt_tokens is not None:
+        assert result.prompt_alt_logprobs is not None
+        alt = PromptAltTokens(
+            tokens=TensorData(
+                data=result.prompt_alt_tokens.reshape(-1).tolist(),
+                dtype="int64",
+                shape=list(result.prompt_alt_tokens.shape),
+            ),
+            logprobs=_tensor(result.prompt_alt_logprobs),
+        )
+    return SampleResponse(
+        sequences=sequences,
+        prompt_logprobs=list(result.prompt_logprobs)
+        if req.prompt_logprobs and result.prompt_logprobs is not None
+        else None,
+        topk_prompt_logprobs=result.topk_prompt_logprobs if req.topk_prompt_logprobs > 0 else None,
+        target_prompt_logprobs=targets,
+        prompt_alt_tokens=alt,
+    )

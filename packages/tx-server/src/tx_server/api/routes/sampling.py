@@ -136,12 +136,6 @@ def _storage_path(state: AppState, tenant: str, row: SamplingSessionRow) -> str 
 
 
 def _unsupported(body: SampleRequest) -> str | None:
-    if body.prompt_alt_tokens_k > 0:
-        return "prompt_alt_tokens_k > 0 is not supported by this server"
-    if body.target_prompt_logprobs is not None:
-        return "target_prompt_logprobs is not supported by this server"
-    if body.topk_sample_logprobs > 0:
-        return "topk_sample_logprobs > 0 is not supported by this server"
     if body.sampling_session_id is None:
         return "sampling_session_id is required (create a sampling client first)"
     return None
