@@ -24,12 +24,20 @@ counts traces per program — tests use it to prove the absence of recompilation
 Sampling (:func:`prefill`, :func:`decode_step`) uses the same three model pieces, so a
 sampled token is scored by exactly the weights — base and LoRA slots — that :func:`forward`
 and :func:`forward_backward` use. Layout (built by :mod:`tx_engine.sampler`): the prompts of
-``P`` requests are **left**-padded to a bucketed length ``T``, so every prompt ends at column ``T-1`` and the cache's shared write index
-is ``T`` for all rows after prefill; decode step ``i`` writes slot ``T+i-1``. The cache has
+``P`` requests are **left**-padded to a bucketed length ``T``, so every prompt ends at column
+``T-1`` and the cache's shared write index is ``T`` for all rows after prefill; decode step ``i`` writes slot ``T+i-1``. The cache has
 ``S`` slots (bucketed). ``row_src_b`` maps each of the ``B`` decode rows (request × sample) to its
 prefill row: a request with ``num_samples = n`` is prefilled once and its cache rows copied ``n``
 times. All per-row sampling values are arrays (:class:`RowSamplingParams`), so only ``P``,
-``T``, ``B``, ``S`` and the two prompt-logprob flags select a program.
+``T``, ``B``, ``S`` and the two prompt-logprob flags select a program. Continuous batching
+(:mod:`tx_engine.sampling.continuous`) adds :func:`admit` (prefill waiting prompts straight into
+finished rows of a running cache, ending just before the shared write slot) and
+:func:`shift_cache` (slide every row left when the write slot reaches the end);
+:func:`decode_step_topk` is the decode step that also returns per-token top-k logprobs.
+
+Full fine-tuning (:func:`full_train_step`, used by ``tx train`` without ``--lora-rank``)
+differentiates the same :func:`_loss` with respect to *all* weights and applies an optax
+optimizer, so offline training and the server share one loss implementation.
 """
 
 from __future__ import annotations

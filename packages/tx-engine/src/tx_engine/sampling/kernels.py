@@ -103,7 +103,7 @@ def _logprob_at(logits_xv: jax.Array, tokens_x: jax.Array) -> jax.Array:
     return picked_x[..., 0] - jax.nn.logsumexp(logits_xv, axis=-1)
 
 
-def _tempered(logits_xv: jax.Array, temperature: jax.Array | float | None) -> jax.Array:
+def _tempered(logits_xv: jax.Array, temperature: jax.typing.ArrayLike | None) -> jax.Array:
     """Logits divided by a temperature broadcast over leading dims; T <= 0 is scored at T=1."""
     logits_xv = logits_xv.astype(jnp.float32)
     if temperature is None:
@@ -126,7 +126,7 @@ def token_logprobs(
 
 
 def topk_logprobs(
-    logits_btv: jax.Array, k: int, temperature: jax.Array | float | None = None
+    logits_btv: jax.Array, k: int, temperature: jax.typing.ArrayLike | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """The ``k`` most likely tokens and their logprobs, sorted descending (ties: lower id first).
 
