@@ -150,6 +150,45 @@ def test_a_restarted_worker_continues_each_run_exactly(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:DEPRECATED. TrainingClient.load_state:FutureWarning")
+def test_a_request_waiting_for_the_worker_is_long_polled(tmp_path: Path) -> None:
+    """§10.7 scaled down: while no worker runs, the SDK's poll of a pending request is held for
+    ``long_poll_seconds`` each time (a handful of polls, not a storm), and the result arrives
+    promptly once a worker completes it; an unknown request id is 404."""
+    with api_only(tmp_path, long_poll_seconds=2.0) as server:
+        sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        with worker_thread(server.settings):
+            tc = sc.create_lora_training_client(BASE, rank=4, seed=3).result(timeout=120)
+            expected = logprobs(tc)
+        polls_before = server.recorder.calls.count("POST /api/v1/retrieve_future")
+        pending = tc.forward([datum()], "cross_entropy")
+        waited = 9.0
+        time.sleep(waited)  # nothing can complete it: the SDK keeps long-polling
+        polls = server.recorder.calls.count("POST /api/v1/retrieve_future") - polls_before
+        assert 2 <= polls <= waited / 2.0 + 2, f"{polls} polls in {waited} s"
+        with worker_thread(server.settings):
+            out = pending.result(timeout=120)
+            received = time.time()
+        lp = np.asarray(out.loss_fn_outputs[0]["logprobs"].data, np.float64)
+        np.testing.assert_allclose(lp, expected, rtol=0, atol=1e-6)
+        db = Database(server.settings.database_url)
+        with db.read() as session:
+            done = session.scalar(
+                select(FutureRow.finished_at)
+                .where(FutureRow.model_id == tc.model_id, FutureRow.request_type == "forward")
+                .order_by(FutureRow.id.desc())
+            )
+        db.dispose()
+        assert done is not None
+        assert received - done.timestamp() < 1.5, "the waiting poll was not woken promptly"
+        unknown = httpx.post(
+            f"{server.url}/api/v1/retrieve_future",
+            json={"request_id": "no-such-request"},
+            headers={"X-API-Key": API_KEY},
+        )
+        assert unknown.status_code == 404
+        sc.holder.close()
+
+
 def test_an_unseeded_run_is_recreated_identically_and_load_state_survives(tmp_path: Path) -> None:
     with api_only(tmp_path) as server:
         sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
