@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from tx_engine import step
 from tx_engine.errors import CheckpointError
 
 FORMAT = "tx-adapter"
@@ -107,8 +108,12 @@ def trim(name: str, arr: np.ndarray, rank: int) -> np.ndarray:
 
 
 def extract_slot(tree: Any, slot: int, rank: int) -> dict[str, np.ndarray]:
-    """One slot of a LoRA-shaped tree (params or a moment), rank-trimmed, as NumPy."""
-    return {name: trim(name, np.asarray(leaf[slot]), rank) for name, leaf in named_leaves(tree)}
+    """One slot of a LoRA-shaped tree (params or a moment), rank-trimmed, as NumPy.
+
+    One compiled slice of the whole tree and one device-to-host copy, not one per leaf.
+    """
+    sliced = jax.device_get(step.take_slot(tree, jnp.int32(slot)))
+    return {name: trim(name, np.asarray(leaf), rank) for name, leaf in named_leaves(sliced)}
 
 
 def check_fits(
