@@ -1,0 +1,297 @@
+"""End-to-end performance of tx as a user sees it: the official ``tinker`` SDK against a real server.
+
+    uv run python benchmarks/e2e.py --quick                 # tiny + small presets, ~2-4 min on CPU
+    uv run python benchmarks/e2e.py --presets small --json out.json
+
+For each model preset the script builds the kit's checkpoint, starts ``python -m tx_server``
+(API + supervised worker process, SQLite, a free port), and measures through the SDK only:
+
+* **train tok/s** — pipelined ``forward_backward`` + ``optim_step`` steps on a ``B×T`` batch of
+  real (unpadded) tokens, after one warm-up step that pays for compilation;
+* **sample tok/s** — generated tokens per second of ``sample(num_samples=S, max_tokens=M)``;
+* **round trips** — p50/p99 of a plain HTTP call (``RestClient.get_server_capabilities``: API
+  only) and of two trivial *queued futures* (API → queue → worker → long-poll wake-up →
+  result): a 1-token ``forward`` (the floor of every training call) and an ``optim_step`` with
+  ``learning_rate=0`` (which also pays the worker's per-step recovery snapshot);
+* **logprobs-128 latency** — p50 of ``compute_logprobs`` on a 128-token prompt;
+* **tenants ×N** — aggregate train tok/s of N threads, each its own API key (tenant), service
+  client and LoRA adapter, stepping concurrently, for N = 1, 2, 4.
+
+Every measurement is preceded by an untimed warm-up of the same shapes, so compile time is
+excluded; the numbers are steady-state service throughput on whatever device the worker uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import tinker
+from tinker import types
+
+from tx_engine.testing import ensure_model
+
+RANK = 8
+KEY = "tml-bench-e2e"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Shapes and repetitions of one run (``--quick`` trades precision for time)."""
+
+    batch: int
+    seq: int
+    train_steps: int
+    samples: int
+    max_tokens: int
+    sample_reps: int
+    rt_reps: int
+    lp_reps: int
+    tenant_steps: int
+
+
+QUICK = Plan(4, 64, 3, 4, 16, 2, 30, 3, 2)
+FULL = Plan(8, 128, 6, 8, 32, 3, 100, 5, 3)
+
+
+@contextlib.contextmanager
+def serve(model: str, tmp: Path) -> Iterator[str]:
+    """``python -m tx_server`` on a free port (configured by ``TX_*``); stopped on exit."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "TX_PORT": str(port),
+        "TX_DATABASE_URL": f"sqlite:///{tmp / 'tx.db'}",
+        "TX_CHECKPOINT_ROOT": str(tmp / "checkpoints"),
+        "TX_BASE_MODELS": json.dumps([model]),
+        "TX_ENGINE__MAX_LORA_RANK": str(RANK),
+        "TX_ENGINE__MAX_LORA_ADAPTERS": "16",
+        "TX_ENGINE__MAX_SEQ_LEN": "512",
+        "TX_LOG_LEVEL": "warning",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "tx_server"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tx_server exited with code {proc.returncode}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/api/v1/healthz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("tx_server did not become healthy in 180 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def progress(message: str) -> None:
+    """One line per finished measurement on stderr, so a slow run shows where it is."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def batch(plan: Plan, seed: int) -> list[types.Datum]:
+    """``plan.batch`` random sequences of ``plan.seq`` tokens, every target weighted."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(plan.batch):
+        tokens = rng.integers(10, 2000, plan.seq + 1)
+        out.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1].tolist()),
+                loss_fn_inputs={
+                    "target_tokens": types.TensorData.from_numpy(tokens[1:].astype(np.int64)),
+                    "weights": types.TensorData.from_numpy(np.ones(plan.seq, np.float32)),
+                },
+            )
+        )
+    return out
+
+
+def train_steps(tc: Any, data: list[types.Datum], steps: int) -> float:
+    """Seconds for ``steps`` pipelined forward_backward + optim_step (all submitted up front)."""
+    adam = types.AdamParams(learning_rate=1e-4)
+    start = time.perf_counter()
+    pending = [
+        (tc.forward_backward(data, "cross_entropy"), tc.optim_step(adam)) for _ in range(steps)
+    ]
+    for fb, opt in pending:
+        fb.result()
+        opt.result()
+    return time.perf_counter() - start
+
+
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    """(p50, p99) in milliseconds."""
+    ms = np.asarray(seconds) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def timed(fn: Any, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def single_tenant(sc: Any, url: str, model: str, plan: Plan) -> dict[str, float]:
+    """Train, sample, round-trip and logprob numbers of one client."""
+    tc = sc.create_lora_training_client(model, rank=RANK, seed=0).result()
+    data = batch(plan, 0)
+    train_steps(tc, data, 1)  # warm-up: compiles forward_backward and optim_step
+    seconds = train_steps(tc, data, plan.train_steps)
+    result = {"train_tok_s": plan.train_steps * plan.batch * plan.seq / seconds}
+    progress(f"train {result['train_tok_s']:.0f} tok/s")
+
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt = types.ModelInput.from_ints(list(range(100, 132)))
+    params = types.SamplingParams(max_tokens=plan.max_tokens, temperature=1.0, seed=0)
+    sampled = [0]
+
+    def sample() -> None:
+        response = sampler.sample(prompt, num_samples=plan.samples, sampling_params=params).result()
+        sampled[0] += sum(len(s.tokens) for s in response.sequences)
+
+    sample()  # warm-up
+    sampled[0] = 0
+    spent = sum(timed(sample, plan.sample_reps))
+    result["sample_tok_s"] = sampled[0] / spent
+    progress(f"sample {result['sample_tok_s']:.0f} tok/s")
+
+    tiny = [batch(Plan(1, 1, 0, 0, 0, 0, 0, 0, 0), 2)[0]]
+    timed(lambda: tc.forward(tiny, "cross_entropy").result(), 2)
+    result["fwd_rt_p50_ms"], result["fwd_rt_p99_ms"] = percentiles(
+        timed(lambda: tc.forward(tiny, "cross_entropy").result(), plan.rt_reps)
+    )
+    zero = types.AdamParams(learning_rate=0.0)
+    timed(lambda: tc.optim_step(zero).result(), 2)
+    result["future_rt_p50_ms"], result["future_rt_p99_ms"] = percentiles(
+        timed(lambda: tc.optim_step(zero).result(), plan.rt_reps)
+    )
+    rest = tinker.RestClient(base_url=url, api_key=KEY)
+    timed(lambda: rest.get_server_capabilities().result(), 2)
+    result["http_rt_p50_ms"], result["http_rt_p99_ms"] = percentiles(
+        timed(lambda: rest.get_server_capabilities().result(), plan.rt_reps)
+    )
+    long_prompt = types.ModelInput.from_ints(list(range(200, 328)))
+    timed(lambda: sampler.compute_logprobs(long_prompt).result(), 1)
+    lp = timed(lambda: sampler.compute_logprobs(long_prompt).result(), plan.lp_reps)
+    result["logprobs128_p50_ms"] = statistics.median(lp) * 1e3
+    progress(f"round trips and logprobs done: {result}")
+    return result
+
+
+def tenants(url: str, model: str, plan: Plan, n: int) -> float:
+    """Aggregate train tok/s of ``n`` tenants stepping at once (after a concurrent warm-up)."""
+    clients = []
+    for i in range(n):
+        sc = tinker.ServiceClient(base_url=url, api_key=f"{KEY}-tenant{n}-{i}")
+        clients.append((sc, sc.create_lora_training_client(model, rank=RANK, seed=i).result()))
+    data = [batch(plan, 1 + i) for i in range(n)]
+
+    def run_all(steps: int) -> float:
+        barrier = threading.Barrier(n + 1)
+        threads = [
+            threading.Thread(target=lambda tc=tc, d=d: (barrier.wait(), train_steps(tc, d, steps)))
+            for (_, tc), d in zip(clients, data, strict=True)
+        ]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - start
+
+    # Warm-up: the worker fuses concurrent tenants' passes into one batch of k·B rows
+    # (k ≤ n, padded to a bucket) in whatever combination they arrive; compile each size now.
+    for k in range(1, n + 1):
+        train_steps(clients[0][1], data[0] * k, 1)
+    run_all(plan.tenant_steps)
+    seconds = run_all(plan.tenant_steps)
+    for sc, _ in clients:
+        sc.close("success").result()  # also stops the session's heartbeat
+    return n * plan.tenant_steps * plan.batch * plan.seq / seconds
+
+
+def bench_preset(preset: str, plan: Plan) -> dict[str, float]:
+    model = str(ensure_model(preset))
+    progress(f"{preset}: serving {model}")
+    with tempfile.TemporaryDirectory(prefix="tx-bench-e2e-") as tmp, serve(model, Path(tmp)) as url:
+        with tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
+            result = single_tenant(sc, url, model, plan)
+        for n in (1, 2, 4):
+            result[f"tenants{n}_tok_s"] = tenants(url, model, plan, n)
+            progress(f"{n} tenants {result[f'tenants{n}_tok_s']:.0f} tok/s")
+    return result
+
+
+ROWS = [
+    ("train_tok_s", "train tok/s (fwd_bwd+optim, {batch}x{seq})", "{:.0f}"),
+    ("sample_tok_s", "sample tok/s ({samples} samples x {max_tokens} tok)", "{:.0f}"),
+    ("fwd_rt_p50_ms", "queued future rt p50 ms (forward, 1 token)", "{:.1f}"),
+    ("fwd_rt_p99_ms", "queued future rt p99 ms (forward, 1 token)", "{:.1f}"),
+    ("future_rt_p50_ms", "queued future rt p50 ms (optim_step lr=0)", "{:.1f}"),
+    ("future_rt_p99_ms", "queued future rt p99 ms (optim_step lr=0)", "{:.1f}"),
+    ("http_rt_p50_ms", "plain HTTP rt p50 ms (get_server_capabilities)", "{:.1f}"),
+    ("http_rt_p99_ms", "plain HTTP rt p99 ms (get_server_capabilities)", "{:.1f}"),
+    ("logprobs128_p50_ms", "compute_logprobs 128 tok p50 ms", "{:.1f}"),
+    ("tenants1_tok_s", "1 tenant  aggregate train tok/s", "{:.0f}"),
+    ("tenants2_tok_s", "2 tenants aggregate train tok/s", "{:.0f}"),
+    ("tenants4_tok_s", "4 tenants aggregate train tok/s", "{:.0f}"),
+]
+
+
+def table(results: dict[str, dict[str, float]], plan: Plan) -> str:
+    labels = [label.format(**asdict(plan)) for _, label, _ in ROWS]
+    width = max(len(x) for x in labels)
+    head = f"| {'metric':<{width}} | " + " | ".join(f"{p:>12}" for p in results) + " |"
+    lines = [head, "|" + "-" * (width + 2) + "|" + "|".join("-" * 14 for _ in results) + "|"]
+    for (key, _, fmt), label in zip(ROWS, labels, strict=True):
+        cells = " | ".join(f"{fmt.format(r[key]):>12}" for r in results.values())
+        lines.append(f"| {label:<{width}} | {cells} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", default="tiny-qwen3,small", help="comma-separated presets")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    results = {p: bench_preset(p, plan) for p in args.presets.split(",")}
+    print(table(results, plan))
+    print(
+        f"\n{'quick' if args.quick else 'full'} plan {plan}; {time.perf_counter() - started:.0f} s"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"plan": asdict(plan), "results": results}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
