@@ -2,6 +2,12 @@
 
     uv run python benchmarks/engine_train.py                     # tiny + small, default shapes
     uv run python benchmarks/engine_train.py --presets small --shapes 8x512 --tenants 1,4
+    uv run python benchmarks/engine_train.py --presets small --max-ranks 8,64   # rank buckets
+
+Every row trains rank-8 tenants; ``--max-ranks`` builds one engine per ``max_lora_rank``, so the
+rows at ``R_max`` 8 and 64 show what a rank-8 tenant pays for a larger maximum rank (with rank
+buckets: about nothing in compute; the padded factors still take memory). ``peak RSS`` is the
+process's high-water mark so far (``ru_maxrss``), so it only grows down the table.
 
 MFU is measured against a matmul peak timed *in the same run* on the same device and dtype
 (a large ``jnp.dot``), so the number is honest on any machine, CPU included, rather than
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -105,23 +112,33 @@ def bench_one(
     return float(np.median(times))
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="tiny-qwen3,small")
     parser.add_argument("--shapes", default="4x128,8x512", help="BxL,... rows × tokens")
     parser.add_argument("--tenants", default="1,4")
+    parser.add_argument("--max-ranks", default="8,64", help="max_lora_rank of each engine")
     parser.add_argument("--iters", type=int, default=1, help="timed steps per row (median)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     tenants = [int(t) for t in args.tenants.split(",")]
+    max_ranks = [int(r) for r in args.max_ranks.split(",")]
     peak = matmul_peak(args.dtype)
     print(
         f"device: {jax.devices()[0].device_kind}  matmul peak ({args.dtype}): "
         f"{peak / 1e9:.1f} GFLOP/s"
     )
-    header = f"{'preset':<12}{'B':>4}{'L':>6}{'tenants':>9}{'s/step':>9}{'tokens/s':>11}{'MFU':>8}"
+    header = (
+        f"{'preset':<12}{'R_max':>6}{'B':>4}{'L':>6}{'tenants':>9}{'s/step':>9}{'tokens/s':>11}"
+        f"{'MFU':>8}{'peak RSS MB':>13}"
+    )
     print(header, flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,35 +146,34 @@ def main() -> None:
             model_dir = ensure_model(preset, Path(tmp))
             cfg = json.loads((model_dir / "config.json").read_text())
             budget = max(b * length for b, length in shapes)
-            engine = TrainingEngine(
-                model_dir,
-                EngineConfig(
-                    max_lora_adapters=max(tenants),
-                    max_lora_rank=RANK,
-                    dtype=args.dtype,
-                    tokens_per_micro_batch=budget,
-                ),
-            )
-            for batch, length in shapes:
-                for i, n in enumerate(tenants):
-                    sec = bench_one(engine, n, batch, length, args.iters, warm_up=i == 0)
-                    tps = batch * length / sec
-                    mfu = tps * flops_per_token(cfg, length) / peak
-                    rows.append(
-                        {
+            for max_rank in max_ranks:
+                engine = TrainingEngine(
+                    model_dir,
+                    EngineConfig(
+                        max_lora_adapters=max(tenants),
+                        max_lora_rank=max_rank,
+                        dtype=args.dtype,
+                        tokens_per_micro_batch=budget,
+                    ),
+                )
+                for batch, length in shapes:
+                    for i, n in enumerate(tenants):
+                        sec = bench_one(engine, n, batch, length, args.iters, warm_up=i == 0)
+                        tps = batch * length / sec
+                        row = {
                             "preset": preset,
+                            "max_lora_rank": max_rank,
                             "B": batch,
                             "L": length,
                             "tenants": n,
                             "s_per_step": sec,
                             "tokens_per_s": tps,
-                            "mfu": mfu,
+                            "mfu": tps * flops_per_token(cfg, length) / peak,
+                            "peak_rss_mb": peak_rss_mb(),
                         }
-                    )
-                    print(
-                        f"{preset:<12}{batch:>4}{length:>6}{n:>9}{sec:>9.3f}{tps:>11.0f}{mfu:>8.1%}",
-                        flush=True,
-                    )
+                        rows.append(row)
+                        print(_fmt(row), flush=True)
+                del engine
     # Re-measure at the end and keep the best: a busy machine lowers the peak, and an
     # underestimated peak would inflate every MFU above.
     peak_end = matmul_peak(args.dtype)
@@ -166,11 +182,20 @@ def main() -> None:
         for row in rows:
             row["mfu"] *= peak / peak_end
             print(
-                f"{row['preset']:<12}{row['B']:>4}{row['L']:>6}{row['tenants']:>9}{row['mfu']:>8.1%}"
+                f"{row['preset']:<12}{row['max_lora_rank']:>6}{row['B']:>4}{row['L']:>6}"
+                f"{row['tenants']:>9}{row['mfu']:>8.1%}"
             )
         peak = peak_end
     if args.json:
         args.json.write_text(json.dumps({"peak_flops": peak, "rows": rows}, indent=2))
+
+
+def _fmt(row: dict[str, Any]) -> str:
+    return (
+        f"{row['preset']:<12}{row['max_lora_rank']:>6}{row['B']:>4}{row['L']:>6}"
+        f"{row['tenants']:>9}{row['s_per_step']:>9.3f}{row['tokens_per_s']:>11.0f}"
+        f"{row['mfu']:>8.1%}{row['peak_rss_mb']:>13.0f}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Requests are lists of :class:`~tx_engine.batching.AdapterBatch` (one per tenant)
 the rows of *all* its groups into shared micro-batches — one compiled call per micro-batch and
 loss function — so tenants are batched together; gradients land in each tenant's slot of the
 accumulator and wait there, summed across calls, until that tenant's :meth:`optim_step`.
+Each micro-batch runs at the rank bucket of the tenants in it (:meth:`graphdef_for_slots`), so a
+rank-8 tenant costs rank-8 compute whatever ``max_lora_rank`` is.
 Everything here is host-side bookkeeping; the arithmetic is in ``step.py``.
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,7 @@ class TrainingEngine:
         self._opt = self._place_opt(optim.init_state(self._lora))
         self._grads = self._place_like_lora(step.zeros_like_state(self._lora))
         self._adapters: dict[int, LoraConfig] = {}
+        self._rank_graphdefs: dict[int, nnx.GraphDef[Any]] = {}
         self._groups = {
             ".".join(map(str, path)).removesuffix(".lora"): mod.group
             for path, mod in lora_lib.lora_modules(model)
@@ -228,6 +231,22 @@ class TrainingEngine:
         parts: tuple[Any, ...] = nnx.split(model, lora_lib.LoRAParam, ...)
         self._lora, self._rest = parts[1], parts[2]
 
+    def graphdef_for_slots(self, slots: Iterable[int]) -> nnx.GraphDef[Any]:
+        """The graphdef that computes a batch whose rows use ``slots`` at its rank bucket.
+
+        Pass it instead of the full-rank graphdef with this engine's ``lora`` / ``rest`` to any
+        program of :mod:`tx_engine.step`: LoRA runs at the power-of-two bucket of the largest
+        rank among ``slots`` (0 / base rows count as rank 0), so rank-8 tenants pay for rank 8
+        whatever ``max_lora_rank`` is. One graphdef (one compiled program) per bucket.
+        """
+        ranks = [self._adapters[s].rank for s in {int(s) for s in slots} if s in self._adapters]
+        rank = lora_lib.rank_bucket(ranks, self.config.max_lora_rank)
+        graphdef = self._rank_graphdefs.get(rank)
+        if graphdef is None:
+            graphdef = lora_lib.graphdef_at_rank(self._graphdef, self._lora, self._rest, rank=rank)
+            self._rank_graphdefs[rank] = graphdef
+        return graphdef
+
     def _require(self, slot: int) -> None:
         if slot not in self._adapters:
             raise AdapterError(f"slot {slot} is not an allocated adapter")
@@ -262,14 +281,15 @@ class TrainingEngine:
         return batching.unpack(fetched, [len(g.data) for g in groups])
 
     def _dispatch(self, arrays: Mapping[str, Any], loss_fn: str, backward: bool) -> Any:
+        graphdef = self.graphdef_for_slots(np.unique(np.asarray(arrays["adapter_indices"])))
         batch = self._place_batch(arrays)
         chunk = self.config.logits_chunk_tokens
         if not backward:
             return step.forward(
-                self._graphdef, self._lora, self._rest, batch, loss_fn=loss_fn, logits_chunk=chunk
+                graphdef, self._lora, self._rest, batch, loss_fn=loss_fn, logits_chunk=chunk
             )
         out, self._grads = step.forward_backward(
-            self._graphdef, self._lora, self._rest, self._grads, batch, loss_fn, chunk
+            graphdef, self._lora, self._rest, self._grads, batch, loss_fn, chunk
         )
         return out
 

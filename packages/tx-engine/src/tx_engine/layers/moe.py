@@ -7,7 +7,8 @@ are sorted by ``expert·A + adapter`` so that
 * the base expert matmuls are one ``jax.lax.ragged_dot`` over expert groups (sizes summed over
   adapters), never a dense all-experts compute, and
 * the LoRA factors of every (expert, adapter) pair are applied by a second ``ragged_dot`` over
-  the finer groups, with factors viewed as ``[E·A, D_in, R]``.
+  the finer groups, with factors viewed as ``[E·A, D_in, r]`` — ``r`` the batch's rank bucket
+  (:attr:`~tx_engine.layers.lora.LoRAFactors.active_rank`), not the maximum rank.
 
 Outputs are weighted by the router weights and scattered back with a segment sum. Padding
 tokens are routed like any other (their outputs are never read); masking them out of routing
@@ -75,7 +76,7 @@ class ExpertProj(nnx.Module):
         f32, dt = jnp.float32, x_nd.dtype  # accumulate in float32 even for bfloat16
         w_edf = self.weight[...].astype(dt)
         y_nf = jax.lax.ragged_dot(x_nd, w_edf, sizes_e, preferred_element_type=f32).astype(dt)
-        a_aedr, b_aerf = self.lora.lora_a[...], self.lora.lora_b[...]
+        a_aedr, b_aerf = self.lora.factors()  # cut to the batch's rank bucket
         n_a, n_e = a_aedr.shape[:2]
         a_gdr = jnp.swapaxes(a_aedr, 0, 1).reshape(n_e * n_a, *a_aedr.shape[2:])
         b_grf = jnp.swapaxes(b_aerf, 0, 1).reshape(n_e * n_a, *b_aerf.shape[2:])

@@ -117,8 +117,11 @@ class ContinuousRun:
         self.index = 0  # host mirror of the cache's shared write index
         self.decode_steps = self.cache_shifts = 0
         e = engine
+        # One LoRA rank bucket for the whole run (the largest rank among its jobs' adapters):
+        # rank-8 tenants decode at rank 8, and admitting a job never switches programs.
+        self.graphdef = engine.graphdef_for_slots({jobs[r.job].slot for r in rows})
         self.cache = programs.empty_cache(
-            e._graphdef, e._lora, e._rest, batch=batch, cache_len=cache_len
+            self.graphdef, e._lora, e._rest, batch=batch, cache_len=cache_len
         )
         self.tokens = jnp.zeros(batch, jnp.int32)  # what the next decode step feeds
         self._refresh_rows()
@@ -196,7 +199,7 @@ class ContinuousRun:
         scoring, targets, alt, scored = self._scoring(order, n_p, t)
         e = self.engine
         out = programs.admit(
-            e._graphdef, e._lora, e._rest, self._prompts(order, n_p, t), src, dst,
+            self.graphdef, e._lora, e._rest, self._prompts(order, n_p, t), src, dst,
             RowSamplingParams.stack([r.sampling for r in chosen], pad_to=n_r), self.tokens,
             jnp.asarray(self.index, jnp.int32), self.cache, targets, alt,
             scoring=scoring, sample_topk=self.sample_topk,
@@ -271,7 +274,7 @@ class ContinuousRun:
             steps[b] = self.sent[b]
         e = self.engine
         args = (
-            e._graphdef, e._lora, e._rest, self.tokens, positions, self.adapters, self.params,
+            self.graphdef, e._lora, e._rest, self.tokens, positions, self.adapters, self.params,
             steps, self.cache,
         )  # fmt: skip
         ids = lps = None
