@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -43,34 +47,50 @@ def examples_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
         yield server
 
 
-def _common(server: RunningServer) -> list[str]:
-    return ["--base-url", server.url, "--api-key", API_KEY]
+def _run(server: RunningServer, name: str, *args: str) -> str:
+    """Run ``examples/<name>.py`` as a user would: its own process, talking HTTP to the server.
+
+    A subprocess also gets the offline Hugging Face cache that ``run_hub_model_server`` set up
+    (``HF_HOME`` / ``HF_HUB_OFFLINE``): huggingface_hub reads them once at import, so an
+    in-process ``get_tokenizer()`` would see whatever cache the first importer saw.
+    """
+    argv = [sys.executable, str(EXAMPLES / f"{name}.py"), "--base-url", server.url]
+    proc = subprocess.run(
+        [*argv, "--api-key", API_KEY, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
 
 
-def test_sl_loop_loss_falls(
-    examples_server: RunningServer, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _values(out: str, label: str) -> list[float]:
+    return [float(v) for v in re.findall(rf"^step +\d+  {label} (\S+)$", out, flags=re.M)]
+
+
+def test_sl_loop_loss_falls(examples_server: RunningServer) -> None:
     # No --base-model: the example picks the first model the server lists (the one served).
-    losses = _load("sl_loop").main([*_common(examples_server), "--steps", "5"])
-    assert len(losses) == 5
+    out = _run(examples_server, "sl_loop", "--steps", "5")
+    losses = _values(out, "loss/token")
+    assert len(losses) == 5, out
     assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert losses[-1] < 0.85 * losses[0], losses
-    out = capsys.readouterr().out
-    assert "step   5  loss/token" in out
     assert "sl-loop-final" in out
     assert f"base model: {BASE}" in out
 
 
-def test_rl_loop_reward_rises(
-    examples_server: RunningServer, capsys: pytest.CaptureFixture[str]
-) -> None:
-    argv = [*_common(examples_server), "--base-model", BASE, "--steps", "8", "--num-prompts", "1"]
-    rewards = _load("rl_loop").main([*argv, "--group-size", "16", "--lr", "3e-2", "--seed", "0"])
-    assert len(rewards) == 8
+def test_rl_loop_reward_rises(examples_server: RunningServer) -> None:
+    argv = ["--base-model", BASE, "--steps", "8", "--num-prompts", "1"]
+    out = _run(
+        examples_server, "rl_loop", *argv, "--group-size", "16", "--lr", "3e-2", "--seed", "0"
+    )
+    rewards = _values(out, "mean reward")
+    assert len(rewards) == 8, out
     assert all(0.0 <= r <= 1.0 for r in rewards)
     first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
     assert last > first + 0.15, rewards
-    assert "step   8  mean reward" in capsys.readouterr().out
 
 
 def test_rl_reward_is_the_share_of_whole_words() -> None:

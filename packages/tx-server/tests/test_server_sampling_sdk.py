@@ -167,12 +167,14 @@ def test_bad_sample_requests_fail_as_user_errors(live: RunningServer) -> None:
         base.sample(prompt=too_big, num_samples=1, sampling_params=GREEDY).result(timeout=120)
     assert bad_token.value.category == types.RequestErrorCategory.User
     assert "prompt_tokens" in bad_token.value.message
+    rows = types.TensorData(data=[1, 2, 3, 4, 5], dtype="int64", shape=[5, 1])  # prompt has 3
     future = base.sample(
-        prompt=PROMPT, num_samples=1, sampling_params=GREEDY, prompt_alt_tokens_k=2
+        prompt=PROMPT, num_samples=1, sampling_params=GREEDY, target_prompt_logprobs=rows
     )
-    with pytest.raises(tinker.RequestFailedError) as unsupported:
+    with pytest.raises(tinker.RequestFailedError) as bad_targets:
         future.result(timeout=120)
-    assert "prompt_alt_tokens_k" in unsupported.value.message
+    assert bad_targets.value.category == types.RequestErrorCategory.User
+    assert "target_prompt_logprobs" in bad_targets.value.message
     assert len(_sample(base, GREEDY).sequences[0].tokens) == len(TOKENS) - 3  # still serving
     sc.holder.close()
 
