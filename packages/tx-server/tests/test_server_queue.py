@@ -102,13 +102,6 @@ def test_transitions_are_checked(store: FutureStore, queue: WorkQueue) -> None:
         queue.fail(rid, "late", "server")
 
 
-def test_requeue_running_after_a_worker_crash(store: FutureStore, queue: WorkQueue) -> None:
-    rid = _put(store, "A", 1, T.FORWARD_BACKWARD)
-    assert _ids(queue.claim_pending()) == [rid]
-    assert queue.requeue_running() == 1
-    assert _ids(queue.claim_pending()) == [rid]
-
-
 def test_submission_wakes_a_waiting_worker(store: FutureStore, queue: WorkQueue) -> None:
     with queue.subscribe_work() as work:
         timer = threading.Timer(0.2, _put, (store, "M", 1, T.FORWARD_BACKWARD))

@@ -179,19 +179,6 @@ class WorkQueue:
                     self.bus.publish(session, FUTURES, request_id)
             return len(ids)
 
-    def requeue_running(self) -> int:
-        """Put ``running`` requests back to ``pending`` (call once when a worker starts)."""
-        with self.db.write() as session:
-            result = session.execute(
-                update(FutureRow)
-                .where(FutureRow.status == FutureStatus.RUNNING)
-                .values(status=FutureStatus.PENDING, started_at=None)
-            )
-            count: int = result.rowcount  # type: ignore[attr-defined]
-            if count:
-                self.bus.publish(session, WORK, "")
-            return count
-
 
 def _running_states(session: Session) -> dict[str, _ModelState]:
     states: dict[str, _ModelState] = {}
