@@ -29,7 +29,7 @@ from tinker import types
 from tx_server.db.database import Database
 from tx_server.db.models import FutureRow, FutureStatus, ModelRow
 from tx_server.settings import EngineSettings
-from tx_server.testing import API_KEY, RunningServer, make_settings, run_server
+from tx_server.testing import API_KEY, RunningServer, make_settings, offline_hub, run_server
 from tx_server.work_queue import RESTART_MESSAGE, ClaimedRequest, WorkQueue
 from tx_server.worker.loop import worker_thread
 
@@ -40,22 +40,10 @@ TOKENS = [5, 17, 42, 9, 101, 77, 3, 250, 64, 12, 33, 8]
 @contextlib.contextmanager
 def api_only(root: Path, **overrides: object) -> Iterator[RunningServer]:
     """The API over ``root``'s SQLite file and the kit's tiny model as ``BASE``; no worker."""
-    from tx_engine.testing import install_hub_aliases
-
-    install_hub_aliases(root / "hf")
-    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE")}
-    os.environ.update(HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1")
     engine = EngineSettings(max_lora_rank=8, max_seq_len=64, max_lora_adapters=4)
     values = {"long_poll_seconds": 20.0, "base_models": [BASE], "engine": engine, **overrides}
-    try:
-        with run_server(make_settings(root, **values)) as server:
-            yield server
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with offline_hub(root / "hf"), run_server(make_settings(root, **values)) as server:
+        yield server
 
 
 def datum(shift: int = 0) -> types.Datum:

@@ -486,6 +486,23 @@ def _decode_logits(
     return model.compute_logits(hidden_b1d, adapters_b)[:, 0], cache
 
 
+def _decode_and_sample(
+    model: Any,
+    last_tokens_b: Array,
+    positions_b: Array,
+    adapters_b: Array,
+    params: RowSamplingParams,
+    step: Array,
+    cache: KVCache,
+) -> tuple[Array, Array, Array, KVCache]:
+    """One decode step's logits, sampled tokens and logprobs (keys fold in ``step``)."""
+    logits_bv, cache = _decode_logits(model, last_tokens_b, positions_b, adapters_b, cache)
+    b = last_tokens_b.shape[0]
+    keys = decode_keys(params.key_data, jnp.broadcast_to(step.astype(jnp.uint32), (b,)))
+    tokens_b, logprobs_b = sample_tokens(logits_bv, params, keys)
+    return logits_bv, tokens_b, logprobs_b, cache
+
+
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def decode_step(
     graphdef: nnx.GraphDef[Any],
@@ -506,10 +523,9 @@ def decode_step(
     """
     TRACE_COUNTS["decode_step"] += 1
     model: Any = nnx.merge(graphdef, lora, rest)
-    logits_bv, cache = _decode_logits(model, last_tokens_b, positions_b, adapters_b, cache)
-    b = last_tokens_b.shape[0]
-    keys = decode_keys(params.key_data, jnp.broadcast_to(step.astype(jnp.uint32), (b,)))
-    tokens_b, logprobs_b = sample_tokens(logits_bv, params, keys)
+    _, tokens_b, logprobs_b, cache = _decode_and_sample(
+        model, last_tokens_b, positions_b, adapters_b, params, step, cache
+    )
     return tokens_b, logprobs_b, cache
 
 
@@ -531,10 +547,9 @@ def decode_step_topk(
     (tempered) distribution as the sampled logprob — ``topk_sample_logprobs``."""
     TRACE_COUNTS["decode_step_topk"] += 1
     model: Any = nnx.merge(graphdef, lora, rest)
-    logits_bv, cache = _decode_logits(model, last_tokens_b, positions_b, adapters_b, cache)
-    b = last_tokens_b.shape[0]
-    keys = decode_keys(params.key_data, jnp.broadcast_to(step.astype(jnp.uint32), (b,)))
-    tokens_b, logprobs_b = sample_tokens(logits_bv, params, keys)
+    logits_bv, tokens_b, logprobs_b, cache = _decode_and_sample(
+        model, last_tokens_b, positions_b, adapters_b, params, step, cache
+    )
     ids_bk, lps_bk = topk_logprobs(logits_bv, k, params.temperature)
     return tokens_b, logprobs_b, cache, ids_bk, lps_bk
 

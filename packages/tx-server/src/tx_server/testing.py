@@ -29,6 +29,7 @@ __all__ = [
     "Recorder",
     "RunningServer",
     "make_settings",
+    "offline_hub",
     "run_hub_model_server",
     "run_server",
     "wake_latencies",
@@ -158,18 +159,30 @@ def run_hub_model_server(root: Path, **overrides: Any) -> Iterator[RunningServer
     ``overrides`` go to :func:`make_settings` (e.g. ``base_models``, ``engine``). The worker
     (and with it jax) is imported only here, never by the API.
     """
+    from tx_server.worker.loop import worker_thread
+
+    settings = make_settings(root, **{"long_poll_seconds": 20.0, **overrides})
+    with offline_hub(root / "hf"), run_server(settings) as server, worker_thread(settings):
+        yield server
+
+
+@contextlib.contextmanager
+def offline_hub(hf_home: Path) -> Iterator[None]:
+    """The kit's tiny models installed under hub names in ``hf_home``, and ``HF_HOME`` /
+    ``HF_HUB_OFFLINE=1`` pointing there for the duration (restored on exit).
+
+    huggingface_hub reads these variables once, at import: code that resolves hub names in
+    this process must import it inside the block, or run in a subprocess started inside it.
+    """
     import os
 
     from tx_engine.testing import install_hub_aliases
-    from tx_server.worker.loop import worker_thread
 
-    install_hub_aliases(root / "hf")
+    install_hub_aliases(hf_home)
     saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE")}
-    os.environ.update(HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1")
-    settings = make_settings(root, **{"long_poll_seconds": 20.0, **overrides})
+    os.environ.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
     try:
-        with run_server(settings) as server, worker_thread(settings):
-            yield server
+        yield
     finally:
         for key, value in saved.items():
             if value is None:
