@@ -8,6 +8,7 @@ request per tenant: every training and sampling call must still complete, via 42
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,22 +115,35 @@ def test_sdk_completes_every_request_under_a_limit_of_one(throttled: RunningServ
     # transport layer then retries after Retry-After instead of its holder's long backoff.
     tc.forward_backward([_datum(9)], "cross_entropy").result(timeout=180)
     tc.optim_step(types.AdamParams(learning_rate=1e-2)).result(timeout=180)
-    before = throttled.recorder.calls.count("POST /api/v1/forward_backward")
-    # Submitted back to back without waiting: all but the first meet the limit.
-    futures = [tc.forward_backward([_datum(i)], "cross_entropy") for i in range(4)]
-    step = tc.optim_step(types.AdamParams(learning_rate=1e-2))
-    losses = [f.result(timeout=180).metrics["loss:sum"] for f in futures]
-    step.result(timeout=180)
-    assert all(np.isfinite(losses))
-    assert len(set(losses)) == 4
-    submitted = throttled.recorder.calls.count("POST /api/v1/forward_backward") - before
-    assert submitted > 4, "no request was refused: the limit did not apply"
-
     sampler = tc.save_weights_and_get_sampling_client().result(timeout=180)
     params = types.SamplingParams(max_tokens=3, temperature=1.0, seed=1)
     prompt = types.ModelInput.from_ints(TOKENS[:3])
     sampler.sample(prompt, 1, params).result(timeout=180)  # warm-up
+
+    # A long sample holds the tenant's one pending place, so everything submitted while it
+    # runs is refused at first, whatever the machine's speed (without it, a fast worker could
+    # finish each request before the next arrived and nothing would be refused).
+    calls = throttled.recorder.calls
+    fb_before, sample_before = (
+        calls.count(f"POST /api/v1/{r}") for r in ("forward_backward", "asample")
+    )
+    long = types.SamplingParams(max_tokens=40, temperature=1.0, seed=2, stop=[])
+    blocker = sampler.sample(prompt, 8, long)
+    deadline = time.monotonic() + 60
+    while calls.count("POST /api/v1/asample") == sample_before:
+        assert time.monotonic() < deadline, "the blocking sample was never submitted"
+        time.sleep(0.005)
+    futures = [tc.forward_backward([_datum(i)], "cross_entropy") for i in range(4)]
+    step = tc.optim_step(types.AdamParams(learning_rate=1e-2))
     samples = [sampler.sample(prompt, 1, params) for _ in range(3)]
+    losses = [f.result(timeout=180).metrics["loss:sum"] for f in futures]
+    step.result(timeout=180)
+    assert all(np.isfinite(losses))
+    assert len(set(losses)) == 4
     assert all(len(s.result(timeout=180).sequences[0].tokens) == 3 for s in samples)
-    assert throttled.recorder.calls.count("POST /api/v1/asample") > 4
+    assert len(blocker.result(timeout=180).sequences) == 8
+    refused_fb = calls.count("POST /api/v1/forward_backward") - fb_before - 4
+    refused_samples = calls.count("POST /api/v1/asample") - sample_before - 4
+    assert refused_fb > 0, "no forward_backward was refused: the limit did not apply"
+    assert refused_samples > 0, "no sample was refused: the limit did not apply"
     sc.holder.close()
