@@ -1,36 +1,56 @@
 """Two tenants' concurrent forward_backward calls become one engine call (issue 5, item 9).
 
 Two official-SDK clients with different API keys train their own adapters against one live
-server. While the worker is busy with a sampling request, both submit a forward_backward; the
-worker's next claim then holds both, and its log line for the engine call names both models.
-The fused results must equal what each tenant gets alone (fusion is invisible to clients).
+API. Both submit a forward_backward while no worker runs (as when the worker is busy), so the
+next worker's first claim holds both, and its log line for the engine call names both models —
+deterministic, whatever the machine's speed. The fused results must equal what each tenant
+gets alone (fusion is invisible to clients).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tinker
+from sqlalchemy import select
 from tinker import types
 
+from tx_server.db.database import Database
+from tx_server.db.models import FutureRow, FutureStatus
 from tx_server.settings import EngineSettings
-from tx_server.testing import API_KEY, RunningServer, run_hub_model_server
+from tx_server.testing import API_KEY, RunningServer, make_settings, offline_hub, run_server
+from tx_server.worker.loop import worker_thread
 
 BASE = "Qwen/Qwen3-8B"
 OTHER_KEY = "tml-tx-server-tests-key-0002"
 TIMEOUT = 120
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[RunningServer]:
+    """The API alone (workers are started by the test), the tiny model served as ``BASE``."""
     engine = EngineSettings(max_lora_rank=8, max_lora_adapters=4, max_seq_len=128)
-    root = tmp_path_factory.mktemp("fusion")
-    with run_hub_model_server(root, base_models=[BASE], engine=engine) as server:
+    settings = make_settings(tmp_path, base_models=[BASE], engine=engine, long_poll_seconds=20.0)
+    with offline_hub(tmp_path / "hf"), run_server(settings) as server:
         yield server
+
+
+def _pending(server: RunningServer) -> int:
+    db = Database(server.settings.database_url)
+    try:
+        with db.read() as session:
+            return len(
+                session.scalars(
+                    select(FutureRow.id).where(FutureRow.status == FutureStatus.PENDING)
+                ).all()
+            )
+    finally:
+        db.dispose()
 
 
 def _datum(offset: int) -> types.Datum:
@@ -51,51 +71,33 @@ def _fused_models(records: list[logging.LogRecord]) -> list[int]:
 
 
 def test_two_tenants_forward_backward_share_one_engine_call(
-    live: RunningServer, caplog: pytest.LogCaptureFixture
+    api: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clients = [
-        tinker.ServiceClient(base_url=live.url, api_key=key)
-        .create_lora_training_client(BASE, rank=4, seed=i)
-        .result(timeout=TIMEOUT)
-        for i, key in enumerate((API_KEY, OTHER_KEY))
-    ]
-    alone = [
-        tc.forward([_datum(i)], "cross_entropy").result(timeout=TIMEOUT)
-        for i, tc in enumerate(clients)
-    ]
-    blocker = clients[0].save_weights_and_get_sampling_client().result(timeout=TIMEOUT)
-    params = types.SamplingParams(max_tokens=48, temperature=1.0, seed=0, stop=[])
-    prompt = types.ModelInput.from_ints([5, 6, 7])
+    with worker_thread(api.settings):
+        clients = [
+            tinker.ServiceClient(base_url=api.url, api_key=key)
+            .create_lora_training_client(BASE, rank=4, seed=i)
+            .result(timeout=TIMEOUT)
+            for i, key in enumerate((API_KEY, OTHER_KEY))
+        ]
+        alone = [
+            tc.forward([_datum(i)], "cross_entropy").result(timeout=TIMEOUT)
+            for i, tc in enumerate(clients)
+        ]
+    futures = [tc.forward_backward([_datum(i)], "cross_entropy") for i, tc in enumerate(clients)]
+    deadline = time.monotonic() + TIMEOUT
+    while _pending(api) < 2:  # the SDK submits asynchronously
+        assert time.monotonic() < deadline, "the two requests were never submitted"
+        time.sleep(0.05)
+
     caplog.set_level(logging.INFO, logger="tx_server.worker.executor")
-    fused = []
-    for _ in range(3):  # each round: both submit while the worker samples
-        busy = blocker.sample(prompt, num_samples=8, sampling_params=params)
-        results: list[types.ForwardBackwardOutput | None] = [None, None]
-        start = threading.Barrier(2)
-
-        def submit(
-            i: int,
-            out: list[types.ForwardBackwardOutput | None] = results,
-            start: threading.Barrier = start,
-        ) -> None:
-            start.wait()
-            out[i] = clients[i].forward_backward([_datum(i)], "cross_entropy").result(TIMEOUT)
-
-        threads = [threading.Thread(target=submit, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        busy.result(timeout=TIMEOUT)
-        for got, want in zip(results, alone, strict=True):
-            assert got is not None
-            np.testing.assert_allclose(
-                got.loss_fn_outputs[0]["logprobs"].data,
-                want.loss_fn_outputs[0]["logprobs"].data,
-                rtol=1e-5,
-                atol=1e-6,
-            )
-        fused = _fused_models(caplog.records)
-        if max(fused, default=0) >= 2:
-            break
-    assert max(fused, default=0) >= 2, f"models per forward_backward engine call: {fused}"
+    with worker_thread(api.settings):
+        results = [f.result(timeout=TIMEOUT) for f in futures]
+    assert _fused_models(caplog.records) == [2]
+    for got, want in zip(results, alone, strict=True):
+        np.testing.assert_allclose(
+            got.loss_fn_outputs[0]["logprobs"].data,
+            want.loss_fn_outputs[0]["logprobs"].data,
+            rtol=1e-5,
+            atol=1e-6,
+        )

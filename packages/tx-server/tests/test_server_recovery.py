@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -135,6 +136,39 @@ def test_a_restarted_worker_continues_each_run_exactly(tmp_path: Path) -> None:
                 logprobs(loaded.result(timeout=120)), after_save, rtol=1e-5, atol=1e-6
             )
         sc.holder.close()
+
+
+def test_steps_whose_snapshots_never_reached_the_disk_are_replayed(tmp_path: Path) -> None:
+    """Snapshots are written after the step completes; a restore replays what they missed."""
+    with api_only(tmp_path) as server:
+        sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        with worker_thread(server.settings):
+            tc = sc.create_lora_training_client(BASE, rank=4, seed=5).result(timeout=120)
+            for shift in range(3):
+                train_step(tc, shift)
+            trained = logprobs(tc)
+        snapshots = server.settings.checkpoint_root / tc.model_id / "recovery"
+        kept = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+        assert len(kept) == 2  # the newest two (the stopped worker flushed its writes)
+
+        shutil.rmtree(kept[-1])  # the last step's snapshot was still queued when it died
+        with worker_thread(server.settings):
+            np.testing.assert_allclose(logprobs(tc), trained, rtol=0, atol=1e-6)
+            train_step(tc, 3)
+            stepped = logprobs(tc)
+        shutil.rmtree(snapshots)  # none at all: the seeded init plus every completed request
+        with worker_thread(server.settings):
+            np.testing.assert_allclose(logprobs(tc), stepped, rtol=1e-5, atol=1e-5)
+            train_step(tc, 4)
+        assert snapshots.is_dir()
+
+        # The session ends while no worker holds the run: the next worker deletes its snapshots.
+        sc.close("success").result(timeout=60)
+        with worker_thread(server.settings):
+            deadline = time.monotonic() + 30
+            while snapshots.exists():
+                assert time.monotonic() < deadline, "the orphaned snapshots were never removed"
+                time.sleep(0.1)
 
 
 @pytest.mark.filterwarnings("ignore:DEPRECATED. TrainingClient.load_state:FutureWarning")

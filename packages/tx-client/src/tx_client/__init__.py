@@ -10,6 +10,7 @@ finish), ``_chunking`` / ``_metrics`` (forward/backward batching and result merg
 ``_custom_loss``, ``_tokenizer``, and one module per public client.
 """
 
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from tx_client import types
@@ -51,7 +52,10 @@ from tx_types import (
     TrainingRun,
 )
 
-__version__ = _version("tx-client")
+try:
+    __version__ = _version("tx-client")
+except PackageNotFoundError:  # a source checkout on PYTHONPATH (e.g. an accelerator box)
+    __version__ = "0+source"
 
 __all__ = [
     "APIConnectionError",

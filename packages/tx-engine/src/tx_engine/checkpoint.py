@@ -112,7 +112,11 @@ def extract_slot(tree: Any, slot: int, rank: int) -> dict[str, np.ndarray]:
 
     One compiled slice of the whole tree and one device-to-host copy, not one per leaf.
     """
-    sliced = jax.device_get(step.take_slot(tree, jnp.int32(slot)))
+    return trimmed(jax.device_get(step.take_slot(tree, jnp.int32(slot))), rank)
+
+
+def trimmed(sliced: Any, rank: int) -> dict[str, np.ndarray]:
+    """A host copy of one slot's tree (``step.take_slot`` output) as named rank-trimmed arrays."""
     return {name: trim(name, np.asarray(leaf), rank) for name, leaf in named_leaves(sliced)}
 
 

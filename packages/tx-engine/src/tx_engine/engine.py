@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -321,22 +321,44 @@ class TrainingEngine:
     # ----------------------------------------------------------------- checkpoints
     def save_adapter(self, slot: int, path: str | Path, include_optimizer: bool = True) -> None:
         """Write ``slot``'s weights (and moments) as a rank-trimmed, slot-independent checkpoint."""
+        checkpoint.save_adapter(path, self.adapter_state(slot, include_optimizer))
+
+    def adapter_state(self, slot: int, include_optimizer: bool = True) -> checkpoint.AdapterState:
+        """``slot``'s weights (and moments) as host arrays: what :meth:`save_adapter` writes."""
+        return self.adapter_state_later(slot, include_optimizer)()
+
+    def adapter_state_later(
+        self, slot: int, include_optimizer: bool = True
+    ) -> Callable[[], checkpoint.AdapterState]:
+        """Cut ``slot`` out of the state now; the returned function copies it to the host.
+
+        The cut is one dispatched device computation per tree whose outputs are new buffers, so
+        the engine may run its next steps (which donate the full state) before the copy: the
+        server's recovery snapshots copy and write in a background thread, off the step's path.
+        """
         self._require(slot)
         cfg = self._adapters[slot]
-        moments = None
-        if include_optimizer:
-            moments = {
-                f"{k}/{n}": a
-                for k, tree in (("m", self._opt.m), ("v", self._opt.v))
-                for n, a in checkpoint.extract_slot(tree, slot, cfg.rank).items()
-            }
-        state = checkpoint.AdapterState(
-            cfg,
-            checkpoint.extract_slot(self._lora, slot, cfg.rank),
-            moments,
-            int(self._opt.count[slot]),
+        index = jnp.int32(slot)
+        weights = step.take_slot(self._lora, index)
+        moments = (
+            (step.take_slot(self._opt.m, index), step.take_slot(self._opt.v, index))
+            if include_optimizer
+            else None
         )
-        checkpoint.save_adapter(path, state)
+        count = self._opt.count[slot]
+
+        def to_host() -> checkpoint.AdapterState:
+            host_moments = None
+            if moments is not None:
+                host_moments = {
+                    f"{k}/{n}": a
+                    for k, tree in zip(("m", "v"), jax.device_get(moments), strict=True)
+                    for n, a in checkpoint.trimmed(tree, cfg.rank).items()
+                }
+            factors = checkpoint.trimmed(jax.device_get(weights), cfg.rank)
+            return checkpoint.AdapterState(cfg, factors, host_moments, int(count))
+
+        return to_host
 
     def load_adapter(
         self, path: str | Path, slot: int | None = None, with_optimizer: bool = True

@@ -1,5 +1,9 @@
 """tx-server."""
 
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-__version__ = _version("tx-server")
+try:
+    __version__ = _version("tx-server")
+except PackageNotFoundError:  # a source checkout on PYTHONPATH (e.g. an accelerator box)
+    __version__ = "0+source"

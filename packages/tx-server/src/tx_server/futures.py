@@ -27,14 +27,14 @@ import enum
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import anyio.to_thread
-from sqlalchemy import ColumnElement, and_, func, select
+from sqlalchemy import Connection, Select, Table, bindparam, func, insert, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from tx_server.db.database import Database
-from tx_server.db.models import FutureRow, FutureStatus, utcnow
+from tx_server.db.models import FutureRow, FutureStatus, ModelRow, utcnow
 from tx_server.errors import (
     BadRequestError,
     NotFoundError,
@@ -96,6 +96,32 @@ two barriers commute (gradients add up), so the worker may run and batch them to
 
 UNFINISHED = (FutureStatus.PENDING, FutureStatus.RUNNING)
 
+# The hot statements, built once (see tx_server.db.database on why Core, not the ORM).
+_TABLE = cast(Table, FutureRow.__table__)
+_F = _TABLE.c
+_KEY_COLUMNS = (_F.request_id, _F.request_type, _F.tenant_id)
+_BY_MODEL_SEQ = select(*_KEY_COLUMNS).where(
+    _F.model_id == bindparam("model_id"), _F.seq_id == bindparam("seq_id")
+)
+_BY_SAMPLER_SEQ = select(*_KEY_COLUMNS).where(
+    _F.sampling_session_id == bindparam("sampler"), _F.seq_id == bindparam("seq_id")
+)
+_BY_SESSION_SEQ = select(*_KEY_COLUMNS).where(
+    _F.session_id == bindparam("session_id"), _F.model_seq_id == bindparam("seq")
+)
+_INSERT = insert(_TABLE)
+_OUTCOME = select(
+    _F.request_id,
+    _F.status,
+    _F.result,
+    _F.result_content_type,
+    _F.error_message,
+    _F.error_category,
+).where(_F.request_id == bindparam("request_id"), _F.tenant_id == bindparam("tenant_id"))
+_MODELS = cast(Table, ModelRow.__table__).c
+_MODEL_OWNER = select(_MODELS.tenant_id).where(_MODELS.id == bindparam("model_id"))
+_UNFINISHED_COUNT = select(func.count()).select_from(_TABLE).where(_F.status.in_(UNFINISHED))
+
 
 class BackpressureError(TxServerError):
     """Too many unfinished requests: answered 429 + ``Retry-After``, which the SDK retries.
@@ -134,15 +160,14 @@ class Submission:
     """Set to ``(message, category)`` to record a request that is rejected on arrival (e.g. an
     undecodable body): the row is written ``failed`` at once, so its poll reports the error."""
 
-    def idempotency_filter(self) -> ColumnElement[bool] | None:
-        """The WHERE clause matching an earlier row with the same key, or None (no key)."""
-        f = FutureRow
+    def idempotency_key(self) -> tuple[Select[Any], dict[str, object]] | None:
+        """The query (and its parameters) finding an earlier row with the same key, or None."""
         if self.model_id is not None and self.seq_id is not None:
-            return and_(f.model_id == self.model_id, f.seq_id == self.seq_id)
+            return _BY_MODEL_SEQ, {"model_id": self.model_id, "seq_id": self.seq_id}
         if self.sampling_session_id is not None and self.seq_id is not None:
-            return and_(f.sampling_session_id == self.sampling_session_id, f.seq_id == self.seq_id)
+            return _BY_SAMPLER_SEQ, {"sampler": self.sampling_session_id, "seq_id": self.seq_id}
         if self.session_id is not None and self.model_seq_id is not None:
-            return and_(f.session_id == self.session_id, f.model_seq_id == self.model_seq_id)
+            return _BY_SESSION_SEQ, {"session_id": self.session_id, "seq": self.model_seq_id}
         return None
 
 
@@ -177,54 +202,51 @@ class FutureStore:
             return self._submit_once(tenant_id, submission)
 
     def _submit_once(self, tenant_id: str, submission: Submission) -> str:
-        key = submission.idempotency_filter()
-        with self.db.write() as session:
+        key = submission.idempotency_key()
+        with self.db.core_write() as tx:
             if key is not None:
-                earlier = session.execute(
-                    select(FutureRow.request_id, FutureRow.request_type, FutureRow.tenant_id).where(
-                        key
-                    )
-                ).first()
+                earlier = tx.conn.execute(*key).first()
                 if earlier is not None:
                     return _check_duplicate(tenant_id, submission, *earlier)
             if submission.failed is None:
-                self._check_capacity(session, tenant_id)
-            row = FutureRow(
-                request_id=str(uuid.uuid4()),
-                tenant_id=tenant_id,
-                request_type=submission.request_type.value,
-                session_id=submission.session_id,
-                model_id=submission.model_id,
-                seq_id=submission.seq_id,
-                model_seq_id=submission.model_seq_id,
-                sampling_session_id=submission.sampling_session_id,
-                barrier=submission.request_type in BARRIER_TYPES,
-                payload=submission.payload,
-                payload_content_type=submission.payload_content_type,
-                status=FutureStatus.PENDING,
-            )
+                self._check_capacity(tx.conn, tenant_id)
+            request_id = str(uuid.uuid4())
+            row: dict[str, object] = {
+                "request_id": request_id,
+                "tenant_id": tenant_id,
+                "request_type": submission.request_type.value,
+                "session_id": submission.session_id,
+                "model_id": submission.model_id,
+                "seq_id": submission.seq_id,
+                "model_seq_id": submission.model_seq_id,
+                "sampling_session_id": submission.sampling_session_id,
+                "barrier": submission.request_type in BARRIER_TYPES,
+                "payload": submission.payload,
+                "payload_content_type": submission.payload_content_type,
+                "status": FutureStatus.PENDING,
+            }
             if submission.failed is not None:
-                row.status = FutureStatus.FAILED
-                row.error_message, row.error_category = submission.failed
-                row.finished_at = utcnow()
-            session.add(row)
-            session.flush()
+                message, category = submission.failed
+                row |= {
+                    "status": FutureStatus.FAILED,
+                    "error_message": message,
+                    "error_category": category,
+                    "finished_at": utcnow(),
+                }
+            tx.conn.execute(_INSERT, row)
             if submission.failed is None:
-                self.bus.publish(session, WORK, submission.model_id or "")
-            return row.request_id
+                self.bus.publish(tx, WORK, submission.model_id or "")
+            return request_id
 
-    def _check_capacity(self, session: Session, tenant_id: str) -> None:
+    def _check_capacity(self, conn: Connection, tenant_id: str) -> None:
         """BackpressureError when one more unfinished request would exceed a limit.
 
         Counted inside the writing transaction; concurrent submissions may overshoot by the
         number of API threads, which is fine for a throttle.
         """
         limits = self.limits
-        unfinished = (
-            select(func.count()).select_from(FutureRow).where(FutureRow.status.in_(UNFINISHED))
-        )
         if limits.per_tenant is not None:
-            mine = session.scalar(unfinished.where(FutureRow.tenant_id == tenant_id)) or 0
+            mine = conn.scalar(_UNFINISHED_COUNT.where(_F.tenant_id == tenant_id)) or 0
             if mine >= limits.per_tenant:
                 raise BackpressureError(
                     f"{mine} requests of this API key are unfinished (limit "
@@ -232,7 +254,7 @@ class FutureStore:
                     limits.retry_after,
                 )
         if limits.total is not None:
-            total = session.scalar(unfinished) or 0
+            total = conn.scalar(_UNFINISHED_COUNT) or 0
             if total >= limits.total:
                 raise BackpressureError(
                     f"the server has {total} unfinished requests (limit "
@@ -240,29 +262,28 @@ class FutureStore:
                     limits.retry_after,
                 )
 
+    def owns_model(self, tenant_id: str, model_id: str) -> bool:
+        """Whether ``model_id`` exists and belongs to ``tenant_id``."""
+        with self.db.core_read() as conn:
+            owner = conn.scalar(_MODEL_OWNER, {"model_id": model_id})
+        return bool(owner == tenant_id)
+
     def outcome(self, tenant_id: str, request_id: str) -> FutureOutcome | None:
         """The finished outcome, None while pending/running; NotFoundError if absent."""
-        with self.db.read() as session:
-            status = session.execute(
-                select(FutureRow.status).where(
-                    FutureRow.request_id == request_id, FutureRow.tenant_id == tenant_id
-                )
-            ).scalar_one_or_none()
-            if status is None:
-                raise NotFoundError(f"unknown request_id {request_id!r}")
-            if status in (FutureStatus.PENDING, FutureStatus.RUNNING):
-                return None
-            row = session.execute(
-                select(FutureRow).where(FutureRow.request_id == request_id)
-            ).scalar_one()
-            return FutureOutcome(
-                request_id=row.request_id,
-                status=row.status,
-                result=row.result,
-                result_content_type=row.result_content_type,
-                error_message=row.error_message,
-                error_category=row.error_category,
-            )
+        with self.db.core_read() as conn:
+            row = conn.execute(_OUTCOME, {"request_id": request_id, "tenant_id": tenant_id}).first()
+        if row is None:
+            raise NotFoundError(f"unknown request_id {request_id!r}")
+        if row.status in UNFINISHED:
+            return None
+        return FutureOutcome(
+            request_id=row.request_id,
+            status=row.status,
+            result=row.result,
+            result_content_type=row.result_content_type,
+            error_message=row.error_message,
+            error_category=row.error_category,
+        )
 
 
 def _check_duplicate(

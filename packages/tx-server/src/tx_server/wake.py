@@ -13,8 +13,13 @@ Two transports behind one interface (:class:`WakeBus`), chosen by the database U
 * SQLite: UDP datagrams on 127.0.0.1. Each subscriber binds an ephemeral port and registers
   it as an empty file ``{channel}.{pid}.{port}`` in a directory next to the database file
   (``tx.db-wake/``); a publisher sends one datagram per registered port *after* its commit.
-  Files of dead processes are removed by the next publisher. No configuration, any number of
-  API processes, no unix-socket path length limits.
+  Files of dead processes are removed by the next publisher that scans. Publishers cache the
+  port list while the directory's mtime is unchanged (at most :data:`RESCAN_SECONDS`), so a
+  send is one ``stat`` plus one ``sendto`` per subscriber. No configuration, any number of API
+  processes, no unix-socket path length limits.
+
+``publish`` takes an ORM :class:`~sqlalchemy.orm.Session` or a Core
+:class:`~tx_server.db.database.WriteTx` (the queue's hot path).
 
 Channel names are fixed: :data:`FUTURES` carries request ids, :data:`WORK` carries model ids.
 """
@@ -29,6 +34,7 @@ import os
 import select
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +42,7 @@ from typing import Any
 from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
-from tx_server.db.database import Database, sqlite_path
+from tx_server.db.database import Database, WriteTx, sqlite_path
 
 __all__ = ["FUTURES", "WORK", "AsyncSubscription", "SyncSubscription", "WakeBus", "wake_bus_for"]
 
@@ -46,6 +52,8 @@ FUTURES = "tx_futures"
 WORK = "tx_work"
 _CHANNELS = (FUTURES, WORK)
 _PENDING_KEY = "tx_wake_pending"
+RESCAN_SECONDS = 1.0
+"""How long a publisher trusts its cached subscriber ports while the directory is unchanged."""
 
 
 class AsyncSubscription(abc.ABC):
@@ -78,7 +86,7 @@ class WakeBus(abc.ABC):
     """Publish/subscribe of wake-up hints between the processes sharing one database."""
 
     @abc.abstractmethod
-    def publish(self, session: Session, channel: str, message: str) -> None:
+    def publish(self, session: Session | WriteTx, channel: str, message: str) -> None:
         """Send ``message`` on ``channel`` once ``session``'s transaction commits."""
 
     @abc.abstractmethod
@@ -121,6 +129,7 @@ class _UdpRegistry:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._cache: dict[str, tuple[int, float, list[int]]] = {}
 
     def register(self, channel: str, port: int) -> Path:
         path = self.directory / f"{channel}.{os.getpid()}.{port}"
@@ -128,6 +137,16 @@ class _UdpRegistry:
         return path
 
     def ports(self, channel: str) -> list[int]:
+        """The live subscribers' ports (cached; see the module docstring)."""
+        mtime, now = self.directory.stat().st_mtime_ns, time.monotonic()
+        cached = self._cache.get(channel)
+        if cached is not None and cached[0] == mtime and now - cached[1] < RESCAN_SECONDS:
+            return cached[2]
+        ports = self._scan(channel)
+        self._cache[channel] = (mtime, now, ports)
+        return ports
+
+    def _scan(self, channel: str) -> list[int]:
         ports = []
         for path in self.directory.glob(f"{channel}.*.*"):
             _, pid, port = path.name.rsplit(".", 2)
@@ -192,8 +211,11 @@ class UdpWakeBus(WakeBus):
         self.registry = _UdpRegistry(directory)
         self._sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
-    def publish(self, session: Session, channel: str, message: str) -> None:
+    def publish(self, session: Session | WriteTx, channel: str, message: str) -> None:
         _check_channel(channel)
+        if isinstance(session, WriteTx):
+            session.after_commit.append(lambda: self.send_now(channel, message))
+            return
         pending = session.info.get(_PENDING_KEY)
         if pending is None:
             pending = session.info[_PENDING_KEY] = []
@@ -304,9 +326,10 @@ class PostgresWakeBus(WakeBus):
     def __init__(self, db: Database) -> None:
         self.conninfo = _conninfo(db)
 
-    def publish(self, session: Session, channel: str, message: str) -> None:
+    def publish(self, session: Session | WriteTx, channel: str, message: str) -> None:
         _check_channel(channel)
-        session.execute(
+        target = session.conn if isinstance(session, WriteTx) else session
+        target.execute(
             text("SELECT pg_notify(:channel, :message)"), {"channel": channel, "message": message}
         )
 

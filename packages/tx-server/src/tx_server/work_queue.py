@@ -28,9 +28,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Table, bindparam, delete, func, select, update
 
 from tx_server.db.database import Database
 from tx_server.db.models import FutureRow, FutureStatus, utcnow
@@ -47,6 +47,49 @@ RESTART_MESSAGE = "the worker restarted while this request ran; resubmit it"
 KEPT_TYPES = ("unload_model",)
 """Finished requests that are never pruned: a completed ``unload_model`` is the durable record
 that its model is gone (see :mod:`tx_server.worker.recovery`), and each one is a few bytes."""
+
+
+# The hot statements, built once (see tx_server.db.database on why Core, not the ORM).
+_TABLE = cast(Table, FutureRow.__table__)
+_F = _TABLE.c
+_RUNNING_MODELS = select(_F.model_id, _F.barrier).where(
+    _F.status == FutureStatus.RUNNING, _F.model_id.is_not(None)
+)
+_PENDING_WINDOW = (
+    select(_F.id, _F.model_id, _F.barrier, _F.request_type)
+    .where(_F.status == FutureStatus.PENDING)
+    .order_by(_F.id)
+    .limit(bindparam("window"))
+)
+_MARK_RUNNING = update(_TABLE).values(
+    status=FutureStatus.RUNNING, started_at=bindparam("claimed_at")
+)
+_CLAIMED = select(
+    _F.request_id,
+    _F.request_type,
+    _F.tenant_id,
+    _F.session_id,
+    _F.model_id,
+    _F.seq_id,
+    _F.model_seq_id,
+    _F.sampling_session_id,
+    _F.barrier,
+    _F.payload,
+    _F.payload_content_type,
+    _F.created_at,
+)
+_FINISH = (
+    update(_TABLE)
+    .where(_F.request_id == bindparam("rid"), _F.status.not_in(_DONE))
+    .values(
+        finished_at=bindparam("done_at"),
+        status=bindparam("new_status"),
+        result=bindparam("new_result", None),
+        result_content_type=bindparam("new_result_type", None),
+        error_message=bindparam("new_error", None),
+        error_category=bindparam("new_category", None),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -96,24 +139,19 @@ class WorkQueue:
         """
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
-        with self.db.write() as session:
+        with self.db.core_write() as tx:
+            conn = tx.conn
             if self.db.is_postgresql:
-                session.execute(select(func.pg_advisory_xact_lock(_CLAIM_LOCK_KEY)))
-            states = _running_states(session)
-            pending = session.scalars(
-                select(FutureRow)
-                .where(FutureRow.status == FutureStatus.PENDING)
-                .order_by(FutureRow.id)
-                .limit(window)
-            ).all()
+                conn.execute(select(func.pg_advisory_xact_lock(_CLAIM_LOCK_KEY)))
+            states = _running_states(conn)
+            pending = conn.execute(_PENDING_WINDOW, {"window": window}).all()
             chosen = _select_runnable(pending, states, limit, request_types)
-            if chosen:
-                session.execute(
-                    update(FutureRow)
-                    .where(FutureRow.id.in_([r.id for r in chosen]))
-                    .values(status=FutureStatus.RUNNING, started_at=utcnow())
-                )
-            return [_claimed(r) for r in chosen]
+            if not chosen:
+                return []
+            ids = [r.id for r in chosen]
+            conn.execute(_MARK_RUNNING.where(_F.id.in_(ids)), {"claimed_at": utcnow()})
+            rows = conn.execute(_CLAIMED.where(_F.id.in_(ids)).order_by(_F.id)).all()
+            return [_claimed(r) for r in rows]
 
     def complete(self, request_id: str, payload: bytes, content_type: str) -> None:
         """Store the result (JSON or protobuf bytes) and wake the request's pollers."""
@@ -121,9 +159,9 @@ class WorkQueue:
             raise ValueError(f"content_type must be one of {_RESULT_TYPES}, got {content_type!r}")
         self._finish(
             request_id,
-            status=FutureStatus.COMPLETED,
-            result=payload,
-            result_content_type=content_type,
+            new_status=FutureStatus.COMPLETED,
+            new_result=payload,
+            new_result_type=content_type,
         )
 
     def fail(self, request_id: str, message: str, category: WireCategory) -> None:
@@ -132,26 +170,22 @@ class WorkQueue:
             raise ValueError(f"category must be user, server or unknown, got {category!r}")
         self._finish(
             request_id,
-            status=FutureStatus.FAILED,
-            error_message=message or "request failed",
-            error_category=category,
+            new_status=FutureStatus.FAILED,
+            new_error=message or "request failed",
+            new_category=category,
         )
 
     def _finish(self, request_id: str, **values: object) -> None:
-        with self.db.write() as session:
-            done = session.execute(
-                update(FutureRow)
-                .where(FutureRow.request_id == request_id, FutureRow.status.not_in(_DONE))
-                .values(finished_at=utcnow(), **values)
-            )
-            if done.rowcount == 0:  # type: ignore[attr-defined]
-                exists = session.scalar(
-                    select(FutureRow.status).where(FutureRow.request_id == request_id)
-                )
+        with self.db.core_write() as tx:
+            done = tx.conn.execute(
+                _FINISH, {"rid": request_id, "done_at": utcnow(), **values}
+            ).rowcount
+            if done == 0:
+                exists = tx.conn.scalar(select(_F.status).where(_F.request_id == request_id))
                 if exists is None:
                     raise NotFoundError(f"unknown request_id {request_id!r}")
                 raise ServerFaultError(f"request {request_id} already finished ({exists})")
-            self.bus.publish(session, FUTURES, request_id)
+            self.bus.publish(tx, FUTURES, request_id)
 
     def fail_running(self, message: str = RESTART_MESSAGE) -> int:
         """Fail every ``running`` request with category ``server`` (call once at worker start).
@@ -180,14 +214,9 @@ class WorkQueue:
             return len(ids)
 
 
-def _running_states(session: Session) -> dict[str, _ModelState]:
+def _running_states(conn: Connection) -> dict[str, _ModelState]:
     states: dict[str, _ModelState] = {}
-    rows = session.execute(
-        select(FutureRow.model_id, FutureRow.barrier).where(
-            FutureRow.status == FutureStatus.RUNNING, FutureRow.model_id.is_not(None)
-        )
-    )
-    for model_id, barrier in rows:
+    for model_id, barrier in conn.execute(_RUNNING_MODELS):
         state = states.setdefault(str(model_id), _ModelState())
         state.running = True
         state.running_barrier |= barrier
@@ -195,13 +224,13 @@ def _running_states(session: Session) -> dict[str, _ModelState]:
 
 
 def _select_runnable(
-    pending: Collection[FutureRow],
+    pending: Collection[Any],
     states: dict[str, _ModelState],
     limit: int,
     request_types: Collection[str] | None,
-) -> list[FutureRow]:
+) -> list[Any]:
     """Walk pending rows in arrival order and pick those the ordering rules allow."""
-    chosen: list[FutureRow] = []
+    chosen: list[Any] = []
     for row in pending:
         if len(chosen) >= limit:
             break
@@ -221,7 +250,7 @@ def _select_runnable(
     return chosen
 
 
-def _claimed(row: FutureRow) -> ClaimedRequest:
+def _claimed(row: Any) -> ClaimedRequest:
     return ClaimedRequest(
         request_id=row.request_id,
         request_type=row.request_type,

@@ -12,6 +12,7 @@ This file is longer than 400 lines only because it lists every export twice (imp
 ``__all__``), one per line as the formatter wants; it holds no logic.
 """
 
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from tx_types._base import (
@@ -233,7 +234,10 @@ from tx_types.weights import (
     WeightsInfoResponse,
 )
 
-__version__ = _version("tx-types")
+try:
+    __version__ = _version("tx-types")
+except PackageNotFoundError:  # a source checkout on PYTHONPATH (e.g. an accelerator box)
+    __version__ = "0+source"
 
 __all__ = [
     "CHECKPOINT_NAME_PATTERN",

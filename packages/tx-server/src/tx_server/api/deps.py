@@ -17,15 +17,19 @@ from tx_server.db.models import SessionRow
 __all__ = ["OwnedSessionDep", "StateDep", "TenantDep", "authenticate", "get_state"]
 
 
-def get_state(request: Request) -> AppState:
-    """The app's object graph (see :class:`AppState`)."""
+async def get_state(request: Request) -> AppState:
+    """The app's object graph (see :class:`AppState`).
+
+    ``async`` (like :func:`authenticate`) because FastAPI runs a plain ``def`` dependency in
+    the thread pool: two thread hops per request for a dictionary lookup.
+    """
     return cast(AppState, request.app.state.tx)
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def authenticate(
+async def authenticate(
     state: StateDep,
     x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None,
 ) -> str:

@@ -7,13 +7,18 @@ read-then-write transaction (claiming work, idempotent insert) takes the write l
 instead of failing with ``SQLITE_BUSY`` when it upgrades. Reads (:meth:`Database.read`) use a
 plain deferred ``BEGIN`` and never take the lock, so long-poll re-checks stay cheap.
 
+The request queue's hot statements (submit, claim, complete, poll) use :meth:`Database.core_write`
+and :meth:`Database.core_read` — SQLAlchemy Core on a bare connection, with statements built
+once at import — instead of ORM sessions: on a slow CPU an ORM insert costs ~2.5 ms of Python
+against ~0.1 ms for SQLite itself, and every queued future pays four such statements.
+
 The schema is created only by Alembic (:func:`upgrade`), never by ``create_all``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["Database", "alembic_config", "sqlite_path", "upgrade"]
+__all__ = ["Database", "WriteTx", "alembic_config", "sqlite_path", "upgrade"]
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _BUSY_TIMEOUT_MS = 30_000
@@ -70,6 +75,14 @@ def _make_engine(url: str) -> Engine:
     return create_engine(parsed, pool_pre_ping=True)
 
 
+class WriteTx:
+    """A Core write transaction: its connection plus callbacks to run once it has committed."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.after_commit: list[Callable[[], None]] = []
+
+
 class Database:
     """One process's handle on the database: an engine and read/write session factories."""
 
@@ -79,9 +92,8 @@ class Database:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self.is_postgresql = self.engine.dialect.name == "postgresql"
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
-        self._writer = sessionmaker(
-            self.engine.execution_options(tx_write=True), expire_on_commit=False
-        )
+        self._write_engine = self.engine.execution_options(tx_write=True)
+        self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
@@ -94,6 +106,25 @@ class Database:
         """A write transaction, committed on success and rolled back on error."""
         with self._writer() as session, session.begin():
             yield session
+
+    @contextlib.contextmanager
+    def core_read(self) -> Iterator[Connection]:
+        """A Core connection for a read (no lock taken; see the module docstring)."""
+        with self.engine.connect() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def core_write(self) -> Iterator[WriteTx]:
+        """A Core write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success.
+
+        Callbacks appended to ``tx.after_commit`` run after the commit (never after a rollback):
+        that is when a wake-up may tell another process to look.
+        """
+        with self._write_engine.begin() as conn:
+            tx = WriteTx(conn)
+            yield tx
+        for callback in tx.after_commit:
+            callback()
 
     def upgrade(self) -> None:
         """Apply all migrations (idempotent: a database at head is left unchanged)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +22,23 @@ from typing import Any
 
 from tx_engine.config import EngineConfig
 from tx_engine.engine import NoFreeSlotError, TrainingEngine
+from tx_server.convert import adam_params
 from tx_server.db.database import Database
 from tx_server.errors import BadRequestError, ServerFaultError
+from tx_server.futures import RequestType
 from tx_server.settings import Settings
 from tx_server.worker.passes import decode_pass
-from tx_server.worker.recovery import Recovery, drop_snapshots, write_snapshot
+from tx_server.worker.recovery import Recovery
 from tx_server.worker.slots import SamplerSlots
+from tx_server.worker.snapshots import SnapshotWriter, snapshot_owners
+from tx_types import AdamParams, OptimStepRequest
 
 __all__ = ["EngineHost", "LoadedModel", "create_from_config", "resolve_model_dir"]
 
 log = logging.getLogger(__name__)
+
+ORPHAN_SWEEP_SECONDS = 60.0
+"""How often the worker looks on disk for snapshots of runs that are no longer live."""
 
 
 def resolve_model_dir(name: str) -> Path:
@@ -84,8 +92,10 @@ class EngineHost:
         self.settings = settings
         self.recovery = Recovery(db, settings.checkpoint_root)
         self.samplers = SamplerSlots()
+        self.snapshots = SnapshotWriter(settings.checkpoint_root)
         self._engines: dict[str, TrainingEngine] = {}
         self._models: dict[str, LoadedModel] = {}
+        self._orphans_due = 0.0
 
     def engine(self, base_model: str) -> TrainingEngine:
         """The engine of a served base model, built on first use."""
@@ -139,27 +149,41 @@ class EngineHost:
         self.recovery.set_slot(model_id, None)
 
     def sweep(self) -> list[str]:
-        """Release every held run that is no longer live; drop its snapshots. Returns the ids."""
+        """Release every held run that is no longer live; drop its snapshots. Returns the ids.
+
+        Runs this worker does not hold (their session ended while no worker held them, e.g.
+        across a restart) are found on disk, at most every :data:`ORPHAN_SWEEP_SECONDS`.
+        """
         dead = self.recovery.dead(list(self._models))
         for model_id in dead:
             self.release(model_id)
-            drop_snapshots(self.settings.checkpoint_root, model_id)
+            self.snapshots.drop(model_id)
         if dead:
             log.info("released the adapter slots of %d finished or unloaded runs", len(dead))
+        if time.monotonic() >= self._orphans_due:
+            self._orphans_due = time.monotonic() + ORPHAN_SWEEP_SECONDS
+            unheld = [
+                m for m in snapshot_owners(self.settings.checkpoint_root) if m not in self._models
+            ]
+            for model_id in self.recovery.dead(unheld):
+                self.snapshots.drop(model_id)
+                dead.append(model_id)
         return dead
 
-    def snapshot(self, model_id: str, request_id: str) -> None:
-        """Write the run's recovery snapshot for barrier ``request_id`` (before it completes)."""
+    def snapshot(self, model_id: str, request_id: str, wait: bool = False) -> None:
+        """Snapshot the run's state after barrier ``request_id`` (see :mod:`.snapshots`).
+
+        The slot is cut out of the engine's state now; the copy to the host and the disk write
+        happen in the background unless ``wait`` (for barriers a restore cannot replay).
+        """
         loaded = self.get(model_id)
-        write_snapshot(
-            loaded.engine,
-            loaded.slot,
-            self.settings.checkpoint_root,
-            model_id,
-            request_id,
-            keep=loaded.snapshot,
-        )
+        state = loaded.engine.adapter_state_later(loaded.slot, include_optimizer=True)
+        self.snapshots.submit(model_id, request_id, state, wait=wait)
         loaded.snapshot = request_id
+
+    def close(self) -> None:
+        """Finish the pending snapshot writes (call when the worker stops)."""
+        self.snapshots.close()
 
     def _restore(self, model_id: str) -> LoadedModel:
         plan = self.recovery.plan(model_id)
@@ -173,16 +197,21 @@ class EngineHost:
         loaded = self.add(model_id, plan.base_model, slot)
         loaded.snapshot = plan.snapshot_id
         try:
-            for payload in plan.replay:  # gradients the dead worker had accumulated
-                decoded = decode_pass(payload, self.settings.engine.max_seq_len)
-                loaded.engine.forward_backward([decoded.batch(slot)])
+            for kind, payload in plan.replay:  # what the dead worker applied after the snapshot
+                if kind == RequestType.OPTIM_STEP:
+                    body = OptimStepRequest.model_validate_json(payload)
+                    assert isinstance(body.optim_params, AdamParams)  # checked when it first ran
+                    loaded.engine.optim_step(slot, adam_params(body.optim_params))
+                else:
+                    decoded = decode_pass(payload, self.settings.engine.max_seq_len)
+                    loaded.engine.forward_backward([decoded.batch(slot)])
         except Exception as exc:
             self.release(model_id)
             raise ServerFaultError(
-                f"restoring model {model_id!r}: replaying its pending forward_backward failed: {exc}"
+                f"restoring model {model_id!r}: replaying its completed requests failed: {exc}"
             ) from exc
         log.warning(
-            "restored model %s into slot %d (%s, %d passes replayed)",
+            "restored model %s into slot %d (%s, %d requests replayed)",
             model_id,
             slot,
             f"snapshot {plan.snapshot_id}" if plan.snapshot_id else "initial adapter",

@@ -24,7 +24,6 @@ from tx_server.errors import BadRequestError
 from tx_server.futures import RequestType
 from tx_server.work_queue import ClaimedRequest
 from tx_server.worker.engines import EngineHost, create_from_config
-from tx_server.worker.recovery import drop_snapshots
 from tx_server.worker.storage import checkpoint_dir, dir_size, find_checkpoint
 from tx_types import (
     AdamParams,
@@ -147,7 +146,7 @@ class BarrierHandlers:
                 lambda e: e.load_adapter(storage, slot=None, with_optimizer=with_optimizer),
             )
             self.host.add(model_id, base_model, slot)
-        self.host.snapshot(model_id, req.request_id)
+        self.host.snapshot(model_id, req.request_id, wait=True)  # a load is never replayed
         response = LoadWeightsResponse(
             path=data["request"]["path"], model_id=model_id, type="load_weights"
         )
@@ -157,7 +156,7 @@ class BarrierHandlers:
         """Free the run's slot for good; its completed request is the durable unload record."""
         assert req.model_id is not None
         self.host.release(req.model_id)
-        drop_snapshots(self.root, req.model_id)
+        self.host.snapshots.drop(req.model_id)
         response = UnloadModelResponse(model_id=req.model_id, type="unload_model")
         return response.model_dump_json().encode()
 

@@ -36,6 +36,7 @@ def run_worker(
     """Serve the queue of ``settings.database_url`` until ``stop`` is set."""
     db = Database(settings.database_url)
     queue = WorkQueue(db)
+    executor: Executor | None = None
     try:
         executor = Executor(settings, queue)
         failed = queue.fail_running(RESTART_MESSAGE)
@@ -56,6 +57,8 @@ def run_worker(
                     continue
                 work.wait(timeout=RECHECK_SECONDS)
     finally:
+        if executor is not None:
+            executor.host.close()  # pending recovery snapshots reach the disk
         queue.bus.close()
         db.dispose()
 

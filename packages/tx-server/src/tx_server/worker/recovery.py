@@ -6,19 +6,16 @@ an adapter slot of the worker's engine, so a worker restart loses it. Design:
 * **Exact state = state after the run's last completed state-changing barrier** (``create_model``,
   ``optim_step``, ``load_weights``; the queue runs them one at a time, in order), **plus the
   gradients of the forward/backward passes completed since**.
-* **Recovery snapshots.** After every ``optim_step`` and ``load_weights`` — before its future is
-  completed — the worker writes the slot's weights *and* optimizer state to
-  ``{checkpoint_root}/{model_id}/recovery/{request_id}/`` (via a temporary directory and a
-  rename, so a half-written snapshot is never read) and keeps the previous snapshot too. If the
-  worker dies between writing and completing, the request is failed at restart and the previous
-  snapshot is still the one that matches the last *completed* barrier. Snapshots are not rows in
-  ``checkpoints``: they are internal and never listed.
-  Chosen over "snapshot when idle": it is never stale, at the cost of one adapter-sized write
-  per step (small next to a training step for LoRA ranks).
-* **Gradients are replayed, not lost.** Completed ``forward_backward`` payloads are still in the
-  ``futures`` table; on restore the worker re-runs those that came after the last barrier (the
-  results are discarded), so a resubmitted ``optim_step`` applies exactly the gradients the
-  client was told about.
+* **Recovery snapshots** (:mod:`tx_server.worker.snapshots`): after every ``optim_step`` and
+  ``load_weights`` the worker cuts the slot's weights *and* optimizer state out of the engine;
+  a background thread copies them to the host and writes them to ``{checkpoint_root}/{model_id}/recovery/{request_id}/``.
+  ``optim_step`` completes without waiting for the disk; ``load_weights`` waits (it cannot be
+  replayed). Snapshots are internal, never rows in ``checkpoints``, never listed.
+* **Replay, not loss.** A restore starts from the newest snapshot of a *completed* barrier that
+  is on disk (or from the creation) and re-runs, in order, every completed ``forward_backward``
+  and ``optim_step`` after it — their payloads are still in the ``futures`` table. So a step
+  whose snapshot was not yet written when the worker died is re-applied, and a resubmitted
+  ``optim_step`` applies exactly the gradients the client was told about.
 * **Never snapshotted: ``create_model``.** Its state is a deterministic function of the LoRA
   config and seed; the worker records the seed it drew in ``models.lora_config`` at creation.
 * **Restore is lazy**: at the first request for the run after a restart (each restored run takes
@@ -31,8 +28,6 @@ an adapter slot of the worker's engine, so a worker restart loses it. Design:
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,53 +35,31 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from tx_engine.engine import TrainingEngine
 from tx_server.db.database import Database
 from tx_server.db.models import FutureRow, FutureStatus, ModelRow, SessionRow
 from tx_server.errors import BadRequestError, NotFoundError, ServerFaultError
 from tx_server.futures import RequestType
+from tx_server.worker.snapshots import snapshot_dir
 
-__all__ = ["Recovery", "RestorePlan", "drop_snapshots", "write_snapshot"]
+__all__ = ["Recovery", "RestorePlan"]
 
 _STATE_CHANGING = (RequestType.CREATE_MODEL, RequestType.OPTIM_STEP, RequestType.LOAD_WEIGHTS)
-_RECOVERY = "recovery"
-
-
-def _snapshots(root: Path, model_id: str) -> Path:
-    if "/" in model_id or model_id in ("", ".", ".."):
-        raise ServerFaultError(f"model id {model_id!r} cannot name a directory")
-    return root / model_id / _RECOVERY
-
-
-def write_snapshot(
-    engine: TrainingEngine, slot: int, root: Path, model_id: str, request_id: str, keep: str | None
-) -> None:
-    """Snapshot ``slot`` (weights + optimizer) as ``request_id``; keep only it and ``keep``."""
-    base = _snapshots(root, model_id)
-    tmp = base / f".{request_id}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    engine.save_adapter(slot, tmp, include_optimizer=True)
-    shutil.rmtree(base / request_id, ignore_errors=True)
-    os.replace(tmp, base / request_id)
-    for old in base.iterdir():
-        if old.name not in (request_id, keep):
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def drop_snapshots(root: Path, model_id: str) -> None:
-    """Delete a run's recovery snapshots (it was unloaded or its session finished)."""
-    shutil.rmtree(_snapshots(root, model_id), ignore_errors=True)
+_REPLAYED = (RequestType.FORWARD_BACKWARD, RequestType.OPTIM_STEP)
 
 
 @dataclass(frozen=True)
 class RestorePlan:
-    """How to rebuild a live run: load ``snapshot`` or init from ``lora``, then replay passes."""
+    """How to rebuild a live run: load ``snapshot`` or init from ``lora``, then replay.
+
+    ``replay`` holds ``(request_type, payload)`` of the completed ``forward_backward`` and
+    ``optim_step`` requests after the starting point, in arrival order.
+    """
 
     base_model: str
     lora: dict[str, Any]
     snapshot: Path | None
     snapshot_id: str | None
-    replay: list[bytes]
+    replay: list[tuple[str, bytes]]
 
 
 class Recovery:
@@ -98,9 +71,10 @@ class Recovery:
 
     def plan(self, model_id: str) -> RestorePlan:
         """The restore plan of a live run; user errors for unknown or released runs."""
+        base = snapshot_dir(self.root, model_id)
         with self.db.read() as session:
             row = self._live_row(session, model_id)
-            last = session.execute(
+            barriers = session.execute(
                 select(FutureRow.id, FutureRow.request_id, FutureRow.request_type)
                 .where(
                     FutureRow.model_id == model_id,
@@ -108,45 +82,53 @@ class Recovery:
                     FutureRow.request_type.in_(_STATE_CHANGING),
                 )
                 .order_by(FutureRow.id.desc())
-                .limit(1)
-            ).first()
-            if last is None:
+            ).all()
+            if not barriers:
                 self._check_created(session, model_id)
-            replay = list(
-                session.scalars(
-                    select(FutureRow.payload)
+            start, snapshot_id = self._starting_point(model_id, base, barriers)
+            replay = [
+                (str(kind), bytes(payload))
+                for kind, payload in session.execute(
+                    select(FutureRow.request_type, FutureRow.payload)
                     .where(
                         FutureRow.model_id == model_id,
                         FutureRow.status == FutureStatus.COMPLETED,
-                        FutureRow.request_type == RequestType.FORWARD_BACKWARD,
-                        FutureRow.id > (last.id if last is not None else -1),
+                        FutureRow.request_type.in_(_REPLAYED),
+                        FutureRow.id > start,
                     )
                     .order_by(FutureRow.id)
-                ).all()
-            )
+                )
+            ]
             base_model, lora = row.base_model, dict(row.lora_config)
-        snapshot_id = self._snapshot_for(model_id, last)
-        snapshot = None if snapshot_id is None else _snapshots(self.root, model_id) / snapshot_id
+        snapshot = None if snapshot_id is None else base / snapshot_id
         return RestorePlan(base_model, lora, snapshot, snapshot_id, replay)
 
-    def _snapshot_for(self, model_id: str, last: Any) -> str | None:
-        """The snapshot matching the last completed barrier (None: init from the config)."""
-        base = _snapshots(self.root, model_id)
-        if last is None:  # its barriers were pruned: the newest snapshot, if any, is the state
-            found = sorted(
-                (p for p in base.glob("*") if not p.name.startswith(".")),
-                key=lambda p: p.stat().st_mtime_ns,
-            )
-            return found[-1].name if found else None
-        if last.request_type == RequestType.CREATE_MODEL:
-            return None
-        if not (base / last.request_id).is_dir():
-            raise ServerFaultError(
-                f"the state of model {model_id!r} after request {last.request_id} "
-                f"({last.request_type}) was lost with the worker (no recovery snapshot in "
-                f"{base}); create a new training client from a saved checkpoint"
-            )
-        return str(last.request_id)
+    @staticmethod
+    def _starting_point(model_id: str, base: Path, barriers: Any) -> tuple[int, str | None]:
+        """``(queue id to replay after, snapshot to load or None)``, newest usable first.
+
+        The newest completed barrier with a snapshot on disk, or the creation (deterministic
+        from the recorded seed). A ``load_weights`` is never replayed (its source may be gone),
+        so the walk stops at one without a snapshot.
+        """
+        for barrier in barriers:
+            if (base / barrier.request_id).is_dir():
+                return barrier.id, str(barrier.request_id)
+            if barrier.request_type == RequestType.CREATE_MODEL:
+                return barrier.id, None
+            if barrier.request_type == RequestType.LOAD_WEIGHTS:
+                break
+        else:
+            if not barriers:  # every barrier was pruned: the newest snapshot is the state
+                found = sorted(
+                    (p for p in base.glob("*") if not p.name.startswith(".")),
+                    key=lambda p: p.stat().st_mtime_ns,
+                )
+                return -1, (found[-1].name if found else None)
+        raise ServerFaultError(
+            f"the state of model {model_id!r} was lost with the worker (no usable recovery "
+            f"snapshot in {base}); create a new training client from a saved checkpoint"
+        )
 
     def require_live(self, model_id: str) -> str:
         """The base model of a live run; user errors for unknown, unloaded or finished runs."""

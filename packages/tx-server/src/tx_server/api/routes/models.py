@@ -28,7 +28,7 @@ from tx_types import (
     UntypedAPIFuture,
 )
 
-__all__ = ["get_owned_model", "model_id_for", "router", "submit"]
+__all__ = ["get_owned_model", "model_id_for", "router", "submit", "submit_for_model"]
 
 router = APIRouter(tags=["models"])
 
@@ -52,6 +52,24 @@ async def submit(
 ) -> UntypedAPIFuture:
     """Write the futures row (in the thread pool) and answer with its request id."""
     request_id = await run_in_threadpool(state.futures.submit, tenant, submission)
+    return UntypedAPIFuture(request_id=request_id, model_id=model_id)
+
+
+async def submit_for_model(
+    state: AppState, tenant: str, submission: Submission, model_id: str
+) -> UntypedAPIFuture:
+    """:func:`submit` for a request on the caller's model ``model_id`` (404 if not theirs).
+
+    The ownership check and the write share one thread-pool call: this is every training
+    step's path, and each hop costs more than the query.
+    """
+
+    def check_and_submit() -> str:
+        if not state.futures.owns_model(tenant, model_id):
+            raise NotFoundError(f"unknown model_id {model_id!r}")
+        return state.futures.submit(tenant, submission)
+
+    request_id = await run_in_threadpool(check_and_submit)
     return UntypedAPIFuture(request_id=request_id, model_id=model_id)
 
 

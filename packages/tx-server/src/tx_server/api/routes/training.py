@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
-from starlette.concurrency import run_in_threadpool
 
 from tx_server.api.deps import StateDep, TenantDep
-from tx_server.api.routes.models import get_owned_model, submit
+from tx_server.api.routes.models import submit, submit_for_model
 from tx_server.futures import PROTOBUF, RequestType, Submission
 from tx_types import OptimStepRequest, UntypedAPIFuture
 from tx_types.proto import (
@@ -41,7 +40,6 @@ async def forward_backward(
         message = f"forward_backward request could not be decoded: {exc}"
         bad = Submission(RequestType.FORWARD_BACKWARD, b"", PROTOBUF, failed=(message, "user"))
         return await submit(state, tenant, bad)
-    await run_in_threadpool(get_owned_model, state, tenant, decoded.model_id)
     payload = encode_forward_backward_request(
         decoded.model_id,
         decoded.seq_id,
@@ -53,7 +51,7 @@ async def forward_backward(
     submission = Submission(
         kind, payload, PROTOBUF, model_id=decoded.model_id, seq_id=decoded.seq_id
     )
-    return await submit(state, tenant, submission, decoded.model_id)
+    return await submit_for_model(state, tenant, submission, decoded.model_id)
 
 
 @router.post("/optim_step", response_model=UntypedAPIFuture)
@@ -61,11 +59,10 @@ async def optim_step(
     body: OptimStepRequest, tenant: TenantDep, state: StateDep
 ) -> UntypedAPIFuture:
     """Queue one AdamW step of the model on its accumulated gradients."""
-    await run_in_threadpool(get_owned_model, state, tenant, body.model_id)
     submission = Submission(
         RequestType.OPTIM_STEP,
         body.model_dump_json().encode(),
         model_id=body.model_id,
         seq_id=body.seq_id,
     )
-    return await submit(state, tenant, submission, body.model_id)
+    return await submit_for_model(state, tenant, submission, body.model_id)

@@ -1,0 +1,149 @@
+"""Recovery snapshots on disk, written by a background thread after the request completes.
+
+Why in the background: a snapshot is an adapter-sized write (weights + both AdamW moments) after
+every ``optim_step``. Written before completing the step, it sat on every training step's round
+trip (15 ms for the tiny model on a 2-core CPU, hundreds of ms for larger adapters on slow
+disks). Now the worker only cuts the slot out of the engine's state (one dispatched device
+computation) and hands it to :class:`SnapshotWriter`, whose thread copies it to the host and
+writes it; the step's future completes without waiting for either.
+
+What makes that safe is the replay rule of :mod:`tx_server.worker.recovery`: a restore starts
+from the newest snapshot of a *completed* barrier that is on disk and replays every completed
+``forward_backward`` and ``optim_step`` after it, so a step whose snapshot was still queued when
+the worker died is re-applied, not lost. ``load_weights`` (whose source checkpoint may be gone
+by the time of a replay) and anything else that cannot be replayed pass ``wait=True``.
+
+Layout: ``{root}/{model_id}/recovery/{request_id}/`` written through a temporary directory and a
+rename, so a half-written snapshot is never read. The writer keeps the two newest of a run (by
+mtime, so this holds across restarts): the newest may belong to a barrier that never completed
+(the worker died first), and the restore then needs the one before. Jobs of one run are coalesced — only the
+newest pending state is written — so a slow disk never queues more than one copy per run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tx_engine.checkpoint import AdapterState, save_adapter
+from tx_server.errors import ServerFaultError
+
+__all__ = ["SnapshotWriter", "snapshot_dir", "snapshot_owners"]
+
+log = logging.getLogger(__name__)
+
+_RECOVERY = "recovery"
+
+
+def snapshot_dir(root: Path, model_id: str) -> Path:
+    """The directory holding ``model_id``'s snapshots (one subdirectory per request id)."""
+    if "/" in model_id or model_id in ("", ".", ".."):
+        raise ServerFaultError(f"model id {model_id!r} cannot name a directory")
+    return root / model_id / _RECOVERY
+
+
+def snapshot_owners(root: Path) -> list[str]:
+    """The model ids that have a snapshot directory under ``root``."""
+    if not root.is_dir():
+        return []
+    return sorted(p.parent.name for p in root.glob(f"*/{_RECOVERY}") if p.is_dir())
+
+
+@dataclass(frozen=True)
+class _Job:
+    model_id: str
+    request_id: str
+    state: Callable[[], AdapterState]
+    """Copies the state to the host (``TrainingEngine.adapter_state_later``), in the writer."""
+
+
+class SnapshotWriter:
+    """One daemon thread writing the newest pending snapshot of each run, oldest run first."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._pending: dict[str, _Job] = {}
+        self._writing: str | None = None
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="tx-snapshots", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, model_id: str, request_id: str, state: Callable[[], AdapterState], wait: bool
+    ) -> None:
+        """Queue ``state`` as the snapshot of barrier ``request_id``; ``wait``: until on disk."""
+        snapshot_dir(self.root, model_id)  # validate the name now, in the caller's request
+        with self._cv:
+            if self._closed:
+                raise ServerFaultError("the snapshot writer is closed")
+            self._pending.pop(model_id, None)  # re-inserted last: runs are served in order
+            self._pending[model_id] = _Job(model_id, request_id, state)
+            self._cv.notify_all()
+        if wait:
+            self.flush(model_id)
+            if not (snapshot_dir(self.root, model_id) / request_id).is_dir():
+                raise ServerFaultError(
+                    f"writing the recovery snapshot of model {model_id!r} failed; see the log"
+                )
+
+    def flush(self, model_id: str | None = None) -> None:
+        """Block until nothing of ``model_id`` (None: of any run) is pending or being written."""
+        with self._cv:
+            self._cv.wait_for(lambda: not self._busy(model_id))
+
+    def drop(self, model_id: str) -> None:
+        """Forget a run: cancel its pending snapshot and delete those on disk."""
+        with self._cv:
+            self._pending.pop(model_id, None)
+            self._cv.wait_for(lambda: self._writing != model_id)
+            shutil.rmtree(snapshot_dir(self.root, model_id), ignore_errors=True)
+
+    def close(self) -> None:
+        """Write what is pending, then stop the thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _busy(self, model_id: str | None) -> bool:
+        if model_id is None:
+            return bool(self._pending) or self._writing is not None
+        return model_id in self._pending or self._writing == model_id
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: bool(self._pending) or self._closed)
+                if not self._pending:
+                    return  # closed and drained
+                model_id = next(iter(self._pending))
+                job = self._pending.pop(model_id)
+                self._writing = model_id
+            try:
+                self._write(job)
+            except Exception:
+                log.exception("recovery snapshot %s of %s failed", job.request_id, model_id)
+            finally:
+                with self._cv:
+                    self._writing = None
+                    self._cv.notify_all()
+
+    def _write(self, job: _Job) -> None:
+        base = snapshot_dir(self.root, job.model_id)
+        tmp = base / f".{job.request_id}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(tmp, job.state())
+        shutil.rmtree(base / job.request_id, ignore_errors=True)
+        os.replace(tmp, base / job.request_id)
+        older = sorted(
+            (p for p in base.iterdir() if p.name != job.request_id and not p.name.startswith(".")),
+            key=lambda p: p.stat().st_mtime_ns,
+        )
+        for old in older[:-1]:  # keep the newest older one (see the module docstring)
+            shutil.rmtree(old, ignore_errors=True)
