@@ -15,7 +15,11 @@ For each model preset the script builds the kit's checkpoint, starts ``python -m
   ``learning_rate=0`` (which also pays the worker's per-step recovery snapshot);
 * **logprobs-128 latency** — p50 of ``compute_logprobs`` on a 128-token prompt;
 * **tenants ×N** — aggregate train tok/s of N threads, each its own API key (tenant), service
-  client and LoRA adapter, stepping concurrently, for N = 1, 2, 4.
+  client and LoRA adapter, stepping concurrently, for N = 1, 2, 4;
+* **engine reference** — the same train and sample workloads on ``TrainingEngine`` /
+  ``Sampler`` directly, with the server's engine settings, in a subprocess run before the server
+  starts (so the two never share the device); the ``API / engine`` rows are what the REST
+  path, the queue and the worker cost on top of the engine.
 
 Every measurement is preceded by an untimed warm-up of the same shapes, so compile time is
 excluded; the numbers are steady-state service throughput on whatever device the worker uses.
@@ -236,8 +240,64 @@ def tenants(url: str, model: str, plan: Plan, n: int) -> float:
     return n * plan.tenant_steps * plan.batch * plan.seq / seconds
 
 
+def engine_reference(preset: str, plan: Plan) -> dict[str, float]:
+    """Train and sample tok/s of the same workloads on the engine itself (no server)."""
+    from tx_engine.config import EngineConfig
+    from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, TrainingEngine
+    from tx_engine.sampler import Sampler, SampleRequestArrays
+    from tx_server.settings import EngineSettings
+
+    settings = EngineSettings(max_lora_rank=RANK, max_lora_adapters=16, max_seq_len=512)
+    engine = TrainingEngine(ensure_model(preset), EngineConfig(**settings.engine_config_kwargs()))
+    slot = engine.create_adapter(rank=RANK, seed=0)
+    rows = [
+        DatumArrays(
+            np.asarray(d.model_input.to_ints()),
+            {k: d.loss_fn_inputs[k].to_numpy() for k in ("target_tokens", "weights")},
+        )
+        for d in batch(plan, 0)
+    ]
+
+    def train(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.forward_backward([AdapterBatch(slot, rows)])
+            engine.optim_step(slot, AdamParams(learning_rate=1e-4))
+        return time.perf_counter() - start
+
+    train(1)
+    result = {"train_tok_s": plan.train_steps * plan.batch * plan.seq / train(plan.train_steps)}
+    sampler = Sampler(engine, max_cache_tokens=settings.sample_tokens_per_batch, max_batch=64)
+    request = SampleRequestArrays(
+        np.arange(100, 132, dtype=np.int32),
+        num_samples=plan.samples,
+        max_tokens=plan.max_tokens,
+        seed=0,
+        adapter=slot,
+    )
+    sampler.sample([request])  # warm-up
+    start, sampled = time.perf_counter(), 0
+    for _ in range(plan.sample_reps):
+        (out,) = sampler.sample([request])
+        sampled += sum(len(s.tokens) for s in out.sequences)
+    result["sample_tok_s"] = sampled / (time.perf_counter() - start)
+    return result
+
+
+def run_engine_reference(preset: str, plan: Plan) -> dict[str, float]:
+    """:func:`engine_reference` in a subprocess (its device memory is freed when it exits)."""
+    argv = [sys.executable, __file__, "--engine-reference", preset]
+    out = subprocess.run(
+        argv + (["--quick"] if plan == QUICK else []), capture_output=True, text=True, check=True
+    )
+    ref = json.loads(out.stdout.strip().splitlines()[-1])
+    progress(f"{preset}: engine reference {ref}")
+    return {f"engine_{k}": v for k, v in ref.items()}
+
+
 def bench_preset(preset: str, plan: Plan) -> dict[str, float]:
     model = str(ensure_model(preset))
+    reference = run_engine_reference(preset, plan)
     progress(f"{preset}: serving {model}")
     with tempfile.TemporaryDirectory(prefix="tx-bench-e2e-") as tmp, serve(model, Path(tmp)) as url:
         with tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
@@ -245,6 +305,10 @@ def bench_preset(preset: str, plan: Plan) -> dict[str, float]:
         for n in (1, 2, 4):
             result[f"tenants{n}_tok_s"] = tenants(url, model, plan, n)
             progress(f"{n} tenants {result[f'tenants{n}_tok_s']:.0f} tok/s")
+    result |= reference
+    result["train_vs_engine"] = result["train_tok_s"] / result["engine_train_tok_s"]
+    result["sample_vs_engine"] = result["sample_tok_s"] / result["engine_sample_tok_s"]
+    result["tenants4_vs_1"] = result["tenants4_tok_s"] / result["tenants1_tok_s"]
     return result
 
 
@@ -261,6 +325,11 @@ ROWS = [
     ("tenants1_tok_s", "1 tenant  aggregate train tok/s", "{:.0f}"),
     ("tenants2_tok_s", "2 tenants aggregate train tok/s", "{:.0f}"),
     ("tenants4_tok_s", "4 tenants aggregate train tok/s", "{:.0f}"),
+    ("tenants4_vs_1", "4 tenants / 1 tenant", "{:.2f}"),
+    ("engine_train_tok_s", "engine train tok/s (same shape, no server)", "{:.0f}"),
+    ("train_vs_engine", "API / engine train throughput", "{:.2f}"),
+    ("engine_sample_tok_s", "engine sample tok/s (same request, no server)", "{:.0f}"),
+    ("sample_vs_engine", "API / engine sample throughput", "{:.2f}"),
 ]
 
 
@@ -280,8 +349,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--presets", default="tiny-qwen3,small", help="comma-separated presets")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--engine-reference", metavar="PRESET", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.engine_reference:  # the subprocess of run_engine_reference: one JSON line
+        print(json.dumps(engine_reference(args.engine_reference, plan)))
+        return {}
     started = time.perf_counter()
     results = {p: bench_preset(p, plan) for p in args.presets.split(",")}
     print(table(results, plan))

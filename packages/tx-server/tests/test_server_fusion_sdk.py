@@ -1,10 +1,10 @@
 """Two tenants' concurrent forward_backward calls become one engine call (issue 5, item 9).
 
 Two official-SDK clients with different API keys train their own adapters against one live
-API. Both submit a forward_backward while no worker runs (as when the worker is busy), so the
-next worker's first claim holds both, and its log line for the engine call names both models —
-deterministic, whatever the machine's speed. The fused results must equal what each tenant
-gets alone (fusion is invisible to clients).
+API. Both submit a forward_backward (then an optim_step) while no worker runs (as when the
+worker is busy), so the next worker's first claim holds both, and its log line for the engine
+call names both models — deterministic, whatever the machine's speed. The fused results must
+equal what each tenant gets alone (fusion is invisible to clients).
 """
 
 from __future__ import annotations
@@ -70,6 +70,22 @@ def _fused_models(records: list[logging.LogRecord]) -> list[int]:
     ]
 
 
+def _fused_steps(records: list[logging.LogRecord]) -> list[int]:
+    """Number of models in each optim_step engine call the worker logged."""
+    return [
+        int(r.args[0])  # type: ignore[index]
+        for r in records
+        if r.msg.startswith("one optim_step engine call")
+    ]
+
+
+def _wait_pending(server: RunningServer, n: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while _pending(server) < n:  # the SDK submits asynchronously
+        assert time.monotonic() < deadline, f"{n} requests were never submitted"
+        time.sleep(0.05)
+
+
 def test_two_tenants_forward_backward_share_one_engine_call(
     api: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -85,12 +101,8 @@ def test_two_tenants_forward_backward_share_one_engine_call(
             for i, tc in enumerate(clients)
         ]
     futures = [tc.forward_backward([_datum(i)], "cross_entropy") for i, tc in enumerate(clients)]
-    deadline = time.monotonic() + TIMEOUT
-    while _pending(api) < 2:  # the SDK submits asynchronously
-        assert time.monotonic() < deadline, "the two requests were never submitted"
-        time.sleep(0.05)
-
-    caplog.set_level(logging.INFO, logger="tx_server.worker.executor")
+    _wait_pending(api, 2)
+    caplog.set_level(logging.INFO, logger="tx_server.worker")
     with worker_thread(api.settings):
         results = [f.result(timeout=TIMEOUT) for f in futures]
     assert _fused_models(caplog.records) == [2]
@@ -101,3 +113,25 @@ def test_two_tenants_forward_backward_share_one_engine_call(
             rtol=1e-5,
             atol=1e-6,
         )
+
+    # Both tenants' optimizer steps: one engine call, the same update as stepping alone.
+    adam = types.AdamParams(learning_rate=5e-2)
+    steps = [tc.optim_step(adam) for tc in clients]
+    _wait_pending(api, 2)
+    with worker_thread(api.settings):
+        for f in steps:
+            f.result(timeout=TIMEOUT)
+        assert _fused_steps(caplog.records) == [2]
+        stepped = [tc.forward([_datum(i)], "cross_entropy") for i, tc in enumerate(clients)]
+        service = tinker.ServiceClient(base_url=api.url, api_key=API_KEY)
+        for i, got in enumerate(stepped):
+            ref = service.create_lora_training_client(BASE, rank=4, seed=i).result(TIMEOUT)
+            ref.forward_backward([_datum(i)], "cross_entropy").result(TIMEOUT)
+            ref.optim_step(adam).result(TIMEOUT)
+            want = ref.forward([_datum(i)], "cross_entropy").result(TIMEOUT)
+            np.testing.assert_allclose(
+                got.result(TIMEOUT).loss_fn_outputs[0]["logprobs"].data,
+                want.loss_fn_outputs[0]["logprobs"].data,
+                rtol=1e-5,
+                atol=1e-6,
+            )

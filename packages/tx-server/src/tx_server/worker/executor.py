@@ -1,4 +1,5 @@
-"""Execute one claimed batch: fuse every forward/backward pass, run the barriers, then sample.
+"""Execute one claimed batch: fuse every forward/backward pass and optimizer step, run the
+other barriers, then sample.
 
 Why fusing is safe: the queue claims a barrier (optim_step, save, load, create) only when it
 is its model's sole claimed request, and forward/backward passes of one model between two
@@ -24,6 +25,7 @@ from tx_server.work_queue import ClaimedRequest, WorkQueue
 from tx_server.worker.engines import EngineHost, LoadedModel
 from tx_server.worker.fused import run_fused
 from tx_server.worker.handlers import BarrierHandlers
+from tx_server.worker.optim_steps import prepare_optim_step, run_optim_steps
 from tx_server.worker.passes import decode_pass
 from tx_server.worker.sampling import SamplingRunner
 from tx_types.proto import ProtoDecodeError
@@ -78,6 +80,8 @@ class Executor:
         self.sampling = SamplingRunner(settings, self.host, queue)
         self.engine_calls = 0
         """Forward/backward engine calls made so far (how well requests were fused)."""
+        self.optim_calls = 0
+        """Optimizer engine calls made so far (one per engine and claim)."""
 
     def sweep(self) -> None:
         """Free the slots of runs that stopped being live (call between claims, never within).
@@ -92,17 +96,24 @@ class Executor:
 
     def run(self, claimed: Sequence[ClaimedRequest]) -> None:
         """Execute ``claimed`` (one claim's worth) and complete or fail every request."""
-        passes, samples = [], []
+        passes, steps, samples = [], [], []
         for req in claimed:
-            if req.request_type == RequestType.SAMPLE:
+            kind = req.request_type
+            if kind == RequestType.SAMPLE:
                 samples.append(req)
-            elif req.request_type in _PASSES:
-                try:
-                    passes.append(self._prepare(req))
-                except Exception as exc:
-                    self._fail(req, exc)
-            else:
+                continue
+            if kind not in _PASSES and kind != RequestType.OPTIM_STEP:
                 self._run_barrier(req)
+                continue
+            try:
+                if kind == RequestType.OPTIM_STEP:
+                    steps.append(prepare_optim_step(self.host, req))
+                else:
+                    passes.append(self._prepare(req))
+            except Exception as exc:
+                self._fail(req, exc)
+        if steps:
+            self.optim_calls += run_optim_steps(self.host, self.queue, steps, self._fail)
         groups: dict[tuple[int, bool], list[_Pass]] = {}
         for p in passes:
             groups.setdefault((id(p.model.engine), p.backward), []).append(p)

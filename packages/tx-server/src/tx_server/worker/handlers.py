@@ -1,4 +1,6 @@
-"""Barrier requests: create_model, optim_step, save/load weights, save for sampler, unload.
+"""Barrier requests: create_model, save/load weights, save for sampler, unload.
+
+(``optim_step``, also a barrier, is fused across tenants: :mod:`.optim_steps`.)
 
 Each handler takes the claimed request and returns the JSON result bytes; raising fails the
 request (the caller maps the exception to a wire category). Database rows that record files
@@ -17,7 +19,6 @@ from typing import Any
 from sqlalchemy import select
 
 from tx_engine.engine import TrainingEngine
-from tx_server import convert
 from tx_server.db.database import Database
 from tx_server.db.models import CheckpointRow, ModelRow, SamplingSessionRow, utcnow
 from tx_server.errors import BadRequestError
@@ -26,12 +27,9 @@ from tx_server.work_queue import ClaimedRequest
 from tx_server.worker.engines import EngineHost, create_from_config
 from tx_server.worker.storage import checkpoint_dir, dir_size, find_checkpoint
 from tx_types import (
-    AdamParams,
     CreateModelRequest,
     CreateModelResponse,
     LoadWeightsResponse,
-    OptimStepRequest,
-    OptimStepResponse,
     SaveWeightsForSamplerResponseInternal,
     SaveWeightsResponse,
     UnloadModelResponse,
@@ -66,7 +64,6 @@ class BarrierHandlers:
         """Handler per request type."""
         return {
             RequestType.CREATE_MODEL: self.create_model,
-            RequestType.OPTIM_STEP: self.optim_step,
             RequestType.SAVE_WEIGHTS: self.save_weights,
             RequestType.SAVE_WEIGHTS_FOR_SAMPLER: self.save_for_sampler,
             RequestType.LOAD_WEIGHTS: self.load_weights,
@@ -83,15 +80,6 @@ class BarrierHandlers:
             slot = self.host.allocate(body.base_model, lambda e: create_from_config(e, lora))
             self.host.add(req.model_id, body.base_model, slot, lora)
         return CreateModelResponse(model_id=req.model_id).model_dump_json().encode()
-
-    def optim_step(self, req: ClaimedRequest) -> bytes:
-        body = OptimStepRequest.model_validate_json(req.payload)
-        if not isinstance(body.optim_params, AdamParams):
-            raise BadRequestError("optim_step: only adam_params (AdamW) are supported")
-        loaded = self.host.get(body.model_id)
-        metrics = loaded.engine.optim_step(loaded.slot, convert.adam_params(body.optim_params))
-        self.host.snapshot(body.model_id, req.request_id)
-        return OptimStepResponse(metrics=metrics).model_dump_json().encode()
 
     def save_weights(self, req: ClaimedRequest) -> bytes:
         data = json.loads(req.payload)

@@ -1,0 +1,76 @@
+"""``optim_step`` requests: every tenant's step of one claim in one engine call per base model.
+
+Why fuse: with many tenants the optimizer is a per-request fixed cost (a dispatch, a
+device-to-host copy of the metrics, a sync) that one :meth:`TrainingEngine.optim_steps` call
+pays once for all slots. Safe because the queue claims at most one barrier per model and none
+of its passes with it (:mod:`tx_server.work_queue`), so the steps of one claim are of distinct
+models and commute. Bad input (a rejected hyperparameter) is isolated by
+:func:`~tx_server.worker.fused.run_fused`: only that tenant's step fails.
+
+After the step the run's recovery snapshot is queued (:mod:`.snapshots`, written in the
+background) and the future completes with the step's metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tx_server import convert
+from tx_server.errors import BadRequestError
+from tx_server.futures import JSON
+from tx_server.work_queue import ClaimedRequest, WorkQueue
+from tx_server.worker.engines import EngineHost, LoadedModel
+from tx_server.worker.fused import run_fused
+from tx_types import AdamParams, OptimStepRequest, OptimStepResponse
+
+__all__ = ["OptimStep", "prepare_optim_step", "run_optim_steps"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OptimStep:
+    """A claimed ``optim_step`` with its run and AdamW hyperparameters resolved."""
+
+    request: ClaimedRequest
+    model_id: str
+    model: LoadedModel
+    params: AdamParams
+
+
+def prepare_optim_step(host: EngineHost, req: ClaimedRequest) -> OptimStep:
+    """Decode the request and find (or restore) its run; raises for bad requests."""
+    body = OptimStepRequest.model_validate_json(req.payload)
+    if not isinstance(body.optim_params, AdamParams):
+        raise BadRequestError("optim_step: only adam_params (AdamW) are supported")
+    return OptimStep(req, body.model_id, host.get(body.model_id), body.optim_params)
+
+
+def run_optim_steps(
+    host: EngineHost,
+    queue: WorkQueue,
+    steps: Sequence[OptimStep],
+    fail: Callable[[ClaimedRequest, BaseException], None],
+) -> int:
+    """Run ``steps`` (one claim's) with one engine call per engine; returns the call count."""
+    groups: dict[int, list[OptimStep]] = {}
+    for s in steps:
+        groups.setdefault(id(s.model.engine), []).append(s)
+
+    def call(group: Sequence[OptimStep]) -> list[dict[str, float]]:
+        engine = group[0].model.engine
+        models = ", ".join(sorted(s.model_id for s in group))
+        log.info("one optim_step engine call for %d models: %s", len(group), models)
+        metrics = engine.optim_steps({s.model.slot: convert.adam_params(s.params) for s in group})
+        return [metrics[s.model.slot] for s in group]
+
+    def complete(s: OptimStep, metrics: dict[str, float]) -> None:
+        host.snapshot(s.model_id, s.request.request_id)
+        body = OptimStepResponse(metrics=metrics).model_dump_json().encode()
+        queue.complete(s.request.request_id, body, JSON)
+
+    for group in groups.values():
+        run_fused(group, call, lambda s, exc: fail(s.request, exc), complete)
+    return len(groups)
