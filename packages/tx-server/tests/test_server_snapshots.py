@@ -7,6 +7,7 @@ Real files through the engine's checkpoint format; the state callables stand in 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -96,3 +97,30 @@ def test_a_failed_write_is_reported_and_the_writer_goes_on(
 def test_names_that_cannot_be_directories_are_refused(writer: SnapshotWriter) -> None:
     with pytest.raises(ServerFaultError, match="cannot name a directory"):
         writer.submit("../escape", "req-1", state(1), wait=False)
+
+
+def test_a_busy_worker_defers_writes_until_idle(writer: SnapshotWriter, tmp_path: Path) -> None:
+    writer.set_worker_busy(True)
+    writer.submit(MODEL, "req-1", state(1), wait=False)
+    time.sleep(0.3)
+    assert on_disk(tmp_path) == []  # not while the worker runs requests
+    writer.set_worker_busy(False)
+    writer.flush()
+    assert on_disk(tmp_path) == ["req-1"]
+
+
+def test_waiting_or_a_long_busy_spell_forces_the_write(tmp_path: Path) -> None:
+    writer = SnapshotWriter(tmp_path, max_lag=0.5)
+    try:
+        writer.set_worker_busy(True)
+        writer.submit(MODEL, "req-1", state(1), wait=True)  # a waiter is served at once
+        assert on_disk(tmp_path) == ["req-1"]
+        started = time.monotonic()
+        writer.submit(MODEL, "req-2", state(2), wait=False)
+        writer.submit(MODEL, "req-3", state(3), wait=False)  # replaces req-2, keeps its age
+        while on_disk(tmp_path) != ["req-1", "req-3"]:
+            assert time.monotonic() - started < 30, "the overdue snapshot was never written"
+            time.sleep(0.05)
+        assert time.monotonic() - started >= 0.4
+    finally:
+        writer.close()

@@ -338,24 +338,21 @@ class TrainingEngine:
         """
         self._require(slot)
         cfg = self._adapters[slot]
-        index = jnp.int32(slot)
-        weights = step.take_slot(self._lora, index)
-        moments = (
-            (step.take_slot(self._opt.m, index), step.take_slot(self._opt.v, index))
-            if include_optimizer
-            else None
+        trees = (self._lora, self._opt.count) + (
+            (self._opt.m, self._opt.v) if include_optimizer else ()
         )
-        count = self._opt.count[slot]
+        cut = step.take_slot(trees, jnp.int32(slot))  # one dispatch for everything
 
         def to_host() -> checkpoint.AdapterState:
+            weights, count, *moments = jax.device_get(cut)
             host_moments = None
-            if moments is not None:
+            if moments:
                 host_moments = {
                     f"{k}/{n}": a
-                    for k, tree in zip(("m", "v"), jax.device_get(moments), strict=True)
+                    for k, tree in zip(("m", "v"), moments, strict=True)
                     for n, a in checkpoint.trimmed(tree, cfg.rank).items()
                 }
-            factors = checkpoint.trimmed(jax.device_get(weights), cfg.rank)
+            factors = checkpoint.trimmed(weights, cfg.rank)
             return checkpoint.AdapterState(cfg, factors, host_moments, int(count))
 
         return to_host

@@ -43,6 +43,7 @@ def run_worker(
         if failed:
             log.warning("failed %d requests left running by a previous worker", failed)
         executor.host.recovery.clear_slots()
+        snapshots = executor.host.snapshots
         swept_at = 0.0
         with queue.subscribe_work() as work:
             if ready is not None:
@@ -52,6 +53,7 @@ def run_worker(
                     executor.sweep()
                     swept_at = time.monotonic()
                 claimed = queue.claim_pending(limit=CLAIM_LIMIT, request_types=HANDLED_TYPES)
+                snapshots.set_worker_busy(bool(claimed))  # they are written while idle
                 if claimed:
                     executor.run(claimed)
                     continue

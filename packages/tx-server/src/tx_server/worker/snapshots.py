@@ -5,7 +5,8 @@ every ``optim_step``. Written before completing the step, it sat on every traini
 trip (15 ms for the tiny model on a 2-core CPU, hundreds of ms for larger adapters on slow
 disks). Now the worker only cuts the slot out of the engine's state (one dispatched device
 computation) and hands it to :class:`SnapshotWriter`, whose thread copies it to the host and
-writes it; the step's future completes without waiting for either.
+writes it — while the worker is idle, or at the latest :data:`MAX_LAG_SECONDS` later; the
+step's future completes without waiting for either.
 
 What makes that safe is the replay rule of :mod:`tx_server.worker.recovery`: a restore starts
 from the newest snapshot of a *completed* barrier that is on disk and replays every completed
@@ -26,6 +27,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,8 @@ __all__ = ["SnapshotWriter", "snapshot_dir", "snapshot_owners"]
 log = logging.getLogger(__name__)
 
 _RECOVERY = "recovery"
+MAX_LAG_SECONDS = 10.0
+"""How long a busy worker may leave a run's newest state unwritten (a restart replays it)."""
 
 
 def snapshot_dir(root: Path, model_id: str) -> Path:
@@ -60,17 +64,28 @@ class _Job:
     request_id: str
     state: Callable[[], AdapterState]
     """Copies the state to the host (``TrainingEngine.adapter_state_later``), in the writer."""
+    queued_at: float
+    """When the run's oldest unwritten state was queued (kept when a newer one replaces it)."""
 
 
 class SnapshotWriter:
-    """One daemon thread writing the newest pending snapshot of each run, oldest run first."""
+    """One daemon thread writing the newest pending snapshot of each run, oldest run first.
 
-    def __init__(self, root: Path) -> None:
+    It writes while the worker is idle (:meth:`set_worker_busy`), or once a run's oldest
+    unwritten state has waited ``max_lag`` seconds, or when someone waits for it: the copy and
+    the file writing hold the GIL in stretches, and a busy worker thread waiting for the GIL
+    loses milliseconds per request to them (Python hands the GIL over every 5 ms).
+    """
+
+    def __init__(self, root: Path, max_lag: float = MAX_LAG_SECONDS) -> None:
         self.root = root
+        self.max_lag = max_lag
         self._pending: dict[str, _Job] = {}
         self._writing: str | None = None
         self._cv = threading.Condition()
         self._closed = False
+        self._worker_busy = False
+        self._waiters = 0
         self._thread = threading.Thread(target=self._run, name="tx-snapshots", daemon=True)
         self._thread.start()
 
@@ -82,8 +97,9 @@ class SnapshotWriter:
         with self._cv:
             if self._closed:
                 raise ServerFaultError("the snapshot writer is closed")
-            self._pending.pop(model_id, None)  # re-inserted last: runs are served in order
-            self._pending[model_id] = _Job(model_id, request_id, state)
+            replaced = self._pending.pop(model_id, None)  # re-inserted last: served in order
+            queued_at = replaced.queued_at if replaced is not None else time.monotonic()
+            self._pending[model_id] = _Job(model_id, request_id, state, queued_at)
             self._cv.notify_all()
         if wait:
             self.flush(model_id)
@@ -92,10 +108,22 @@ class SnapshotWriter:
                     f"writing the recovery snapshot of model {model_id!r} failed; see the log"
                 )
 
+    def set_worker_busy(self, busy: bool) -> None:
+        """The worker loop says whether it is running requests (writes wait) or idle."""
+        with self._cv:
+            if busy != self._worker_busy:
+                self._worker_busy = busy
+                self._cv.notify_all()
+
     def flush(self, model_id: str | None = None) -> None:
         """Block until nothing of ``model_id`` (None: of any run) is pending or being written."""
         with self._cv:
-            self._cv.wait_for(lambda: not self._busy(model_id))
+            self._waiters += 1
+            self._cv.notify_all()
+            try:
+                self._cv.wait_for(lambda: not self._busy(model_id))
+            finally:
+                self._waiters -= 1
 
     def drop(self, model_id: str) -> None:
         """Forget a run: cancel its pending snapshot and delete those on disk."""
@@ -116,12 +144,21 @@ class SnapshotWriter:
             return bool(self._pending) or self._writing is not None
         return model_id in self._pending or self._writing == model_id
 
+    def _may_write(self) -> bool:
+        return self._closed or self._waiters > 0 or not self._worker_busy
+
     def _run(self) -> None:
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: bool(self._pending) or self._closed)
                 if not self._pending:
                     return  # closed and drained
+                deadline = min(j.queued_at for j in self._pending.values()) + self.max_lag
+                while self._pending and not self._may_write():
+                    if not self._cv.wait(deadline - time.monotonic()):
+                        break  # the oldest state waited long enough: write it now
+                if not self._pending:
+                    continue  # dropped meanwhile
                 model_id = next(iter(self._pending))
                 job = self._pending.pop(model_id)
                 self._writing = model_id
