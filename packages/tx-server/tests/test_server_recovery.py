@@ -149,9 +149,9 @@ def test_steps_whose_snapshots_never_reached_the_disk_are_replayed(tmp_path: Pat
             trained = logprobs(tc)
         snapshots = server.settings.checkpoint_root / tc.model_id / "recovery"
         kept = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime_ns)
-        assert len(kept) == 2  # the newest two (the stopped worker flushed its writes)
+        assert 1 <= len(kept) <= 2  # cut when idle, at the latest when the worker stopped
 
-        shutil.rmtree(kept[-1])  # the last step's snapshot was still queued when it died
+        shutil.rmtree(kept[-1])  # as if the worker had died before taking the last snapshot
         with worker_thread(server.settings):
             np.testing.assert_allclose(logprobs(tc), trained, rtol=0, atol=1e-6)
             train_step(tc, 3)

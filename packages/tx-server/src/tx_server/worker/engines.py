@@ -71,13 +71,14 @@ def _hub_cache() -> str:
 
 @dataclass
 class LoadedModel:
-    """A training run that lives in this worker: its engine, adapter slot and last snapshot."""
+    """A training run that lives in this worker: its engine, adapter slot, unsnapshotted state."""
 
     base_model: str
     engine: TrainingEngine
     slot: int
-    snapshot: str | None = None
-    """Request id of the recovery snapshot that holds this run's state after its last barrier."""
+    dirty: tuple[str, float] | None = None
+    """``(barrier request id, monotonic time of the first unsnapshotted change)``: the state
+    changed since its last recovery snapshot was cut; None when the snapshot is current."""
 
 
 class EngineHost:
@@ -171,18 +172,41 @@ class EngineHost:
         return dead
 
     def snapshot(self, model_id: str, request_id: str, wait: bool = False) -> None:
-        """Snapshot the run's state after barrier ``request_id`` (see :mod:`.snapshots`).
+        """Record that barrier ``request_id`` changed the run's state (see :mod:`.snapshots`).
 
-        The slot is cut out of the engine's state now; the copy to the host and the disk write
-        happen in the background unless ``wait`` (for barriers a restore cannot replay).
+        The snapshot is cut from the engine when the worker goes idle (:meth:`cut_snapshots`),
+        so a busy worker pays nothing per step; it is cut at once when ``wait`` (barriers a
+        restore cannot replay; also waits for the disk) or when the run's state has gone
+        unsnapshotted for the writer's ``max_lag``.
         """
         loaded = self.get(model_id)
+        since = loaded.dirty[1] if loaded.dirty is not None else time.monotonic()
+        loaded.dirty = (request_id, since)
+        if wait or time.monotonic() - since >= self.snapshots.max_lag:
+            self._cut(model_id, loaded, wait)
+
+    @property
+    def snapshots_due(self) -> bool:
+        """Whether some held run changed since its last snapshot was cut."""
+        return any(loaded.dirty is not None for loaded in self._models.values())
+
+    def cut_snapshots(self) -> int:
+        """Cut every changed run's snapshot and queue it for writing (call when idle)."""
+        due = [(m, loaded) for m, loaded in self._models.items() if loaded.dirty is not None]
+        for model_id, loaded in due:
+            self._cut(model_id, loaded)
+        return len(due)
+
+    def _cut(self, model_id: str, loaded: LoadedModel, wait: bool = False) -> None:
+        assert loaded.dirty is not None
+        request_id = loaded.dirty[0]
         state = loaded.engine.adapter_state_later(loaded.slot, include_optimizer=True)
+        loaded.dirty = None
         self.snapshots.submit(model_id, request_id, state, wait=wait)
-        loaded.snapshot = request_id
 
     def close(self) -> None:
-        """Finish the pending snapshot writes (call when the worker stops)."""
+        """Cut and write every pending snapshot (call when the worker stops)."""
+        self.cut_snapshots()
         self.snapshots.close()
 
     def _restore(self, model_id: str) -> LoadedModel:
@@ -195,7 +219,6 @@ class EngineHost:
         else:
             slot = self.allocate(plan.base_model, lambda e: create_from_config(e, plan.lora))
         loaded = self.add(model_id, plan.base_model, slot)
-        loaded.snapshot = plan.snapshot_id
         try:
             for kind, payload in plan.replay:  # what the dead worker applied after the snapshot
                 if kind == RequestType.OPTIM_STEP:

@@ -6,6 +6,8 @@ holds none yet; live training runs are restored into slots on first use
 (:mod:`tx_server.worker.recovery`). Then: claim everything runnable, execute it, and block on
 the work subscription until a submission wakes it (the 1 s timeout re-checks the stop flag,
 covers a lost wake-up, and lets the worker free the slots of finished sessions while idle).
+Runs changed since their last recovery snapshot are cut once no submission has come for
+``IDLE_GRACE_SECONDS`` (:mod:`tx_server.worker.snapshots`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tx_server.db.database import Database
 from tx_server.settings import Settings
 from tx_server.work_queue import RESTART_MESSAGE, WorkQueue
 from tx_server.worker.executor import HANDLED_TYPES, Executor
+from tx_server.worker.snapshots import IDLE_GRACE_SECONDS
 
 __all__ = ["run_worker", "worker_thread"]
 
@@ -43,7 +46,7 @@ def run_worker(
         if failed:
             log.warning("failed %d requests left running by a previous worker", failed)
         executor.host.recovery.clear_slots()
-        snapshots = executor.host.snapshots
+        host = executor.host
         swept_at = 0.0
         with queue.subscribe_work() as work:
             if ready is not None:
@@ -53,9 +56,13 @@ def run_worker(
                     executor.sweep()
                     swept_at = time.monotonic()
                 claimed = queue.claim_pending(limit=CLAIM_LIMIT, request_types=HANDLED_TYPES)
-                snapshots.set_worker_busy(bool(claimed))  # they are written while idle
+                host.snapshots.set_worker_busy(bool(claimed))  # they are written while idle
                 if claimed:
                     executor.run(claimed)
+                    continue
+                if host.snapshots_due:  # cut them once no request came for a moment
+                    if not work.wait(timeout=IDLE_GRACE_SECONDS):
+                        host.cut_snapshots()
                     continue
                 work.wait(timeout=RECHECK_SECONDS)
     finally:

@@ -7,8 +7,8 @@ of its passes with it (:mod:`tx_server.work_queue`), so the steps of one claim a
 models and commute. Bad input (a rejected hyperparameter) is isolated by
 :func:`~tx_server.worker.fused.run_fused`: only that tenant's step fails.
 
-After the step the run's recovery snapshot is queued (:mod:`.snapshots`, written in the
-background) and the future completes with the step's metrics.
+After the step the run is marked for a recovery snapshot (:mod:`.snapshots`: cut and written
+when the worker is idle) and the future completes with the step's metrics.
 """
 
 from __future__ import annotations

@@ -6,11 +6,12 @@ an adapter slot of the worker's engine, so a worker restart loses it. Design:
 * **Exact state = state after the run's last completed state-changing barrier** (``create_model``,
   ``optim_step``, ``load_weights``; the queue runs them one at a time, in order), **plus the
   gradients of the forward/backward passes completed since**.
-* **Recovery snapshots** (:mod:`tx_server.worker.snapshots`): after every ``optim_step`` and
-  ``load_weights`` the worker cuts the slot's weights *and* optimizer state out of the engine;
-  a background thread copies them to the host and writes them to ``{checkpoint_root}/{model_id}/recovery/{request_id}/``.
-  ``optim_step`` completes without waiting for the disk; ``load_weights`` waits (it cannot be
-  replayed). Snapshots are internal, never rows in ``checkpoints``, never listed.
+* **Recovery snapshots** (:mod:`tx_server.worker.snapshots`): the weights *and* optimizer state
+  of each changed run, cut from the engine when the worker is idle (at the latest 10 s after a
+  change) and written by a background thread to
+  ``{checkpoint_root}/{model_id}/recovery/{request_id}/``, named after the last barrier they
+  include. ``optim_step`` never waits for them; ``load_weights`` does (it cannot be replayed).
+  Snapshots are internal, never rows in ``checkpoints``, never listed.
 * **Replay, not loss.** A restore starts from the newest snapshot of a *completed* barrier that
   is on disk (or from the creation) and re-runs, in order, every completed ``forward_backward``
   and ``optim_step`` after it — their payloads are still in the ``futures`` table. So a step

@@ -1,24 +1,28 @@
-"""Recovery snapshots on disk, written by a background thread after the request completes.
+"""Recovery snapshots on disk, cut when the worker is idle and written by a background thread.
 
-Why in the background: a snapshot is an adapter-sized write (weights + both AdamW moments) after
-every ``optim_step``. Written before completing the step, it sat on every training step's round
-trip (15 ms for the tiny model on a 2-core CPU, hundreds of ms for larger adapters on slow
-disks). Now the worker only cuts the slot out of the engine's state (one dispatched device
-computation) and hands it to :class:`SnapshotWriter`, whose thread copies it to the host and
-writes it — once the worker has been idle for :data:`IDLE_GRACE_SECONDS`, at the latest
-:data:`MAX_LAG_SECONDS` later; the step's future completes without waiting for either.
+Why off the request path: a snapshot is an adapter-sized copy and write (weights + both AdamW
+moments). Written before completing every ``optim_step``, it sat on each training step's round
+trip (15 ms for the tiny model on a 2-core CPU, hundreds of ms for larger adapters); even just
+*cutting* the slot out of the engine state costs a dispatch over every leaf (~9 ms on an H100
+host for the small preset), paid per tenant per step. Now a step only marks its run as changed
+(:meth:`~tx_server.worker.engines.EngineHost.snapshot`); once no request has arrived for
+:data:`IDLE_GRACE_SECONDS` the worker loop cuts every changed run and hands the cuts to
+:class:`SnapshotWriter`, whose thread copies them to the host and writes them (also only while
+the worker stays idle). A run that stays busy is cut at the latest :data:`MAX_LAG_SECONDS` after
+its first unsnapshotted change.
 
 What makes that safe is the replay rule of :mod:`tx_server.worker.recovery`: a restore starts
 from the newest snapshot of a *completed* barrier that is on disk and replays every completed
-``forward_backward`` and ``optim_step`` after it, so a step whose snapshot was still queued when
-the worker died is re-applied, not lost. ``load_weights`` (whose source checkpoint may be gone
-by the time of a replay) and anything else that cannot be replayed pass ``wait=True``.
+``forward_backward`` and ``optim_step`` after it, so steps whose snapshot was not yet taken or
+written when the worker died are re-applied, not lost. ``load_weights`` (whose source
+checkpoint may be gone by the time of a replay) passes ``wait=True``: cut and written at once.
 
 Layout: ``{root}/{model_id}/recovery/{request_id}/`` written through a temporary directory and a
 rename, so a half-written snapshot is never read. The writer keeps the two newest of a run (by
 mtime, so this holds across restarts): the newest may belong to a barrier that never completed
-(the worker died first), and the restore then needs the one before. Jobs of one run are coalesced — only the
-newest pending state is written — so a slow disk never queues more than one copy per run.
+(the worker died first), and the restore then needs the one before. Jobs of one run are
+coalesced — only the newest pending state is written — so a slow disk never queues more than
+one copy per run.
 """
 
 from __future__ import annotations
