@@ -7,7 +7,9 @@
 Every row trains rank-8 tenants; ``--max-ranks`` builds one engine per ``max_lora_rank``, so the
 rows at ``R_max`` 8 and 64 show what a rank-8 tenant pays for a larger maximum rank (with rank
 buckets: about nothing in compute; the padded factors still take memory). ``peak RSS`` is the
-process's high-water mark so far (``ru_maxrss``), so it only grows down the table.
+process's high-water mark so far (``ru_maxrss``), so it only grows down the table. Engines use
+the default ``tokens_per_micro_batch`` (override with ``--tokens-per-micro-batch``), as a server
+would: a step larger than it runs as several micro-batches whose gradients are summed.
 
 MFU is measured against a matmul peak timed *in the same run* on the same device and dtype
 (a large ``jnp.dot``), so the number is honest on any machine, CPU included, rather than
@@ -125,6 +127,13 @@ def main() -> None:
     parser.add_argument("--max-ranks", default="8,64", help="max_lora_rank of each engine")
     parser.add_argument("--iters", type=int, default=1, help="timed steps per row (median)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--tokens-per-micro-batch",
+        type=int,
+        default=EngineConfig().tokens_per_micro_batch,
+        help="EngineConfig.tokens_per_micro_batch (default: the engine's); larger shapes are "
+        "split into micro-batches inside forward_backward",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
@@ -145,7 +154,6 @@ def main() -> None:
         for preset in args.presets.split(","):
             model_dir = ensure_model(preset, Path(tmp))
             cfg = json.loads((model_dir / "config.json").read_text())
-            budget = max(b * length for b, length in shapes)
             for max_rank in max_ranks:
                 engine = TrainingEngine(
                     model_dir,
@@ -153,7 +161,7 @@ def main() -> None:
                         max_lora_adapters=max(tenants),
                         max_lora_rank=max_rank,
                         dtype=args.dtype,
-                        tokens_per_micro_batch=budget,
+                        tokens_per_micro_batch=args.tokens_per_micro_batch,
                     ),
                 )
                 for batch, length in shapes:

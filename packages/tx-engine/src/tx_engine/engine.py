@@ -111,6 +111,7 @@ class TrainingEngine:
         self._grads = self._place_like_lora(step.zeros_like_state(self._lora))
         self._adapters: dict[int, LoraConfig] = {}
         self._rank_graphdefs: dict[int, nnx.GraphDef[Any]] = {}
+        self._static_graphs: dict[int, step.StaticGraph] = {}  # the same, hashed once
         self._groups = {
             ".".join(map(str, path)).removesuffix(".lora"): mod.group
             for path, mod in lora_lib.lora_modules(model)
@@ -239,13 +240,35 @@ class TrainingEngine:
         rank among ``slots`` (0 / base rows count as rank 0), so rank-8 tenants pay for rank 8
         whatever ``max_lora_rank`` is. One graphdef (one compiled program) per bucket.
         """
+        return self._graphdef_at(self._rank_for_slots(slots))
+
+    def _rank_for_slots(self, slots: Iterable[int]) -> int:
         ranks = [self._adapters[s].rank for s in {int(s) for s in slots} if s in self._adapters]
-        rank = lora_lib.rank_bucket(ranks, self.config.max_lora_rank)
+        return lora_lib.rank_bucket(ranks, self.config.max_lora_rank)
+
+    def _graphdef_at(self, rank: int) -> nnx.GraphDef[Any]:
         graphdef = self._rank_graphdefs.get(rank)
         if graphdef is None:
             graphdef = lora_lib.graphdef_at_rank(self._graphdef, self._lora, self._rest, rank=rank)
             self._rank_graphdefs[rank] = graphdef
         return graphdef
+
+    def _live_slots(self) -> np.ndarray:
+        """The allocated slots, padded with free ones to a power-of-two count (at most all).
+
+        :func:`step.apply_update` reads and writes only these slots (at the stepped adapters'
+        rank bucket), so an optimizer step costs what the live adapters hold, not all
+        ``max_lora_adapters`` at ``max_lora_rank``. The program depends on the *count*, not on
+        which slots are stepped, so stepping one tenant or several shares it; bucketing the
+        count bounds the programs to ``log2(num_slots) + 1`` per rank bucket. Padding slots
+        are real, distinct slots that the program leaves unchanged.
+        """
+        chosen = sorted(self._adapters)
+        size = min(self.num_slots, 1 << max(0, len(chosen) - 1).bit_length())
+        chosen += [s for s in range(self.num_slots) if s not in self._adapters][
+            : size - len(chosen)
+        ]
+        return np.asarray(chosen, np.int32)
 
     def _require(self, slot: int) -> None:
         if slot not in self._adapters:
@@ -281,7 +304,11 @@ class TrainingEngine:
         return batching.unpack(fetched, [len(g.data) for g in groups])
 
     def _dispatch(self, arrays: Mapping[str, Any], loss_fn: str, backward: bool) -> Any:
-        graphdef = self.graphdef_for_slots(np.unique(np.asarray(arrays["adapter_indices"])))
+        present = np.unique(np.asarray(arrays["adapter_indices"]))
+        rank = self._rank_for_slots(present)
+        graphdef = self._static_graphs.get(rank)
+        if graphdef is None:
+            graphdef = self._static_graphs[rank] = step.StaticGraph(self._graphdef_at(rank))
         batch = self._place_batch(arrays)
         chunk = self.config.logits_chunk_tokens
         if not backward:
@@ -289,7 +316,7 @@ class TrainingEngine:
                 graphdef, self._lora, self._rest, batch, loss_fn=loss_fn, logits_chunk=chunk
             )
         out, self._grads = step.forward_backward(
-            graphdef, self._lora, self._rest, self._grads, batch, loss_fn, chunk
+            graphdef, self._lora, self._rest, self._grads, batch, loss_fn, chunk, rank=rank
         )
         return out
 
@@ -302,19 +329,32 @@ class TrainingEngine:
         """Step several slots in one compiled call; other slots are left bit-for-bit unchanged."""
         if not params:
             raise InputError("optim_steps needs at least one slot")
-        hyper = optim.AdamHyper.defaults(self.num_slots)
-        mask = np.zeros((self.num_slots,), np.bool_)
-        for slot, p in params.items():
+        for slot in params:
             self._require(slot)
-            hyper = hyper.with_slot(slot, **asdict(p))
-            mask[slot] = True
+        slots = self._live_slots()
+        hyper = optim.AdamHyper.defaults(len(slots))
+        mask = np.zeros((len(slots),), np.bool_)
+        for i, slot in enumerate(slots.tolist()):
+            if slot in params:
+                hyper = hyper.with_slot(i, **asdict(params[slot]))
+                mask[i] = True
         self._lora, self._opt, self._grads, metrics = step.apply_update(
-            self._lora, self._opt, self._grads, hyper, jnp.asarray(mask)
+            self._lora,
+            self._opt,
+            self._grads,
+            hyper,
+            mask,
+            slots,
+            rank=self._rank_for_slots(params),
         )
         host = jax.device_get(metrics._asdict())
         counts = np.asarray(self._opt.count)
+        where = {slot: i for i, slot in enumerate(slots.tolist())}
         return {
-            slot: {**{k: float(v[slot]) for k, v in host.items()}, "step": float(counts[slot])}
+            slot: {
+                **{k: float(v[where[slot]]) for k, v in host.items()},
+                "step": float(counts[slot]),
+            }
             for slot in params
         }
 

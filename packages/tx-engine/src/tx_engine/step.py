@@ -11,9 +11,15 @@ so a new batch size or length inside a bucket reuses the compiled program.
   every adapter slot's factors, **added** into the gradient accumulator ``grads``. Rows of
   adapter ``s`` only touch slot ``s``'s gradient (the LoRA gather makes the other slots'
   cotangents zero), so one call serves many tenants and accumulation across calls and
-  micro-batches is a plain sum. ``grads`` is donated: its buffer becomes the output.
-* :func:`apply_update` — AdamW (:mod:`tx_engine.optim`) on the slots in ``step_mask`` and a
-  reset of those slots' accumulators; params, optimizer state and accumulator are donated.
+  micro-batches is a plain sum. ``grads`` is donated: its buffer becomes the output. With
+  ``rank`` (the engine passes its rank bucket) only those rank entries are differentiated and
+  added, in place.
+* :func:`apply_update` — AdamW (:mod:`tx_engine.optim`) on a subset of slots (the engine's
+  live ones) at a rank bucket, for the entries in ``step_mask``, and a reset of those slots'
+  accumulators; params, optimizer state and accumulator are donated.
+
+The engine passes graphdefs wrapped in :class:`StaticGraph` (hashed once per graphdef, not
+per dispatch); every training program also takes a bare ``GraphDef``.
 
 Target log-probs are computed ``logits_chunk`` tokens at a time (static; see
 :func:`_target_logprobs`), so ``[B, T, V]`` logits never exist at once. The loss name is static
@@ -52,6 +58,7 @@ from flax import nnx
 from jax import Array
 
 from tx_engine import losses, optim
+from tx_engine.layers import lora as lora_lib
 from tx_engine.layers.attention import KVCache
 from tx_engine.sampling import (
     RowSamplingParams,
@@ -66,16 +73,46 @@ State = nnx.State[Any, Any]
 TRACE_COUNTS: Counter[str] = Counter()
 
 
+class StaticGraph:
+    """A graphdef whose hash is computed once, to pass as a static argument of the programs.
+
+    Every dispatch of a jitted function hashes its static arguments, and an nnx ``GraphDef``
+    hashes its whole node tree each time: ~5 ms for the 2-layer tiny model on a CPU, most of
+    the host time of a one-token request. The engine wraps each graphdef once and passes the
+    same object, so the cache lookup is one stored hash and an ``is``. The programs accept a
+    bare ``GraphDef`` too (:func:`graph_of`).
+    """
+
+    __slots__ = ("_hash", "graphdef")
+
+    def __init__(self, graphdef: nnx.GraphDef[Any]) -> None:
+        self.graphdef = graphdef
+        self._hash = hash(graphdef)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StaticGraph):
+            return NotImplemented
+        return self.graphdef is other.graphdef or bool(self.graphdef == other.graphdef)
+
+
+def graph_of(graphdef: nnx.GraphDef[Any] | StaticGraph) -> nnx.GraphDef[Any]:
+    """The ``GraphDef`` itself, unwrapped from a :class:`StaticGraph` if need be."""
+    return graphdef.graphdef if isinstance(graphdef, StaticGraph) else graphdef
+
+
 def _loss(
     lora: State,
-    graphdef: nnx.GraphDef[Any],
+    graphdef: nnx.GraphDef[Any] | StaticGraph,
     rest: State,
     batch: Batch,
     loss_fn: str,
     logits_chunk: int,
 ) -> tuple[Array, losses.LossOutputs]:
     """Summed loss over the batch and the per-datum outputs (the ``has_aux`` part)."""
-    model: Any = nnx.merge(graphdef, lora, rest)
+    model: Any = nnx.merge(graph_of(graphdef), lora, rest)
     adapters_b = batch["adapter_indices"]
     hidden_btd = model(
         batch["input_ids"],
@@ -124,7 +161,7 @@ def _target_logprobs(
 
 @partial(jax.jit, static_argnames=("graphdef", "loss_fn", "logits_chunk"))
 def forward(
-    graphdef: nnx.GraphDef[Any],
+    graphdef: nnx.GraphDef[Any] | StaticGraph,
     lora: State,
     rest: State,
     batch: Batch,
@@ -138,46 +175,81 @@ def forward(
 
 
 @partial(
-    jax.jit, static_argnames=("graphdef", "loss_fn", "logits_chunk"), donate_argnames=("grads",)
+    jax.jit,
+    static_argnames=("graphdef", "loss_fn", "logits_chunk", "rank"),
+    donate_argnames=("grads",),
 )
 def forward_backward(
-    graphdef: nnx.GraphDef[Any],
+    graphdef: nnx.GraphDef[Any] | StaticGraph,
     lora: State,
     rest: State,
     grads: State,
     batch: Batch,
     loss_fn: str,
     logits_chunk: int = 0,
+    rank: int | None = None,
 ) -> tuple[losses.LossOutputs, State]:
-    """Loss outputs and ``grads + ∂(Σ loss)/∂lora`` (the accumulator, donated and returned)."""
+    """Loss outputs and ``grads + ∂(Σ loss)/∂lora`` (the accumulator, donated and returned).
+
+    ``rank`` (≥ the rank bucket ``graphdef`` computes at) differentiates only the first
+    ``rank`` rank entries of the factors and adds them into that part of ``grads`` in place:
+    the same values (the gradient above the computed rank is exactly zero), without building
+    and adding a max-rank, mostly-zero gradient tree per micro-batch. None: all ranks.
+    """
     TRACE_COUNTS["forward_backward"] += 1
     grad_fn = jax.grad(_loss, has_aux=True)
-    new_grads, outputs = grad_fn(lora, graphdef, rest, batch, loss_fn, logits_chunk)
-    summed = jax.tree.map(lambda acc, g: acc + g.astype(acc.dtype), grads, new_grads)
-    return outputs, summed
+    if rank is None:
+        new_grads, outputs = grad_fn(lora, graphdef, rest, batch, loss_fn, logits_chunk)
+        summed = jax.tree.map(lambda acc, g: acc + g.astype(acc.dtype), grads, new_grads)
+        return outputs, summed
+    sub = lora_lib.take_slots(lora, None, rank)
+    sub_grads, outputs = grad_fn(sub, graphdef, rest, batch, loss_fn, logits_chunk)
+    return outputs, lora_lib.put_slots(grads, sub_grads, None, rank, add=True)
 
 
-@partial(jax.jit, donate_argnames=("lora", "opt_state", "grads"))
+@partial(jax.jit, static_argnames=("rank",), donate_argnames=("lora", "opt_state", "grads"))
 def apply_update(
     lora: State,
     opt_state: optim.OptState,
     grads: State,
     hyper: optim.AdamHyper,
     step_mask: Array,
+    slots: Array,
+    rank: int,
 ) -> tuple[State, optim.OptState, State, optim.StepMetrics]:
-    """AdamW on the slots where ``step_mask`` ([A] bool) is set; their accumulators go to 0.
+    """AdamW on ``slots`` ([U] distinct) where ``step_mask`` ([U] bool) is set; their
+    accumulators go to 0. ``hyper`` and the returned metrics are per entry of ``slots``.
 
-    Slots not in the mask keep params, moments, count and accumulated gradients bit-for-bit,
-    so tenants step independently even though they share one set of arrays.
+    Only the first ``rank`` rank entries of those slots are read and written (``rank`` ≥ the
+    rank bucket of every stepped adapter: above an adapter's rank, parameters, gradients and
+    moments are zero and AdamW keeps them zero), so a step costs ``U·r``, not ``A·R``. Entries
+    of ``slots`` not in the mask, and all other slots, keep params, moments, count and
+    accumulated gradients bit-for-bit, so tenants step independently.
     """
     TRACE_COUNTS["apply_update"] += 1
-    new_lora, new_opt, metrics = optim.apply_update(lora, grads, opt_state, hyper, step_mask)
+
+    def take(tree: State) -> State:
+        return lora_lib.take_slots(tree, slots, rank)  # type: ignore[no-any-return]
+
+    def put(tree: State, sub: State) -> State:
+        return lora_lib.put_slots(tree, sub, slots, rank)  # type: ignore[no-any-return]
+
+    sub_opt = optim.OptState(take(opt_state.m), take(opt_state.v), opt_state.count[slots])
+    sub_grads = take(grads)
+    new_lora, new_opt, metrics = optim.apply_update(
+        take(lora), sub_grads, sub_opt, hyper, step_mask
+    )
 
     def clear(g: Array) -> Array:
         stepped = step_mask.reshape((-1,) + (1,) * (g.ndim - 1))
         return jnp.where(stepped, jnp.zeros_like(g), g)
 
-    return new_lora, new_opt, jax.tree.map(clear, grads), metrics
+    opt_out = optim.OptState(
+        put(opt_state.m, new_opt.m),
+        put(opt_state.v, new_opt.v),
+        opt_state.count.at[slots].set(new_opt.count),
+    )
+    return put(lora, new_lora), opt_out, put(grads, jax.tree.map(clear, sub_grads)), metrics
 
 
 @jax.jit
@@ -475,15 +547,12 @@ def empty_cache(
 def _decode_logits(
     model: Any, last_tokens_b: Array, positions_b: Array, adapters_b: Array, cache: KVCache
 ) -> tuple[Array, KVCache]:
-    b = last_tokens_b.shape[0]
-    hidden_b1d, cache = model(
-        last_tokens_b[:, None],
-        positions_bt=positions_b[:, None],
-        attention_mask_bt=jnp.ones((b, 1), bool),
-        adapter_indices_b=adapters_b,
-        kv_cache=cache,
-    )
-    return model.compute_logits(hidden_b1d, adapters_b)[:, 0], cache
+    """One token per row through the decode-specific forward (:mod:`tx_engine.sampling.decode`):
+    the same function as the model's cached call, without copying the cache."""
+    # Imported here, not at the top: this file's header belongs to the training side's owners.
+    from tx_engine.sampling.decode import decode_logits
+
+    return decode_logits(model, last_tokens_b, positions_b, adapters_b, cache)
 
 
 def _decode_and_sample(
@@ -503,8 +572,7 @@ def _decode_and_sample(
     return logits_bv, tokens_b, logprobs_b, cache
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def decode_step(
+def _decode_step(
     graphdef: nnx.GraphDef[Any],
     lora: State,
     rest: State,
@@ -529,8 +597,7 @@ def decode_step(
     return tokens_b, logprobs_b, cache
 
 
-@partial(jax.jit, static_argnames=("graphdef", "k"), donate_argnames=("cache",))
-def decode_step_topk(
+def _decode_step_topk(
     graphdef: nnx.GraphDef[Any],
     lora: State,
     rest: State,
@@ -552,6 +619,35 @@ def decode_step_topk(
     )
     ids_bk, lps_bk = topk_logprobs(logits_bv, k, params.temperature)
     return tokens_b, logprobs_b, cache, ids_bk, lps_bk
+
+
+decode_step = jax.jit(_decode_step, static_argnames=("graphdef",), donate_argnames=("cache",))
+decode_step_topk = jax.jit(
+    _decode_step_topk, static_argnames=("graphdef", "k"), donate_argnames=("cache",)
+)
+
+# (id(graphdef), k) -> (graphdef, program); the graphdef is kept so its id stays its own.
+_BOUND_DECODE: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+
+def bound_decode_step(graphdef: nnx.GraphDef[Any], k: int = 0) -> Any:
+    """:func:`decode_step` (``k = 0``) or :func:`decode_step_topk` with ``graphdef`` bound.
+
+    Call it with the remaining arguments (``lora, rest, tokens, positions, adapters, params,
+    step, cache``). Why: jit hashes its static arguments on *every* call, and hashing an nnx
+    ``GraphDef`` costs milliseconds (~5 ms for an 8-layer model on this CPU) — a quarter of a
+    batch-1 decode step. The bound program has no static argument, so a call hashes nothing.
+    One compiled program per (graphdef, k), as with the unbound programs.
+    """
+    hit = _BOUND_DECODE.get((id(graphdef), k))
+    if hit is not None and hit[0] is graphdef:
+        return hit[1]
+    body = partial(_decode_step_topk, k=k) if k else _decode_step
+    program = jax.jit(partial(body, graphdef), donate_argnames=("cache",))
+    if len(_BOUND_DECODE) >= 64:  # engines come and go (tests); keep the table small
+        _BOUND_DECODE.clear()
+    _BOUND_DECODE[(id(graphdef), k)] = (graphdef, program)
+    return program
 
 
 # ---------------------------------------------------------------------- full fine-tuning

@@ -33,7 +33,10 @@ argument, so each bucket is its own program: callers pick the graphdef with
 :func:`graphdef_at_rank` (``TrainingEngine.graphdef_for_slots`` caches one per bucket) at
 ``r = rank_bucket(ranks in the batch, max_rank)``, a power of two ≥ 8 (:data:`MIN_RANK_BUCKET`),
 so at most ``log2(max_rank / 8) + 2`` programs exist per batch shape. Parameters keep the full ``R``: gradients are zero above
-``r`` and optimizer state and checkpoints keep their shapes.
+``r`` and optimizer state and checkpoints keep their shapes. Training touches only the bucket's
+ranks of them too: :func:`take_slots` / :func:`put_slots` cut and write back ``[slots, …, :r]``,
+so gradient accumulation and AdamW cost ``r``, not ``R`` (``step.forward_backward`` with
+``rank``, ``step.apply_update``).
 
 Types: factors are :class:`LoRAParam` (trainable; select them with
 ``nnx.state(model, LoRAParam)``), scalings :class:`LoRAScaling` (not trainable). Each
@@ -272,6 +275,55 @@ def graphdef_at_rank(graphdef: nnx.GraphDef[Any], *states: Any, rank: int) -> nn
     model = nnx.merge(graphdef, *states)
     set_active_rank(model, rank)
     return nnx.graphdef(model)
+
+
+def _rank_axis(path: tuple[Any, ...]) -> int:
+    """Axis of the rank in a LoRA-shaped leaf: ``-1`` for ``lora_a``, ``-2`` for ``lora_b``."""
+    names = {getattr(k, "key", None) for k in path}
+    if "lora_a" in names:
+        return -1
+    if "lora_b" in names:
+        return -2
+    raise AdapterError(f"not a LoRA factor leaf: {jax.tree_util.keystr(path)}")
+
+
+def _slot_index(leaf: jax.Array, path: tuple[Any, ...], rank: int) -> tuple[Any, ...]:
+    """Index of the first ``rank`` rank entries of every slot (the slot axis is left to fill)."""
+    cut: list[Any] = [slice(None)] * leaf.ndim
+    cut[leaf.ndim + _rank_axis(path)] = slice(0, rank)
+    return tuple(cut[1:])
+
+
+def _all_if_none(slots: jax.Array | None) -> jax.Array | slice:
+    return slice(None) if slots is None else slots
+
+
+def take_slots(tree: Any, slots: jax.Array | None, rank: int) -> Any:
+    """Slots ``slots`` ([U] distinct ints; None: all) of a LoRA-shaped tree, cut to ``rank``.
+
+    Leaves go from ``[A, …, D_in, R]`` / ``[A, …, R, D_out]`` to ``[U, …, D_in, r]`` /
+    ``[U, …, r, D_out]``. Gradients, optimizer moments and updates of a batch's slots live there
+    (everything above an adapter's rank is exactly zero, see "Rank buckets"), so training work
+    scales with the tenants present and their rank bucket, not with ``A`` and ``R``.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x[(_all_if_none(slots), *_slot_index(x, path, rank))], tree
+    )
+
+
+def put_slots(tree: Any, sub: Any, slots: jax.Array | None, rank: int, *, add: bool = False) -> Any:
+    """``tree`` with :func:`take_slots`' region overwritten by (``add``: increased by) ``sub``.
+
+    Under ``jit`` with ``tree`` donated this is an in-place scatter: only ``U·r`` of each
+    leaf's ``A·R`` rank entries are touched.
+    """
+
+    def put(path: tuple[Any, ...], x: jax.Array, y: jax.Array) -> jax.Array:
+        at = x.at[(_all_if_none(slots), *_slot_index(x, path, rank))]
+        y = y.astype(x.dtype)
+        return at.add(y) if add else at.set(y)
+
+    return jax.tree_util.tree_map_with_path(put, tree, sub)
 
 
 def clear_adapter(model: nnx.Module, slot: int) -> None:

@@ -140,6 +140,35 @@ def _run_layer(
     return layer(h_btd, cos_sin, mask_bt, adapter_indices_b, kv)
 
 
+def _remat_layer(
+    layer: DecoderLayer,
+    h_btd: jax.Array,
+    cos_sin: tuple[jax.Array, jax.Array],
+    mask_bt: jax.Array,
+    adapter_indices_b: jax.Array,
+    kv: LayerKV | None,
+) -> tuple[jax.Array, LayerKV | None]:
+    """:func:`_run_layer` recomputed in the backward pass, as a pure function of the layer state.
+
+    ``jax.checkpoint`` over ``split``/``merge`` rather than ``nnx.remat``: the latter tries to
+    write the layer's variables back after the call, which fails ("Cannot mutate Param from a
+    different trace level") when the model was merged inside ``jax.jit`` / ``jax.grad`` from
+    traced states, as every program of ``step.py`` does. The layer never mutates itself, so
+    nothing needs writing back.
+    """
+    graphdef, state = nnx.split(layer)
+
+    def pure(
+        state: Any, h: jax.Array, cs: tuple[jax.Array, jax.Array], m: jax.Array, a: jax.Array
+    ) -> tuple[jax.Array, LayerKV | None]:
+        return _run_layer(nnx.merge(graphdef, state), h, cs, m, a, kv)
+
+    out: tuple[jax.Array, LayerKV | None] = jax.checkpoint(pure)(
+        state, h_btd, cos_sin, mask_bt, adapter_indices_b
+    )
+    return out
+
+
 class LlamaModel(nnx.Module):
     """HF ``model``: ``embed_tokens``, ``layers``, ``norm``."""
 
@@ -176,7 +205,7 @@ class LlamaModel(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling_dict)
         cos_sin = rope_cos_sin(positions_bt, inv_freq)
-        run = nnx.remat(_run_layer) if self.remat else _run_layer
+        run = _remat_layer if self.remat and kv_cache is None else _run_layer
         h_btd = self.embed_tokens(input_ids_bt)
         new_k, new_v, kv_out = [], [], None
         for i, layer in enumerate(self.layers):

@@ -14,7 +14,8 @@ Returned logprobs are ``log_softmax(logits / T)`` at the chosen token, untruncat
 greedy rows): at T=1 they equal the trainer's forward logprobs. See `kernels`.
 
 `continuous` (imported by the sampler, not here: it uses the compiled programs of `step.py`,
-which import this package) runs the continuously batched decode loop.
+which import this package) runs the continuously batched decode loop; `decode` is the decode
+step's forward pass (the model's function for one token per row, writing the cache in place).
 """
 
 from tx_engine.sampling.kernels import sample_tokens, token_logprobs, topk_logprobs

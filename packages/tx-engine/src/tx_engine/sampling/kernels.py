@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from tx_engine.sampling.params import KEY_IMPL, RowSamplingParams
+from tx_engine.sampling.params import RowSamplingParams
 
 
 def sample_tokens(
@@ -53,17 +54,64 @@ def sample_tokens(
     keep_bv = _keep_mask(scaled_bv, params)
     noise_bv = _gumbel_noise(step_keys, logits_bv.shape[-1])
     perturbed_bv = jnp.where(keep_bv, scaled_bv + noise_bv, -jnp.inf)
-    drawn_b = jnp.argmax(perturbed_bv, axis=-1)
-    tokens_b = jnp.where(greedy_b, jnp.argmax(logits_bv, axis=-1), drawn_b).astype(jnp.int32)
+    drawn_b = _argmax(perturbed_bv)
+    tokens_b = jnp.where(greedy_b, _argmax(logits_bv), drawn_b)
 
     logprobs_b = _logprob_at(scaled_bv, tokens_b)
     return tokens_b, logprobs_b
 
 
+def _argmax(x_bv: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, -1)`` as int32 (first maximum; first NaN if any), as two plain reductions.
+
+    Why: ``jnp.argmax`` is a variadic (value, index) reduce, which XLA:CPU does not vectorise;
+    fused with the Gumbel noise it ran the whole hash as scalar code (~8x slower at batch 64
+    than a max followed by a min over the indices that reach it).
+    """
+    max_b1 = jnp.max(x_bv, axis=-1, keepdims=True)  # NaN if the row has one
+    hit_bv = (x_bv == max_b1) | jnp.isnan(x_bv)
+    iota_bv = jax.lax.broadcasted_iota(jnp.int32, x_bv.shape, x_bv.ndim - 1)
+    return jnp.min(jnp.where(hit_bv, iota_bv, x_bv.shape[-1]), axis=-1)
+
+
 def _gumbel_noise(key_data_b2: jax.Array, vocab: int) -> jax.Array:
-    """Gumbel(0, 1) noise ``[B, V]``, each row a function of that row's key only."""
-    keys_b = jax.random.wrap_key_data(jnp.asarray(key_data_b2, jnp.uint32), impl=KEY_IMPL)
-    return jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys_b)
+    """Gumbel(0, 1) noise ``[B, V]``, each row a function of that row's key only.
+
+    Bit for bit ``jax.random.gumbel(key, (vocab,), float32)`` for each row's threefry key
+    (partitionable threefry, the JAX default; tests check the equality), written out as plain
+    array ops. Why: XLA:CPU lowers ``jax.random``'s threefry as a *rolled* 5-iteration loop
+    that writes several ``uint32[B, V]`` arrays per iteration, which made the noise the most
+    expensive part of a large-batch decode step; unrolled, the hash, the ``-log(-log(u))``
+    and the caller's ``argmax`` fuse into one pass that writes nothing of size ``V``.
+    """
+    key_b2 = jnp.asarray(key_data_b2, jnp.uint32)
+    bits_bv = _threefry_bits(key_b2[:, :1], key_b2[:, 1:], vocab)
+    # jax.random.uniform(minval=tiny, maxval=1): 23 random mantissa bits -> [1, 2) - 1.
+    one = jnp.float32(1.0)
+    tiny = jnp.float32(np.finfo(np.float32).tiny)
+    mantissa = jax.lax.shift_right_logical(bits_bv, jnp.uint32(9)) | jnp.uint32(0x3F800000)
+    floats = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - one
+    uniform = jax.lax.max(tiny, floats * (one - tiny) + tiny)
+    return -jnp.log(-jnp.log(uniform))
+
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry_bits(k1_b1: jax.Array, k2_b1: jax.Array, n: int) -> jax.Array:
+    """``uint32[B, n]``: JAX's 32-bit random bits for counters ``0..n-1`` (threefry-2x32,
+    partitionable layout: counter ``i`` is the pair ``(0, i)``, the bits are ``x0 ^ x1``)."""
+    ks = (k1_b1, k2_b1, k1_b1 ^ k2_b1 ^ jnp.uint32(0x1BD11BDA))
+    x0 = jnp.broadcast_to(ks[0], (k1_b1.shape[0], n))
+    x1 = jax.lax.broadcasted_iota(jnp.uint32, (1, n), 1) + ks[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = (x1 << jnp.uint32(r)) | jax.lax.shift_right_logical(x1, jnp.uint32(32 - r))
+            x1 = x0 ^ x1
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x0 ^ x1
 
 
 def _keep_mask(scaled_bv: jax.Array, params: RowSamplingParams) -> jax.Array:
