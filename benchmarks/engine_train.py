@@ -89,20 +89,17 @@ def make_groups(slots: list[int], batch: int, length: int, seed: int) -> list[Ad
     return [AdapterBatch(s, rows[i * per : (i + 1) * per]) for i, s in enumerate(slots)]
 
 
-def bench_one(
-    engine: TrainingEngine, tenants: int, batch: int, length: int, iters: int, warm_up: bool
-) -> float:
-    """Median seconds per forward_backward + optim_step (all tenants).
+def bench_one(engine: TrainingEngine, tenants: int, batch: int, length: int, iters: int) -> float:
+    """Median seconds per forward_backward + optim_step (all tenants), after one untimed step.
 
-    ``warm_up`` runs one untimed step first (compilation); a shape already run on this engine
-    is compiled, whatever its tenant count, since tenants change values, not shapes.
+    The untimed step compiles what this row needs: the tenant count changes program shapes too
+    (gradients and AdamW run on the batch's slots only, the optimizer on the allocated ones).
     """
     slots = [engine.create_adapter(rank=RANK, seed=i) for i in range(tenants)]
     groups = make_groups(slots, batch, length, seed=0)
     params = {s: AdamParams(1e-4) for s in slots}
-    if warm_up:
-        engine.forward_backward(groups)
-        engine.optim_steps(params)
+    engine.forward_backward(groups)
+    engine.optim_steps(params)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
@@ -165,8 +162,8 @@ def main() -> None:
                     ),
                 )
                 for batch, length in shapes:
-                    for i, n in enumerate(tenants):
-                        sec = bench_one(engine, n, batch, length, args.iters, warm_up=i == 0)
+                    for n in tenants:
+                        sec = bench_one(engine, n, batch, length, args.iters)
                         tps = batch * length / sec
                         row = {
                             "preset": preset,
