@@ -26,7 +26,7 @@ import contextlib
 import enum
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, cast
 
 import anyio.to_thread
@@ -110,14 +110,6 @@ _BY_SESSION_SEQ = select(*_KEY_COLUMNS).where(
     _F.session_id == bindparam("session_id"), _F.model_seq_id == bindparam("seq")
 )
 _INSERT = insert(_TABLE)
-_OUTCOME = select(
-    _F.request_id,
-    _F.status,
-    _F.result,
-    _F.result_content_type,
-    _F.error_message,
-    _F.error_category,
-).where(_F.request_id == bindparam("request_id"), _F.tenant_id == bindparam("tenant_id"))
 _MODELS = cast(Table, ModelRow.__table__).c
 _MODEL_OWNER = select(_MODELS.tenant_id).where(_MODELS.id == bindparam("model_id"))
 _UNFINISHED_COUNT = select(func.count()).select_from(_TABLE).where(_F.status.in_(UNFINISHED))
@@ -181,6 +173,11 @@ class FutureOutcome:
     result_content_type: str | None
     error_message: str | None
     error_category: str | None
+
+
+_OUTCOME = select(*(_F[f.name] for f in fields(FutureOutcome))).where(
+    _F.request_id == bindparam("request_id"), _F.tenant_id == bindparam("tenant_id")
+)
 
 
 class FutureStore:
@@ -276,14 +273,7 @@ class FutureStore:
             raise NotFoundError(f"unknown request_id {request_id!r}")
         if row.status in UNFINISHED:
             return None
-        return FutureOutcome(
-            request_id=row.request_id,
-            status=row.status,
-            result=row.result,
-            result_content_type=row.result_content_type,
-            error_message=row.error_message,
-            error_category=row.error_category,
-        )
+        return FutureOutcome(**row._asdict())
 
 
 def _check_duplicate(

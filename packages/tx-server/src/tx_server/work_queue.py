@@ -26,7 +26,7 @@ advisory transaction lock on PostgreSQL), so two workers never claim the same ro
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -64,20 +64,6 @@ _PENDING_WINDOW = (
 _MARK_RUNNING = update(_TABLE).values(
     status=FutureStatus.RUNNING, started_at=bindparam("claimed_at")
 )
-_CLAIMED = select(
-    _F.request_id,
-    _F.request_type,
-    _F.tenant_id,
-    _F.session_id,
-    _F.model_id,
-    _F.seq_id,
-    _F.model_seq_id,
-    _F.sampling_session_id,
-    _F.barrier,
-    _F.payload,
-    _F.payload_content_type,
-    _F.created_at,
-)
 _FINISH = (
     update(_TABLE)
     .where(_F.request_id == bindparam("rid"), _F.status.not_in(_DONE))
@@ -108,6 +94,9 @@ class ClaimedRequest:
     payload: bytes
     payload_content_type: str
     created_at: datetime
+
+
+_CLAIMED = select(*(_F[f.name] for f in fields(ClaimedRequest)))
 
 
 @dataclass
@@ -151,7 +140,7 @@ class WorkQueue:
             ids = [r.id for r in chosen]
             conn.execute(_MARK_RUNNING.where(_F.id.in_(ids)), {"claimed_at": utcnow()})
             rows = conn.execute(_CLAIMED.where(_F.id.in_(ids)).order_by(_F.id)).all()
-            return [_claimed(r) for r in rows]
+            return [ClaimedRequest(**r._asdict()) for r in rows]
 
     def complete(self, request_id: str, payload: bytes, content_type: str) -> None:
         """Store the result (JSON or protobuf bytes) and wake the request's pollers."""
@@ -248,23 +237,6 @@ def _select_runnable(
             chosen.append(row)
         state.seen_pending = True
     return chosen
-
-
-def _claimed(row: Any) -> ClaimedRequest:
-    return ClaimedRequest(
-        request_id=row.request_id,
-        request_type=row.request_type,
-        tenant_id=row.tenant_id,
-        session_id=row.session_id,
-        model_id=row.model_id,
-        seq_id=row.seq_id,
-        model_seq_id=row.model_seq_id,
-        sampling_session_id=row.sampling_session_id,
-        barrier=row.barrier,
-        payload=row.payload,
-        payload_content_type=row.payload_content_type,
-        created_at=row.created_at,
-    )
 
 
 def prune_finished(db: Database, retention: timedelta) -> int:

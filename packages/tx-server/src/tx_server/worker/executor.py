@@ -80,8 +80,6 @@ class Executor:
         self.sampling = SamplingRunner(settings, self.host, queue)
         self.engine_calls = 0
         """Forward/backward engine calls made so far (how well requests were fused)."""
-        self.optim_calls = 0
-        """Optimizer engine calls made so far (one per engine and claim)."""
 
     def sweep(self) -> None:
         """Free the slots of runs that stopped being live (call between claims, never within).
@@ -113,7 +111,7 @@ class Executor:
             except Exception as exc:
                 self._fail(req, exc)
         if steps:
-            self.optim_calls += run_optim_steps(self.host, self.queue, steps, self._fail)
+            run_optim_steps(self.host, self.queue, steps, self._fail)
         groups: dict[tuple[int, bool], list[_Pass]] = {}
         for p in passes:
             groups.setdefault((id(p.model.engine), p.backward), []).append(p)

@@ -53,8 +53,8 @@ def run_optim_steps(
     queue: WorkQueue,
     steps: Sequence[OptimStep],
     fail: Callable[[ClaimedRequest, BaseException], None],
-) -> int:
-    """Run ``steps`` (one claim's) with one engine call per engine; returns the call count."""
+) -> None:
+    """Run ``steps`` (one claim's) with one engine call per engine."""
     groups: dict[int, list[OptimStep]] = {}
     for s in steps:
         groups.setdefault(id(s.model.engine), []).append(s)
@@ -73,4 +73,3 @@ def run_optim_steps(
 
     for group in groups.values():
         run_fused(group, call, lambda s, exc: fail(s.request, exc), complete)
-    return len(groups)
