@@ -100,13 +100,21 @@ def decode_ms(engine: TrainingEngine, batch: int, cache_len: int, iters: int) ->
     adapters = jnp.zeros(batch, jnp.int32)
     dparams = jax.tree.map(jnp.asarray, params)
 
-    program = programs.bound_decode_step(e.graphdef_for_slots({0}))  # what the sampler runs
+    graph = e.graphdef_for_slots({0})  # what the sampler runs: a StaticGraph, hashed once
 
     def step(i: int) -> None:
         nonlocal cache, tok
         pos = jnp.full((batch,), PROMPT_LEN + i, jnp.int32)
-        tok, _, cache = program(
-            e._lora, e._rest, tok, pos, adapters, dparams, jnp.asarray(i + 1, jnp.int32), cache
+        tok, _, cache = programs.decode_step(
+            graph,
+            e._lora,
+            e._rest,
+            tok,
+            pos,
+            adapters,
+            dparams,
+            jnp.asarray(i + 1, jnp.int32),
+            cache,
         )
 
     step(0)

@@ -125,11 +125,13 @@ def test_decode_forward_matches_the_model_call_bf16(tiny_qwen3_dir: Path) -> Non
     _compare(_trained_engine(tiny_qwen3_dir, "bfloat16"), atol=5e-2)
 
 
-def test_bound_decode_step_equals_decode_step_and_reuses_its_program(
+def test_decode_step_with_the_engines_static_graph_equals_the_bare_graphdef(
     qwen3: TrainingEngine,
 ) -> None:
     engine = qwen3
-    graphdef = engine.graphdef_for_slots({1})
+    static = engine.graphdef_for_slots({1})  # what the sampler passes: hashed once
+    assert isinstance(static, programs.StaticGraph)
+    assert engine.graphdef_for_slots({1}) is static  # cached per rank bucket
     rows = SamplingRow.for_request(num_samples=4, seed=3, temperature=0.8, top_k=50)
     params = jax.tree.map(jnp.asarray, RowSamplingParams.stack(rows))
     tokens = jnp.asarray([5, 6, 7, 8], jnp.int32)
@@ -137,21 +139,23 @@ def test_bound_decode_step_equals_decode_step_and_reuses_its_program(
     adapters = jnp.asarray([0, 1, 1, 0], jnp.int32)
     step = jnp.asarray([1, 2, 3, 4], jnp.int32)
     common = (engine._lora, engine._rest, tokens, positions, adapters, params, step)
-    want = programs.decode_step(graphdef, *common, _random_cache(engine, 4, 16, 9))
-    bound = programs.bound_decode_step(graphdef)
-    assert programs.bound_decode_step(graphdef) is bound  # cached per graphdef
-    got = bound(*common, _random_cache(engine, 4, 16, 9))
+    want = programs.decode_step(static.graphdef, *common, _random_cache(engine, 4, 16, 9))
+    got = programs.decode_step(static, *common, _random_cache(engine, 4, 16, 9))
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     np.testing.assert_array_equal(np.asarray(got[2].k_lbskh), np.asarray(want[2].k_lbskh))
 
-    topk = programs.bound_decode_step(graphdef, 4)(*common, _random_cache(engine, 4, 16, 9))
-    want_k = programs.decode_step_topk(graphdef, *common, _random_cache(engine, 4, 16, 9), k=4)
+    topk = programs.decode_step_topk(static, *common, _random_cache(engine, 4, 16, 9), k=4)
+    want_k = programs.decode_step_topk(
+        static.graphdef, *common, _random_cache(engine, 4, 16, 9), k=4
+    )
     for a, b in zip(topk[3:], want_k[3:], strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     before = dict(programs.TRACE_COUNTS)
     other = (engine._lora, engine._rest, tokens + 1, positions + 1, adapters[::-1], params)
-    out = bound(*other, step + 1, _random_cache(engine, 4, 16, 10))
+    out = programs.decode_step(static, *other, step + 1, _random_cache(engine, 4, 16, 10))
     assert out[0].shape == (4,)
+    rewrapped = programs.StaticGraph(static.graphdef)  # equal wrapper: the same program
+    programs.decode_step(rewrapped, *other, step, _random_cache(engine, 4, 16, 10))
     assert dict(programs.TRACE_COUNTS) == before  # new values, same shapes: no new trace

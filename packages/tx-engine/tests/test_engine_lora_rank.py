@@ -180,7 +180,7 @@ def test_engine_runs_rank_8_tenants_at_rank_8(tiny_qwen3_dir: Path) -> None:
     engine.optim_steps({s: AdamParams(1e-2) for s in slots})  # B ≠ 0: every factor matters
     gd8 = engine.graphdef_for_slots([0, *slots])
     assert gd8 is engine.graphdef_for_slots(slots[:1])  # cached: one graphdef per bucket
-    assert {m.active_rank for _, m in lora_lib.lora_modules(nnx.merge(gd8, engine._lora, engine._rest))} == {8}  # fmt: skip
+    assert {m.active_rank for _, m in lora_lib.lora_modules(nnx.merge(gd8.graphdef, engine._lora, engine._rest))} == {8}  # fmt: skip
 
     batch = packed(engine, sft_groups(slots, seed=1))
     args = (engine._lora, engine._rest)

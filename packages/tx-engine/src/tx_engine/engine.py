@@ -110,8 +110,7 @@ class TrainingEngine:
         self._opt = self._place_opt(optim.init_state(self._lora))
         self._grads = self._place_like_lora(step.zeros_like_state(self._lora))
         self._adapters: dict[int, LoraConfig] = {}
-        self._rank_graphdefs: dict[int, nnx.GraphDef[Any]] = {}
-        self._static_graphs: dict[int, step.StaticGraph] = {}  # the same, hashed once
+        self._static_graphs: dict[int, step.StaticGraph] = {}  # one per rank bucket
         self._groups = {
             ".".join(map(str, path)).removesuffix(".lora"): mod.group
             for path, mod in lora_lib.lora_modules(model)
@@ -234,26 +233,27 @@ class TrainingEngine:
         parts: tuple[Any, ...] = nnx.split(model, lora_lib.LoRAParam, ...)
         self._lora, self._rest = parts[1], parts[2]
 
-    def graphdef_for_slots(self, slots: Iterable[int]) -> nnx.GraphDef[Any]:
+    def graphdef_for_slots(self, slots: Iterable[int]) -> step.StaticGraph:
         """The graphdef that computes a batch whose rows use ``slots`` at its rank bucket.
 
         Pass it instead of the full-rank graphdef with this engine's ``lora`` / ``rest`` to any
         program of :mod:`tx_engine.step`: LoRA runs at the power-of-two bucket of the largest
         rank among ``slots`` (0 / base rows count as rank 0), so rank-8 tenants pay for rank 8
-        whatever ``max_lora_rank`` is. One graphdef (one compiled program) per bucket.
+        whatever ``max_lora_rank`` is. One graphdef (one compiled program) per bucket, wrapped
+        once in a :class:`step.StaticGraph` so that dispatching with it hashes nothing.
         """
-        return self._graphdef_at(self._rank_for_slots(slots))
+        return self._static_graph_at(self._rank_for_slots(slots))
 
     def _rank_for_slots(self, slots: Iterable[int]) -> int:
         ranks = [self._adapters[s].rank for s in {int(s) for s in slots} if s in self._adapters]
         return lora_lib.rank_bucket(ranks, self.config.max_lora_rank)
 
-    def _graphdef_at(self, rank: int) -> nnx.GraphDef[Any]:
-        graphdef = self._rank_graphdefs.get(rank)
-        if graphdef is None:
+    def _static_graph_at(self, rank: int) -> step.StaticGraph:
+        graph = self._static_graphs.get(rank)
+        if graph is None:
             graphdef = lora_lib.graphdef_at_rank(self._graphdef, self._lora, self._rest, rank=rank)
-            self._rank_graphdefs[rank] = graphdef
-        return graphdef
+            graph = self._static_graphs[rank] = step.StaticGraph(graphdef)
+        return graph
 
     def _live_slots(self) -> np.ndarray:
         """The allocated slots, padded with free ones to a power-of-two count (at most all).
@@ -308,9 +308,7 @@ class TrainingEngine:
     def _dispatch(self, arrays: Mapping[str, Any], loss_fn: str, backward: bool) -> Any:
         present = np.unique(np.asarray(arrays["adapter_indices"]))
         rank = self._rank_for_slots(present)
-        graphdef = self._static_graphs.get(rank)
-        if graphdef is None:
-            graphdef = self._static_graphs[rank] = step.StaticGraph(self._graphdef_at(rank))
+        graphdef = self._static_graph_at(rank)
         batch = self._place_batch(arrays)
         chunk = self.config.logits_chunk_tokens
         if not backward:

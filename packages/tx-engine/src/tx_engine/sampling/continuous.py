@@ -120,7 +120,6 @@ class ContinuousRun:
         # One LoRA rank bucket for the whole run (the largest rank among its jobs' adapters):
         # rank-8 tenants decode at rank 8, and admitting a job never switches programs.
         self.graphdef = engine.graphdef_for_slots({jobs[r.job].slot for r in rows})
-        self._decode_step = programs.bound_decode_step(self.graphdef, self.sample_topk)
         self.cache = programs.empty_cache(
             self.graphdef, e._lora, e._rest, batch=batch, cache_len=cache_len
         )
@@ -274,10 +273,12 @@ class ContinuousRun:
             positions[b] = self.prompt_len[b] + self.sent[b] - 1
             steps[b] = self.sent[b]
         e = self.engine
-        out = self._decode_step(
-            e._lora, e._rest, self.tokens, positions, self.adapters, self.params, steps,
-            self.cache,
+        args = (
+            self.graphdef, e._lora, e._rest, self.tokens, positions, self.adapters, self.params,
+            steps, self.cache,
         )  # fmt: skip
+        k = self.sample_topk
+        out = programs.decode_step_topk(*args, k=k) if k else programs.decode_step(*args)
         tokens, logprobs, self.cache = out[:3]
         ids, lps = out[3:] if self.sample_topk else (None, None)
         self.tokens = tokens

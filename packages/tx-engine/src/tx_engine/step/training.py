@@ -1,0 +1,220 @@
+"""The training programs: forward, forward_backward, the per-slot AdamW update, full fine-tuning.
+
+See :mod:`tx_engine.step` for the model's three pieces and the bucketing that keeps these
+programs compiled once.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import Array
+
+from tx_engine import losses, optim
+from tx_engine.layers import lora as lora_lib
+from tx_engine.step.graph import TRACE_COUNTS, Batch, State, StaticGraph, graph_of
+
+
+def _loss(
+    lora: State,
+    graphdef: nnx.GraphDef[Any] | StaticGraph,
+    rest: State,
+    batch: Batch,
+    loss_fn: str,
+    logits_chunk: int,
+) -> tuple[Array, losses.LossOutputs]:
+    """Summed loss over the batch and the per-datum outputs (the ``has_aux`` part)."""
+    model: Any = nnx.merge(graph_of(graphdef), lora, rest)
+    adapters_b = batch["adapter_indices"]
+    hidden_btd = model(
+        batch["input_ids"],
+        positions_bt=batch["positions"],
+        attention_mask_bt=batch["attention_mask"],
+        adapter_indices_b=adapters_b,
+    )
+    target_logprobs = _target_logprobs(
+        model, hidden_btd, adapters_b, batch["target_tokens"], logits_chunk
+    )
+    kernel = losses.get_loss_fn(loss_fn)
+    return losses.compute_loss(
+        kernel, target_logprobs, batch["inputs"], batch["loss_mask"], batch["config"]
+    )
+
+
+def _target_logprobs(
+    model: Any, hidden_btd: Array, adapters_b: Array, targets: Array, logits_chunk: int
+) -> Array:
+    """Target log-probs, never holding more than ``logits_chunk`` tokens' logits at once.
+
+    ``[B, T, V]`` float32 logits dominate memory for large vocabularies (8k tokens × 152k
+    vocab = 5 GB), so time is cut into chunks of ``c = logits_chunk // B`` positions that
+    ``lax.map`` visits one by one, each under ``jax.checkpoint`` so the backward pass
+    recomputes a chunk's logits instead of storing them all. Falls back to one shot when the
+    batch is already small or ``c`` does not divide ``T``.
+    """
+    b, t = hidden_btd.shape[:2]
+    c = max(1, logits_chunk // b)
+    if logits_chunk <= 0 or c >= t or t % c:
+        logits_btv = model.compute_logits(hidden_btd, adapters_b)
+        return losses.target_logprobs_from_logits(logits_btv, targets)
+    n = t // c
+
+    def to_chunks(x: Array) -> Array:  # [B, T, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk(args: tuple[Array, Array]) -> Array:
+        h_bcd, tgt = args
+        return losses.target_logprobs_from_logits(model.compute_logits(h_bcd, adapters_b), tgt)
+
+    out = jax.lax.map(chunk, (to_chunks(hidden_btd), to_chunks(targets)))
+    return jnp.moveaxis(out, 0, 1).reshape(targets.shape)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "logits_chunk"))
+def forward(
+    graphdef: nnx.GraphDef[Any] | StaticGraph,
+    lora: State,
+    rest: State,
+    batch: Batch,
+    loss_fn: str,
+    logits_chunk: int = 0,
+) -> losses.LossOutputs:
+    """Loss outputs of ``batch`` without gradients (Tinker ``forward``)."""
+    TRACE_COUNTS["forward"] += 1
+    _, outputs = _loss(lora, graphdef, rest, batch, loss_fn, logits_chunk)
+    return outputs
+
+
+@partial(
+    jax.jit,
+    static_argnames=("graphdef", "loss_fn", "logits_chunk", "rank"),
+    donate_argnames=("grads",),
+)
+def forward_backward(
+    graphdef: nnx.GraphDef[Any] | StaticGraph,
+    lora: State,
+    rest: State,
+    grads: State,
+    batch: Batch,
+    loss_fn: str,
+    logits_chunk: int = 0,
+    rank: int | None = None,
+) -> tuple[losses.LossOutputs, State]:
+    """Loss outputs and ``grads + ∂(Σ loss)/∂lora`` (the accumulator, donated and returned).
+
+    ``rank`` (≥ the rank bucket ``graphdef`` computes at) differentiates only the first
+    ``rank`` rank entries of the factors and adds them into that part of ``grads`` in place:
+    the same values (the gradient above the computed rank is exactly zero), without building
+    and adding a max-rank, mostly-zero gradient tree per micro-batch. None: all ranks.
+    """
+    TRACE_COUNTS["forward_backward"] += 1
+    grad_fn = jax.grad(_loss, has_aux=True)
+    if rank is None:
+        new_grads, outputs = grad_fn(lora, graphdef, rest, batch, loss_fn, logits_chunk)
+        summed = jax.tree.map(lambda acc, g: acc + g.astype(acc.dtype), grads, new_grads)
+        return outputs, summed
+    sub = lora_lib.take_slots(lora, None, rank)
+    sub_grads, outputs = grad_fn(sub, graphdef, rest, batch, loss_fn, logits_chunk)
+    return outputs, lora_lib.put_slots(grads, sub_grads, None, rank, add=True)
+
+
+@partial(jax.jit, static_argnames=("rank",), donate_argnames=("lora", "opt_state", "grads"))
+def apply_update(
+    lora: State,
+    opt_state: optim.OptState,
+    grads: State,
+    hyper: optim.AdamHyper,
+    step_mask: Array,
+    slots: Array,
+    rank: int,
+) -> tuple[State, optim.OptState, State, optim.StepMetrics]:
+    """AdamW on ``slots`` ([U] distinct) where ``step_mask`` ([U] bool) is set; their
+    accumulators go to 0. ``hyper`` and the returned metrics are per entry of ``slots``.
+
+    Only the first ``rank`` rank entries of those slots are read and written (``rank`` ≥ the
+    rank bucket of every stepped adapter: above an adapter's rank, parameters, gradients and
+    moments are zero and AdamW keeps them zero), so a step costs ``U·r``, not ``A·R``. Entries
+    of ``slots`` not in the mask, and all other slots, keep params, moments, count and
+    accumulated gradients bit-for-bit, so tenants step independently.
+    """
+    TRACE_COUNTS["apply_update"] += 1
+
+    def take(tree: State) -> State:
+        return lora_lib.take_slots(tree, slots, rank)  # type: ignore[no-any-return]
+
+    def put(tree: State, sub: State) -> State:
+        return lora_lib.put_slots(tree, sub, slots, rank)  # type: ignore[no-any-return]
+
+    sub_opt = optim.OptState(take(opt_state.m), take(opt_state.v), opt_state.count[slots])
+    sub_grads = take(grads)
+    new_lora, new_opt, metrics = optim.apply_update(
+        take(lora), sub_grads, sub_opt, hyper, step_mask
+    )
+
+    def clear(g: Array) -> Array:
+        stepped = step_mask.reshape((-1,) + (1,) * (g.ndim - 1))
+        return jnp.where(stepped, jnp.zeros_like(g), g)
+
+    opt_out = optim.OptState(
+        put(opt_state.m, new_opt.m),
+        put(opt_state.v, new_opt.v),
+        opt_state.count.at[slots].set(new_opt.count),
+    )
+    return put(lora, new_lora), opt_out, put(grads, jax.tree.map(clear, sub_grads)), metrics
+
+
+@jax.jit
+def take_slot(tree: Any, slot: Array) -> Any:
+    """Every leaf's ``[slot]`` in one dispatch (``slot`` traced: one program for all slots).
+
+    Slicing leaf by leaf dispatched ~100 tiny ops per tree (~30 ms on the small preset), which
+    made the worker's per-``optim_step`` recovery snapshot cost more than the step itself.
+    """
+    TRACE_COUNTS["take_slot"] += 1
+    return jax.tree.map(lambda leaf: leaf[slot], tree)
+
+
+def zeros_like_state(state: State) -> State:
+    """A float32 accumulator shaped like ``state`` (the LoRA params)."""
+    zeros: State = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state)
+    return zeros
+
+
+@partial(
+    jax.jit,
+    static_argnames=("graphdef", "tx", "logits_chunk"),
+    donate_argnames=("params", "opt_state"),
+)
+def full_train_step(
+    graphdef: nnx.GraphDef[Any],
+    params: State,
+    rest: State,
+    opt_state: Any,
+    batch: Batch,
+    tx: Any,
+    logits_chunk: int = 0,
+) -> tuple[State, Any, Array]:
+    """One optax step on every base weight (`tx train`'s full fine-tuning); returns the loss.
+
+    ``params`` is the middle piece of ``nnx.split(model, nnx.Param, ...)``: LoRA factors are
+    :class:`LoRAParam`, not ``nnx.Param``, so they stay frozen in ``rest``. The objective is
+    :func:`_loss` with ``cross_entropy`` — the same summed weighted loss that
+    :func:`forward_backward` differentiates for an adapter, so full and LoRA fine-tuning
+    optimise one number; a caller that wants a per-token mean scales the weights (`tx train`
+    divides them by the batch's total weight). ``tx`` is an ``optax.GradientTransformation``
+    and static: jit keys on its identity, so a caller keeps one object per run and every step
+    reuses the compiled program. ``params`` and ``opt_state`` are donated: a full fine-tune
+    must not hold two copies of the weights.
+    """
+    TRACE_COUNTS["full_train_step"] += 1
+    (loss, _), grads = jax.value_and_grad(_loss, has_aux=True)(
+        params, graphdef, rest, batch, "cross_entropy", logits_chunk
+    )
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+    return new_params, new_opt_state, loss
