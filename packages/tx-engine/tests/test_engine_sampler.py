@@ -19,8 +19,8 @@ from flax import nnx
 
 from tx_engine import step as programs
 from tx_engine.config import EngineConfig
-from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, InputError, TrainingEngine
-from tx_engine.errors import AdapterError
+from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, TrainingEngine
+from tx_engine.errors import AdapterError, InputError
 from tx_engine.sampler import Sampler, SampleRequestArrays
 
 CONFIG = EngineConfig(max_lora_adapters=2, max_lora_rank=8, batch_buckets=(4,))

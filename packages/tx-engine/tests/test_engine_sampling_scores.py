@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 from tx_engine.config import EngineConfig
-from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, InputError, TrainingEngine
+from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, TrainingEngine
+from tx_engine.errors import InputError
 from tx_engine.sampler import Sampler, SampleRequestArrays
 
 CONFIG = EngineConfig(max_lora_adapters=1, max_lora_rank=8, batch_buckets=(4,))

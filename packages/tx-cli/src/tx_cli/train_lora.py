@@ -38,7 +38,8 @@ OPTAX_ADAMW_DEFAULTS = {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 1e-
 
 def adam_params(optimizer: str, args: dict[str, Any]) -> Any:
     """The engine's ``AdamParams`` for ``--optimizer``/``--optimizer-args`` in optax spelling."""
-    from tx_engine.engine import AdamParams, InputError
+    from tx_engine.engine import AdamParams
+    from tx_engine.errors import InputError
 
     if optimizer != "adamw":
         raise TrainInputError(

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 
 from tx_engine import losses
 from tx_engine.config import EngineConfig
-from tx_engine.errors import ErrorCategory, TxEngineError
+from tx_engine.errors import InputError
 
 # Per-token inputs a kernel may read besides the required ones; anything else in
 # `loss_fn_inputs` is ignored (the SDK and cookbook attach bookkeeping fields such as `mask`).
@@ -39,12 +38,6 @@ _OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {
     "dro": (),
     "gspo": _CLIP_KEYS,
 }
-
-
-class InputError(TxEngineError, ValueError):
-    """A forward/backward request is malformed (bad token id, shape, loss name or config)."""
-
-    category: ClassVar[ErrorCategory] = "user"
 
 
 @dataclass(frozen=True)

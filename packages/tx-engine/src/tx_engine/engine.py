@@ -30,10 +30,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tx_engine import batching, checkpoint, optim, step
-from tx_engine.batching import AdapterBatch, DatumArrays, DatumOutput, GroupOutput, InputError
+from tx_engine.batching import AdapterBatch, DatumArrays, DatumOutput, GroupOutput
 from tx_engine.checkpoint import LoraConfig
 from tx_engine.config import EngineConfig
-from tx_engine.errors import AdapterError, CheckpointError
+from tx_engine.errors import AdapterError, CheckpointError, InputError, NoFreeSlotError
 from tx_engine.layers import lora as lora_lib
 from tx_engine.loading import load_model, save_hf_weights
 from tx_engine.sharding import make_mesh
@@ -52,10 +52,6 @@ __all__ = [
 
 _Spec: Any = PartitionSpec  # jax leaves its constructor untyped
 DEFAULT_LORA_ALPHA = 32.0  # not on the Tinker wire; SkyRL's choice, see the wire spec §6.12
-
-
-class NoFreeSlotError(AdapterError):
-    """Every adapter slot is taken; free one or build the engine with more slots."""
 
 
 @dataclass(frozen=True)

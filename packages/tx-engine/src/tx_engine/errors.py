@@ -40,3 +40,14 @@ class AdapterError(TxEngineError, ValueError):
     """A LoRA slot operation was asked for an invalid slot, rank or alpha."""
 
     category: ClassVar[ErrorCategory] = "user"
+
+
+class NoFreeSlotError(AdapterError):
+    """Every adapter slot is taken; free one or build the engine with more slots."""
+
+
+class InputError(TxEngineError, ValueError):
+    """A forward/backward or sampling request is malformed (bad token id, shape, loss name or
+    config)."""
+
+    category: ClassVar[ErrorCategory] = "user"

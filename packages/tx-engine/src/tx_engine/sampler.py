@@ -47,9 +47,8 @@ from typing import Any
 import numpy as np
 
 from tx_engine import step as programs
-from tx_engine.batching import InputError
 from tx_engine.engine import TrainingEngine
-from tx_engine.errors import AdapterError
+from tx_engine.errors import AdapterError, InputError
 from tx_engine.sampling import SamplingRow, StopCriteria
 from tx_engine.sampling.continuous import ContinuousRun, Job, Row, pow2
 from tx_engine.sampling.params import ALT_DRAWS_SAMPLE_INDEX

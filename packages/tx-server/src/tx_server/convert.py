@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tx_engine.batching import DatumArrays, GroupOutput, InputError
+from tx_engine.batching import DatumArrays, GroupOutput
 from tx_engine.engine import AdamParams as EngineAdamParams
+from tx_engine.errors import InputError
 from tx_engine.sampler import SampleRequestArrays, SampleResult
 from tx_types import (
     AdamParams,

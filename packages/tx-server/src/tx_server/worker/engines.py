@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tx_engine.config import EngineConfig
-from tx_engine.engine import NoFreeSlotError, TrainingEngine
+from tx_engine.engine import TrainingEngine
+from tx_engine.errors import NoFreeSlotError
 from tx_server.convert import adam_params
 from tx_server.db.database import Database
 from tx_server.errors import BadRequestError, ServerFaultError

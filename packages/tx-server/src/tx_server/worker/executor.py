@@ -16,7 +16,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tx_engine.batching import AdapterBatch, GroupOutput, InputError
+from tx_engine.batching import AdapterBatch, GroupOutput
+from tx_engine.errors import InputError
 from tx_server import convert
 from tx_server.errors import WireCategory, category_of
 from tx_server.futures import JSON, PROTOBUF, RequestType

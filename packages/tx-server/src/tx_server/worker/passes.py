@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tx_engine.batching import AdapterBatch, DatumArrays, InputError
+from tx_engine.batching import AdapterBatch, DatumArrays
+from tx_engine.errors import InputError
 from tx_server import convert
 from tx_types.proto import decode_forward_backward_request
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-from tx_engine.engine import NoFreeSlotError, TrainingEngine
+from tx_engine.engine import TrainingEngine
+from tx_engine.errors import NoFreeSlotError
 
 __all__ = ["SamplerSlots"]
 
