@@ -14,8 +14,8 @@ For each model preset the script builds the kit's checkpoint, starts ``python -m
   result): a 1-token ``forward`` (the floor of every training call) and an ``optim_step`` with
   ``learning_rate=0`` (which also pays the worker's per-step recovery snapshot);
 * **logprobs-128 latency** — p50 of ``compute_logprobs`` on a 128-token prompt;
-* **tenants ×N** — aggregate train tok/s of N threads, each its own API key (tenant), service
-  client and LoRA adapter, stepping concurrently, for N = 1, 2, 4;
+* **tenants ×N** — aggregate train tok/s of N processes, each its own API key (tenant),
+  service client and LoRA adapter, stepping concurrently, for N = 1, 2, 4;
 * **engine reference** — the same train and sample workloads on ``TrainingEngine`` /
   ``Sampler`` directly, with the server's engine settings, in a subprocess run before the server
   starts (so the two never share the device); the ``API / engine`` rows are what the REST
@@ -36,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -208,36 +207,75 @@ def single_tenant(sc: Any, url: str, model: str, plan: Plan) -> dict[str, float]
 
 
 def tenants(url: str, model: str, plan: Plan, n: int) -> float:
-    """Aggregate train tok/s of ``n`` tenants stepping at once (after a concurrent warm-up)."""
-    clients = []
-    for i in range(n):
-        sc = tinker.ServiceClient(base_url=url, api_key=f"{KEY}-tenant{n}-{i}")
-        clients.append((sc, sc.create_lora_training_client(model, rank=RANK, seed=i).result()))
-    data = [batch(plan, 1 + i) for i in range(n)]
+    """Aggregate train tok/s of ``n`` tenants stepping at once, each its own process.
 
-    def run_all(steps: int) -> float:
-        barrier = threading.Barrier(n + 1)
-        threads = [
-            threading.Thread(target=lambda tc=tc, d=d: (barrier.wait(), train_steps(tc, d, steps)))
-            for (_, tc), d in zip(clients, data, strict=True)
-        ]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        start = time.perf_counter()
-        for t in threads:
-            t.join()
-        return time.perf_counter() - start
-
-    # Warm-up: the worker fuses concurrent tenants' passes into one batch of k·B rows
-    # (k ≤ n, padded to a bucket) in whatever combination they arrive; compile each size now.
-    for k in range(1, n + 1):
-        train_steps(clients[0][1], data[0] * k, 1)
-    run_all(plan.tenant_steps)
-    seconds = run_all(plan.tenant_steps)
-    for sc, _ in clients:
-        sc.close("success").result()  # also stops the session's heartbeat
+    Separate processes, as real tenants are: SDK clients in threads of one process would
+    measure the client's GIL, not the server. Each tenant process creates its adapter, warms
+    up, then steps on every ``go`` from this process; the aggregate is the tokens of all of
+    them over the span from the first start to the last end (the second, warm, round).
+    """
+    # The worker fuses concurrent tenants' passes into one batch of k·B rows (k ≤ n, padded to
+    # a bucket) in whatever combination they arrive; compile each size before timing.
+    with tinker.ServiceClient(base_url=url, api_key=f"{KEY}-warmup{n}") as sc:
+        tc = sc.create_lora_training_client(model, rank=RANK, seed=0).result()
+        for k in range(1, n + 1):
+            train_steps(tc, batch(plan, 0) * k, 1)
+    argv = [sys.executable, __file__, "--tenant", url, model, str(n)]
+    quick = ["--quick"] if plan == QUICK else []
+    procs = [
+        subprocess.Popen(
+            [*argv, str(i), *quick], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for i in range(n)
+    ]
+    try:
+        for proc in procs:
+            _expect_line(proc, "ready")
+        spans: list[list[float]] = []
+        for _ in range(2):  # the first round is a warm-up of the concurrent shapes
+            for proc in procs:
+                _send_line(proc, "go")
+            spans = [json.loads(_expect_line(proc)) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()  # end of input: the tenant closes its session and exits
+        for proc in procs:
+            if proc.wait(timeout=120) != 0:
+                raise RuntimeError(f"tenant process exited with {proc.returncode}")
+    seconds = max(end for _, end in spans) - min(start for start, _ in spans)
     return n * plan.tenant_steps * plan.batch * plan.seq / seconds
+
+
+def _send_line(proc: subprocess.Popen[str], line: str) -> None:
+    if proc.stdin is None:
+        raise RuntimeError("tenant process has no stdin")
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+
+
+def _expect_line(proc: subprocess.Popen[str], want: str | None = None) -> str:
+    """The tenant process's next stdout line (``want`` it to be exactly that)."""
+    line = proc.stdout.readline().strip() if proc.stdout is not None else ""
+    if not line or (want is not None and line != want):
+        raise RuntimeError(f"tenant process said {line!r}, expected {want or 'a result'!r}")
+    return line
+
+
+def tenant_process(url: str, model: str, n: int, index: int, plan: Plan) -> None:
+    """One tenant of :func:`tenants`: ``ready``, then a ``[start, end]`` line per ``go``."""
+    with tinker.ServiceClient(base_url=url, api_key=f"{KEY}-tenant{n}-{index}") as sc:
+        tc = sc.create_lora_training_client(model, rank=RANK, seed=index).result()
+        data = batch(plan, 1 + index)
+        train_steps(tc, data, 1)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "go":
+                break
+            start = time.time()
+            train_steps(tc, data, plan.tenant_steps)
+            print(json.dumps([start, time.time()]), flush=True)
+        sc.close("success").result()  # also stops the session's heartbeat
 
 
 def engine_reference(preset: str, plan: Plan) -> dict[str, float]:
@@ -350,8 +388,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--engine-reference", metavar="PRESET", help=argparse.SUPPRESS)
+    parser.add_argument("--tenant", nargs=4, metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.tenant:  # a subprocess of tenants(): URL MODEL N INDEX
+        url, model, n, index = args.tenant
+        tenant_process(url, model, int(n), int(index), plan)
+        return {}
     if args.engine_reference:  # the subprocess of run_engine_reference: one JSON line
         print(json.dumps(engine_reference(args.engine_reference, plan)))
         return {}

@@ -89,6 +89,34 @@ def test_limit_and_type_filter_keep_the_order(store: FutureStore, queue: WorkQue
         queue.claim_pending(limit=0)
 
 
+def test_through_barriers_claims_an_idle_models_backlog_in_order(
+    store: FutureStore, queue: WorkQueue
+) -> None:
+    a1 = _put(store, "A", 1, T.FORWARD_BACKWARD)
+    a_opt = _put(store, "A", 2, T.OPTIM_STEP)
+    a3 = _put(store, "A", 3, T.FORWARD_BACKWARD)
+    b1 = _put(store, "B", 1, T.FORWARD_BACKWARD)
+    a_save = _put(store, "A", 4, T.SAVE_WEIGHTS)
+    b_opt = _put(store, "B", 2, T.OPTIM_STEP)
+    b3 = _put(store, "B", 3, T.FORWARD)
+    wanted = {"forward", "forward_backward", "optim_step"}
+    # A's prefix ends at the save (not wanted here); B's backlog goes whole.
+    claimed = queue.claim_pending(request_types=wanted, through_barriers=True)
+    assert _ids(claimed) == [a1, a_opt, a3, b1, b_opt, b3]
+    b4 = _put(store, "B", 4, T.FORWARD)
+    b_opt5 = _put(store, "B", 5, T.OPTIM_STEP)
+    # A model with requests running falls back to the segment rules: nothing behind B's
+    # running optim_step, no barrier of A while A runs.
+    assert queue.claim_pending(through_barriers=True) == []
+    for rid in (a1, a_opt, a3, b1, b_opt):
+        queue.complete(rid, b"{}", JSON)
+    # A is idle again: its save goes; B still runs b3, so only its next pass joins.
+    assert _ids(queue.claim_pending(through_barriers=True)) == [a_save, b4]
+    for rid in (b3, b4):
+        queue.complete(rid, b"{}", JSON)
+    assert _ids(queue.claim_pending(through_barriers=True)) == [b_opt5]
+
+
 def test_transitions_are_checked(store: FutureStore, queue: WorkQueue) -> None:
     rid = _put(store, "A", 1, T.OPTIM_STEP)
     with pytest.raises(ValueError, match="content_type"):
@@ -100,6 +128,24 @@ def test_transitions_are_checked(store: FutureStore, queue: WorkQueue) -> None:
     queue.complete(rid, b"{}", JSON)
     with pytest.raises(ServerFaultError, match="already finished"):
         queue.fail(rid, "late", "server")
+
+
+def test_complete_many_stores_every_result_in_one_transaction(
+    store: FutureStore, queue: WorkQueue
+) -> None:
+    first, second, done = (_put(store, "A", i, T.FORWARD) for i in (1, 2, 3))
+    queue.claim_pending()
+    queue.complete(done, b"{}", JSON)
+    with pytest.raises(ValueError, match="content_type"):
+        queue.complete_many([(first, b"{}", "text/plain")])
+    with pytest.raises(ServerFaultError, match=done):
+        queue.complete_many([(first, b'{"a": 1}', JSON), (done, b"{}", JSON), (second, b"2", JSON)])
+    for rid, result in ((first, b'{"a": 1}'), (second, b"2")):  # stored despite the bad one
+        assert store.outcome("t", rid) is not None
+        with queue.db.read() as session:
+            row = session.scalar(select(FutureRow).where(FutureRow.request_id == rid))
+            assert row is not None
+            assert (row.status, row.result) == (FutureStatus.COMPLETED, result)
 
 
 def test_submission_wakes_a_waiting_worker(store: FutureStore, queue: WorkQueue) -> None:

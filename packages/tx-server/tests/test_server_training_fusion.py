@@ -20,7 +20,14 @@ from tx_server.settings import EngineSettings
 from tx_server.testing import make_settings
 from tx_server.work_queue import WorkQueue
 from tx_server.worker.executor import HANDLED_TYPES, Executor
-from tx_types import Datum, ForwardBackwardInput, ModelInput, TensorData
+from tx_types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardInput,
+    ModelInput,
+    OptimStepRequest,
+    TensorData,
+)
 from tx_types.proto import decode_forward_backward_output, encode_forward_backward_request
 
 TOKENS = [4, 8, 15, 16, 23, 42, 7, 99]
@@ -56,14 +63,31 @@ def _run_all(queue: WorkQueue, executor: Executor) -> int:
     return len(claimed)
 
 
-def _forward(store: FutureStore, tenant: str, model_id: str, seq: int, tokens: list[int]) -> str:
+def _forward(
+    store: FutureStore,
+    tenant: str,
+    model_id: str,
+    seq: int,
+    tokens: list[int],
+    backward: bool = False,
+) -> str:
     datum = Datum(
         model_input=ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={"target_tokens": TensorData(data=tokens[1:], dtype="int64")},
     )
     fwd = ForwardBackwardInput(data=[datum], loss_fn="cross_entropy")
-    body = encode_forward_backward_request(model_id, seq, fwd, forward_only=True, compress=False)
-    submission = Submission(RequestType.FORWARD, body, PROTOBUF, model_id=model_id, seq_id=seq)
+    body = encode_forward_backward_request(
+        model_id, seq, fwd, forward_only=not backward, compress=False
+    )
+    rtype = RequestType.FORWARD_BACKWARD if backward else RequestType.FORWARD
+    return store.submit(tenant, Submission(rtype, body, PROTOBUF, model_id=model_id, seq_id=seq))
+
+
+def _optim_step(store: FutureStore, tenant: str, model_id: str, seq: int) -> str:
+    body = OptimStepRequest(
+        optim_params=AdamParams(learning_rate=0.1), model_id=model_id, seq_id=seq
+    ).model_dump_json()
+    submission = Submission(RequestType.OPTIM_STEP, body.encode(), model_id=model_id, seq_id=seq)
     return store.submit(tenant, submission)
 
 
@@ -108,3 +132,32 @@ def test_one_tenants_bad_input_fails_only_that_request(rig: tuple[FutureStore, E
     assert failed.status is FutureStatus.FAILED
     assert failed.error_category == "user"
     assert "target_tokens" in (failed.error_message or "")
+
+
+def test_a_pipelined_backlog_runs_in_order_in_one_claim(
+    rig: tuple[FutureStore, Executor],
+) -> None:
+    """fwd_bwd, optim_step, forward of two tenants, all queued before the worker looks: one
+    claim, run in rounds — the passes of both tenants fuse, and each forward sees its step."""
+    store, executor = rig
+    tenants = (("t1", "s1:train:0"), ("t2", "s2:train:0"))
+    before = {}
+    for tenant, model in tenants:
+        before[model] = _forward(store, tenant, model, 10, TOKENS)
+        _run_all(executor.queue, executor)
+    backlog = {}
+    for tenant, model in tenants:
+        _forward(store, tenant, model, 11, TOKENS, backward=True)
+        _optim_step(store, tenant, model, 12)
+        backlog[model] = _forward(store, tenant, model, 13, TOKENS)
+    calls = executor.engine_calls
+    claimed = executor.queue.claim_pending(request_types=HANDLED_TYPES, through_barriers=True)
+    assert [c.seq_id for c in claimed] == [11, 12, 13] * 2  # both backlogs, barriers and all
+    executor.run(claimed)
+    assert executor.engine_calls == calls + 2  # one fused backward call, one fused forward
+    for tenant, model in tenants:
+        after = _forward(store, tenant, model, 14, TOKENS)
+        _run_all(executor.queue, executor)
+        stepped = _logprobs(store, backlog[model])
+        np.testing.assert_allclose(stepped, _logprobs(store, after), rtol=1e-5, atol=1e-6)
+        assert np.abs(stepped - _logprobs(store, before[model])).max() > 1e-3  # ran after it

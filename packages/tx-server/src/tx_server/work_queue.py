@@ -18,14 +18,17 @@ Ordering (spec §3.8): requests of one model are taken in arrival order. A *barr
 (``optim_step``, saves, loads, ``create_model``; see :data:`~tx_server.futures.BARRIER_TYPES`)
 is claimed only when nothing earlier of its model is pending or running, and nothing later of
 its model is claimed until it finishes. Forward/backward passes between barriers are claimed
-together, so the worker can batch them across models and tenants. Requests without a model
+together, so the worker can batch them across models and tenants. The worker claims
+``through_barriers``: a model with nothing running hands over its whole pending prefix —
+passes and barriers — in one claim, which the worker executes in order; this is the same order,
+one claim instead of one per segment for a client that pipelines. Requests without a model
 (sampling) are independent. Claiming is serialized (``BEGIN IMMEDIATE`` on SQLite, an
 advisory transaction lock on PostgreSQL), so two workers never claim the same row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -119,12 +122,21 @@ class WorkQueue:
         return self.bus.subscribe(WORK)
 
     def claim_pending(
-        self, limit: int = 256, request_types: Collection[str] | None = None, window: int = 4096
+        self,
+        limit: int = 256,
+        request_types: Collection[str] | None = None,
+        window: int = 4096,
+        through_barriers: bool = False,
     ) -> list[ClaimedRequest]:
         """Mark up to ``limit`` runnable pending requests ``running`` and return them in order.
 
         ``request_types`` restricts what is claimed (e.g. only sampling) without breaking the
         per-model order; ``window`` bounds how many pending rows one call inspects.
+        ``through_barriers``: a model with nothing running gives *all* its pending requests, in
+        order, barriers included; the caller then owns their order and must execute each
+        model's requests in the order returned (the worker does, in rounds: see
+        :func:`tx_server.worker.rounds.plan_rounds`). One claim then carries a pipelining
+        client's whole backlog instead of one segment per claim.
         """
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
@@ -134,7 +146,7 @@ class WorkQueue:
                 conn.execute(select(func.pg_advisory_xact_lock(_CLAIM_LOCK_KEY)))
             states = _running_states(conn)
             pending = conn.execute(_PENDING_WINDOW, {"window": window}).all()
-            chosen = _select_runnable(pending, states, limit, request_types)
+            chosen = _select_runnable(pending, states, limit, request_types, through_barriers)
             if not chosen:
                 return []
             ids = [r.id for r in chosen]
@@ -144,14 +156,36 @@ class WorkQueue:
 
     def complete(self, request_id: str, payload: bytes, content_type: str) -> None:
         """Store the result (JSON or protobuf bytes) and wake the request's pollers."""
-        if content_type not in _RESULT_TYPES:
-            raise ValueError(f"content_type must be one of {_RESULT_TYPES}, got {content_type!r}")
+        _check_content_type(content_type)
         self._finish(
             request_id,
             new_status=FutureStatus.COMPLETED,
             new_result=payload,
             new_result_type=content_type,
         )
+
+    def complete_many(self, results: Sequence[tuple[str, bytes, str]]) -> None:
+        """:meth:`complete` for each ``(request_id, payload, content_type)``, in one transaction.
+
+        A fused engine call finishes many requests at once; one commit (one fsync of the WAL)
+        for all of them instead of one each. Every result is stored even if one of them names a
+        request that is unknown or already finished, which is raised after the commit.
+        """
+        for _, _, content_type in results:
+            _check_content_type(content_type)
+        missed: list[str] = []
+        with self.db.core_write() as tx:
+            done_at = utcnow()
+            for request_id, payload, content_type in results:
+                values = {"new_status": FutureStatus.COMPLETED, "new_result": payload}
+                values["new_result_type"] = content_type
+                finish = {"rid": request_id, "done_at": done_at, **values}
+                if tx.conn.execute(_FINISH, finish).rowcount == 0:
+                    missed.append(request_id)
+                else:
+                    self.bus.publish(tx, FUTURES, request_id)
+        if missed:
+            raise ServerFaultError(f"requests {missed} were unknown or already finished")
 
     def fail(self, request_id: str, message: str, category: WireCategory) -> None:
         """Record a terminal failure (``user`` / ``server`` / ``unknown``) and wake pollers."""
@@ -203,6 +237,11 @@ class WorkQueue:
             return len(ids)
 
 
+def _check_content_type(content_type: str) -> None:
+    if content_type not in _RESULT_TYPES:
+        raise ValueError(f"content_type must be one of {_RESULT_TYPES}, got {content_type!r}")
+
+
 def _running_states(conn: Connection) -> dict[str, _ModelState]:
     states: dict[str, _ModelState] = {}
     for model_id, barrier in conn.execute(_RUNNING_MODELS):
@@ -217,6 +256,7 @@ def _select_runnable(
     states: dict[str, _ModelState],
     limit: int,
     request_types: Collection[str] | None,
+    through_barriers: bool = False,
 ) -> list[Any]:
     """Walk pending rows in arrival order and pick those the ordering rules allow."""
     chosen: list[Any] = []
@@ -229,6 +269,13 @@ def _select_runnable(
                 chosen.append(row)
             continue
         state = states.setdefault(row.model_id, _ModelState())
+        if through_barriers and not state.running:
+            # The claim takes this model's prefix in order; an unwanted type ends the prefix.
+            if wanted and not state.blocked:
+                chosen.append(row)
+            else:
+                state.blocked = True
+            continue
         if row.barrier:
             if wanted and not (state.running or state.seen_pending or state.blocked):
                 chosen.append(row)

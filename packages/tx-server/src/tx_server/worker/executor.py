@@ -1,10 +1,10 @@
-"""Execute one claimed batch: fuse every forward/backward pass and optimizer step, run the
-other barriers, then sample.
+"""Execute one claimed batch, round by round: fuse every forward/backward pass and optimizer
+step of a round, run its other barriers; then sample.
 
-Why fusing is safe: the queue claims a barrier (optim_step, save, load, create) only when it
-is its model's sole claimed request, and forward/backward passes of one model between two
-barriers commute. So all passes of a claim — of every tenant — can run in one engine call per
-(base model, forward-only?) pair, results split back per request. If a fused call is refused
+Why fusing is safe: a round holds at most one barrier (optim_step, save, load, create) per
+model, as that model's last request in the round (:mod:`.rounds`), and forward/backward passes
+of one model between two barriers commute. So all passes of a round — of every tenant — can
+run in one engine call per (base model, forward-only?) pair, results split back per request. If a fused call is refused
 as bad input, each request is rerun alone so one tenant's bad batch fails only that tenant.
 Sample requests of the claim are then run as one batch per base model
 (:mod:`tx_server.worker.sampling`, which also explains how training and sampling alternate).
@@ -28,6 +28,7 @@ from tx_server.worker.fused import run_fused
 from tx_server.worker.handlers import BarrierHandlers
 from tx_server.worker.optim_steps import prepare_optim_step, run_optim_steps
 from tx_server.worker.passes import decode_pass
+from tx_server.worker.rounds import plan_rounds
 from tx_server.worker.sampling import SamplingRunner
 from tx_types.proto import ProtoDecodeError
 from tx_types.proto import encode_forward_backward_output as encode_output
@@ -94,32 +95,44 @@ class Executor:
             log.exception("sweeping released adapter slots failed")
 
     def run(self, claimed: Sequence[ClaimedRequest]) -> None:
-        """Execute ``claimed`` (one claim's worth) and complete or fail every request."""
-        passes, steps, samples = [], [], []
-        for req in claimed:
-            kind = req.request_type
-            if kind == RequestType.SAMPLE:
-                samples.append(req)
-                continue
-            if kind not in _PASSES and kind != RequestType.OPTIM_STEP:
-                self._run_barrier(req)
-                continue
-            try:
-                if kind == RequestType.OPTIM_STEP:
-                    steps.append(prepare_optim_step(self.host, req))
-                else:
+        """Execute ``claimed`` (one claim's worth) and complete or fail every request.
+
+        The claim's training requests run in rounds (:func:`plan_rounds`), its samples after.
+        """
+        training = [r for r in claimed if r.request_type != RequestType.SAMPLE]
+        for requests in plan_rounds(training):
+            self._run_round(requests)
+        samples = [r for r in claimed if r.request_type == RequestType.SAMPLE]
+        if samples:
+            self.sampling.run(samples)
+
+    def _run_round(self, requests: Sequence[ClaimedRequest]) -> None:
+        """One round: every pass (fused per engine), then the optimizer steps (fused), then
+        the other barriers. A model has at most one barrier in a round, after its passes."""
+        passes: list[_Pass] = []
+        for req in requests:
+            if req.request_type in _PASSES:
+                try:
                     passes.append(self._prepare(req))
-            except Exception as exc:
-                self._fail(req, exc)
-        if steps:
-            run_optim_steps(self.host, self.queue, steps, self._fail)
+                except Exception as exc:
+                    self._fail(req, exc)
         groups: dict[tuple[int, bool], list[_Pass]] = {}
         for p in passes:
             groups.setdefault((id(p.model.engine), p.backward), []).append(p)
         for group in groups.values():
             self._run_passes(group)
-        if samples:
-            self.sampling.run(samples)
+        steps = []
+        for req in requests:
+            if req.request_type == RequestType.OPTIM_STEP:
+                try:
+                    steps.append(prepare_optim_step(self.host, req))
+                except Exception as exc:
+                    self._fail(req, exc)
+        if steps:
+            run_optim_steps(self.host, self.queue, steps, self._fail)
+        for req in requests:
+            if req.request_type not in _PASSES and req.request_type != RequestType.OPTIM_STEP:
+                self._run_barrier(req)
 
     def _prepare(self, req: ClaimedRequest) -> _Pass:
         decoded = decode_pass(req.payload, self.settings.engine.max_seq_len)
@@ -142,11 +155,14 @@ class Executor:
             )
             return run([p.batch for p in group])
 
+        done: list[tuple[str, bytes, str]] = []
+
         def complete(p: _Pass, out: GroupOutput) -> None:
             body = encode_output(convert.forward_backward_output(out))
-            self.queue.complete(p.request.request_id, body, PROTOBUF)
+            done.append((p.request.request_id, body, PROTOBUF))
 
         run_fused(passes, call, lambda p, exc: self._fail(p.request, exc), complete)
+        self.queue.complete_many(done)
 
     def _run_barrier(self, req: ClaimedRequest) -> None:
         handler = self.handlers.get(req.request_type)

@@ -55,7 +55,9 @@ def run_worker(
                 if time.monotonic() - swept_at >= SWEEP_SECONDS:
                     executor.sweep()
                     swept_at = time.monotonic()
-                claimed = queue.claim_pending(limit=CLAIM_LIMIT, request_types=HANDLED_TYPES)
+                claimed = queue.claim_pending(
+                    limit=CLAIM_LIMIT, request_types=HANDLED_TYPES, through_barriers=True
+                )
                 host.snapshots.set_worker_busy(bool(claimed))  # they are written while idle
                 if claimed:
                     executor.run(claimed)

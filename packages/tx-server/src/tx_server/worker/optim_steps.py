@@ -66,10 +66,13 @@ def run_optim_steps(
         metrics = engine.optim_steps({s.model.slot: convert.adam_params(s.params) for s in group})
         return [metrics[s.model.slot] for s in group]
 
+    done: list[tuple[str, bytes, str]] = []
+
     def complete(s: OptimStep, metrics: dict[str, float]) -> None:
         host.snapshot(s.model_id, s.request.request_id)
         body = OptimStepResponse(metrics=metrics).model_dump_json().encode()
-        queue.complete(s.request.request_id, body, JSON)
+        done.append((s.request.request_id, body, JSON))
 
     for group in groups.values():
         run_fused(group, call, lambda s, exc: fail(s.request, exc), complete)
+    queue.complete_many(done)

@@ -99,9 +99,11 @@ class SamplingRunner:
         return _Job(req, body, base_model, convert.sample_request_arrays(body, slot))
 
     def _run_group(self, sampler: Sampler, jobs: list[_Job]) -> None:
+        done: list[tuple[str, bytes, str]] = []
+
         def complete(job: _Job, result: SampleResult) -> None:
             body = encode_sample_response(convert.sample_response(job.body, result))
-            self.queue.complete(job.request.request_id, body, PROTOBUF)
+            done.append((job.request.request_id, body, PROTOBUF))
 
         run_fused(
             jobs,
@@ -109,6 +111,7 @@ class SamplingRunner:
             lambda job, exc: self._fail(job.request, exc),
             complete,
         )
+        self.queue.complete_many(done)
 
     def _fail(self, req: ClaimedRequest, exc: BaseException) -> None:
         category: WireCategory = category_of(exc)
