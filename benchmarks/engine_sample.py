@@ -7,8 +7,8 @@ Two measurements per (preset, batch):
 
 * ``tok/s``: end-to-end :meth:`Sampler.sample` (prefill, decode, host stop checks) of ``batch``
   rows × ``--new-tokens`` tokens with ``stop=[]``, warm (programs already compiled).
-* ``ms/step``: the compiled decode step alone (the graphdef-bound program the sampler uses),
-  called back to back on a live cache.
+* ``ms/step``: the compiled decode step alone (the program the sampler uses: graphdef-bound,
+  model state pre-flattened), called back to back on a live cache.
 
 What the bound columns mean (all measured in the same run, on this machine):
 
@@ -42,6 +42,7 @@ from tx_engine.config import EngineConfig
 from tx_engine.engine import TrainingEngine
 from tx_engine.sampler import Sampler, SampleRequestArrays
 from tx_engine.sampling import RowSamplingParams, SamplingRow
+from tx_engine.sampling.flat_state import FlatState
 from tx_engine.testing import ensure_model
 
 PROMPT_LEN = 16
@@ -101,14 +102,15 @@ def decode_ms(engine: TrainingEngine, batch: int, cache_len: int, iters: int) ->
     dparams = jax.tree.map(jnp.asarray, params)
 
     graph = e.graphdef_for_slots({0})  # what the sampler runs: a StaticGraph, hashed once
+    lora, rest = FlatState.of(e._lora), FlatState.of(e._rest)  # flattened once, as a run does
 
     def step(i: int) -> None:
         nonlocal cache, tok
         pos = jnp.full((batch,), PROMPT_LEN + i, jnp.int32)
         tok, _, cache = programs.decode_step(
             graph,
-            e._lora,
-            e._rest,
+            lora,
+            rest,
             tok,
             pos,
             adapters,

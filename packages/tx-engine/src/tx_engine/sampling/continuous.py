@@ -39,6 +39,7 @@ import numpy as np
 
 from tx_engine import step as programs
 from tx_engine.engine import TrainingEngine
+from tx_engine.sampling.flat_state import FlatState
 from tx_engine.sampling.params import RowSamplingParams, SamplingRow
 from tx_engine.sampling.stopping import StopState
 
@@ -120,8 +121,10 @@ class ContinuousRun:
         # One LoRA rank bucket for the whole run (the largest rank among its jobs' adapters):
         # rank-8 tenants decode at rank 8, and admitting a job never switches programs.
         self.graphdef = engine.graphdef_for_slots({jobs[r.job].slot for r in rows})
+        # Flattened once: re-flattening the nnx states cost ~1 ms per dispatch (flat_state.py).
+        self.lora, self.rest = FlatState.of(e._lora), FlatState.of(e._rest)
         self.cache = programs.empty_cache(
-            self.graphdef, e._lora, e._rest, batch=batch, cache_len=cache_len
+            self.graphdef, self.lora, self.rest, batch=batch, cache_len=cache_len
         )
         self.tokens = jnp.zeros(batch, jnp.int32)  # what the next decode step feeds
         self._refresh_rows()
@@ -197,9 +200,8 @@ class ContinuousRun:
             self.owner[b], self.sent[b] = row, 1
             self.start[b] = self.index - len(self.jobs[row.job].prompt)
         scoring, targets, alt, scored = self._scoring(order, n_p, t)
-        e = self.engine
         out = programs.admit(
-            self.graphdef, e._lora, e._rest, self._prompts(order, n_p, t), src, dst,
+            self.graphdef, self.lora, self.rest, self._prompts(order, n_p, t), src, dst,
             RowSamplingParams.stack([r.sampling for r in chosen], pad_to=n_r), self.tokens,
             jnp.asarray(self.index, jnp.int32), self.cache, targets, alt,
             scoring=scoring, sample_topk=self.sample_topk,
@@ -272,9 +274,8 @@ class ContinuousRun:
         for b in live:
             positions[b] = self.prompt_len[b] + self.sent[b] - 1
             steps[b] = self.sent[b]
-        e = self.engine
         args = (
-            self.graphdef, e._lora, e._rest, self.tokens, positions, self.adapters, self.params,
+            self.graphdef, self.lora, self.rest, self.tokens, positions, self.adapters, self.params,
             steps, self.cache,
         )  # fmt: skip
         k = self.sample_topk
