@@ -6,7 +6,8 @@
 
 Every row trains rank-8 tenants; ``--max-ranks`` builds one engine per ``max_lora_rank``, so the
 rows at ``R_max`` 8 and 64 show what a rank-8 tenant pays for a larger maximum rank (with rank
-buckets: about nothing in compute; the padded factors still take memory). ``peak RSS`` is the
+buckets: about nothing in compute; the padded factors still take memory; ``optim s`` is the
+optimizer-step part of ``s/step``, which used to grow with ``R_max``). ``peak RSS`` is the
 process's high-water mark so far (``ru_maxrss``), so it only grows down the table. Engines use
 the default ``tokens_per_micro_batch`` (override with ``--tokens-per-micro-batch``), as a server
 would: a step larger than it runs as several micro-batches whose gradients are summed.
@@ -89,8 +90,11 @@ def make_groups(slots: list[int], batch: int, length: int, seed: int) -> list[Ad
     return [AdapterBatch(s, rows[i * per : (i + 1) * per]) for i, s in enumerate(slots)]
 
 
-def bench_one(engine: TrainingEngine, tenants: int, batch: int, length: int, iters: int) -> float:
-    """Median seconds per forward_backward + optim_step (all tenants), after one untimed step.
+def bench_one(
+    engine: TrainingEngine, tenants: int, batch: int, length: int, iters: int
+) -> tuple[float, float]:
+    """Median seconds per forward_backward + optim_step (all tenants), after one untimed step,
+    and the median of the optim_step part alone (what a larger ``max_lora_rank`` used to cost).
 
     The untimed step compiles what this row needs: the tenant count changes program shapes too
     (gradients and AdamW run on the batch's slots only, the optimizer on the allocated ones).
@@ -100,15 +104,17 @@ def bench_one(engine: TrainingEngine, tenants: int, batch: int, length: int, ite
     params = {s: AdamParams(1e-4) for s in slots}
     engine.forward_backward(groups)
     engine.optim_steps(params)
-    times = []
+    times, optim_times = [], []
     for _ in range(iters):
         t0 = time.perf_counter()
         engine.forward_backward(groups)  # results are fetched to host: synchronous
+        t1 = time.perf_counter()
         jax.block_until_ready(jax.tree.leaves(engine.optim_steps(params)))
         times.append(time.perf_counter() - t0)
+        optim_times.append(time.perf_counter() - t1)
     for s in slots:
         engine.free_adapter(s)
-    return float(np.median(times))
+    return float(np.median(times)), float(np.median(optim_times))
 
 
 def peak_rss_mb() -> float:
@@ -142,7 +148,8 @@ def main() -> None:
         f"{peak / 1e9:.1f} GFLOP/s"
     )
     header = (
-        f"{'preset':<12}{'R_max':>6}{'B':>4}{'L':>6}{'tenants':>9}{'s/step':>9}{'tokens/s':>11}"
+        f"{'preset':<12}{'R_max':>6}{'B':>4}{'L':>6}{'tenants':>9}{'s/step':>9}{'optim s':>9}"
+        f"{'tokens/s':>11}"
         f"{'MFU':>8}{'peak RSS MB':>13}"
     )
     print(header, flush=True)
@@ -163,7 +170,7 @@ def main() -> None:
                 )
                 for batch, length in shapes:
                     for n in tenants:
-                        sec = bench_one(engine, n, batch, length, args.iters)
+                        sec, optim_sec = bench_one(engine, n, batch, length, args.iters)
                         tps = batch * length / sec
                         row = {
                             "preset": preset,
@@ -172,6 +179,7 @@ def main() -> None:
                             "L": length,
                             "tenants": n,
                             "s_per_step": sec,
+                            "optim_s": optim_sec,
                             "tokens_per_s": tps,
                             "mfu": tps * flops_per_token(cfg, length) / peak,
                             "peak_rss_mb": peak_rss_mb(),
@@ -198,7 +206,8 @@ def main() -> None:
 def _fmt(row: dict[str, Any]) -> str:
     return (
         f"{row['preset']:<12}{row['max_lora_rank']:>6}{row['B']:>4}{row['L']:>6}"
-        f"{row['tenants']:>9}{row['s_per_step']:>9.3f}{row['tokens_per_s']:>11.0f}"
+        f"{row['tenants']:>9}{row['s_per_step']:>9.3f}{row['optim_s']:>9.3f}"
+        f"{row['tokens_per_s']:>11.0f}"
         f"{row['mfu']:>8.1%}{row['peak_rss_mb']:>13.0f}"
     )
 

@@ -11,14 +11,18 @@ loss function — so tenants are batched together; gradients land in each tenant
 accumulator and wait there, summed across calls, until that tenant's :meth:`optim_step`.
 Each micro-batch runs at the rank bucket of the tenants in it (:meth:`graphdef_for_slots`), so a
 rank-8 tenant costs rank-8 compute whatever ``max_lora_rank`` is.
-Everything here is host-side bookkeeping; the arithmetic is in ``step.py``.
+On a device mesh (``EngineConfig.mesh_*``) the engine declares once, from the logical-axis
+rules, where LoRA factors, moments, accumulator and batch rows live
+(:class:`~tx_engine.sharding.TrainShardings`) and hands that to every training program, which
+pins its outputs to it; on one device nothing of this exists.
+Everything here is host-side bookkeeping; the arithmetic is in :mod:`tx_engine.step`, the
+checkpoint methods in :mod:`tx_engine.engine_checkpoints`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,16 +31,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from tx_engine import batching, checkpoint, optim, step
+from tx_engine import batching, optim, step
 from tx_engine.batching import AdapterBatch, DatumArrays, DatumOutput, GroupOutput
 from tx_engine.checkpoint import LoraConfig
 from tx_engine.config import EngineConfig
-from tx_engine.errors import AdapterError, CheckpointError, InputError, NoFreeSlotError
+from tx_engine.engine_checkpoints import AdapterCheckpoints
+from tx_engine.errors import AdapterError, InputError, NoFreeSlotError
 from tx_engine.layers import lora as lora_lib
-from tx_engine.loading import load_model, save_hf_weights
-from tx_engine.sharding import make_mesh
+from tx_engine.loading import load_model
+from tx_engine.sharding import TrainShardings, logical_to_pspec, make_mesh
 
 __all__ = [
     "AdamParams",
@@ -50,7 +55,6 @@ __all__ = [
     "TrainingEngine",
 ]
 
-_Spec: Any = PartitionSpec  # jax leaves its constructor untyped
 DEFAULT_LORA_ALPHA = 32.0  # not on the Tinker wire; SkyRL's choice, see the wire spec §6.12
 
 
@@ -80,7 +84,7 @@ class AdamParams:
                 raise InputError(f"adam_params.{name} is out of range: {value!r}")
 
 
-class TrainingEngine:
+class TrainingEngine(AdapterCheckpoints):
     """Multi-tenant LoRA training over one base model (see the module docstring)."""
 
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None) -> None:
@@ -103,8 +107,11 @@ class TrainingEngine:
         self._graphdef: nnx.GraphDef[Any] = parts[0]
         self._lora: step.State = parts[1]
         self._rest: step.State = parts[2]
-        self._opt = self._place_opt(optim.init_state(self._lora))
-        self._grads = self._place_like_lora(step.zeros_like_state(self._lora))
+        # Declared once from the logical-axis rules; the programs pin their outputs to it.
+        self._shardings = None if mesh is None else TrainShardings(mesh, self._lora)
+        self._opt = optim.init_state(self._lora)
+        self._grads = step.zeros_like_state(self._lora)
+        self._pin_state()
         self._adapters: dict[int, LoraConfig] = {}
         self._static_graphs: dict[int, step.StaticGraph] = {}  # one per rank bucket
         self._groups = {
@@ -112,28 +119,32 @@ class TrainingEngine:
             for path, mod in lora_lib.lora_modules(model)
         }
 
-    def _place_like_lora(self, tree: Any) -> Any:
-        """Put a LoRA-shaped tree on the LoRA params' shardings (no-op on one device)."""
-        if self._mesh is None:
-            return tree
-        return jax.device_put(tree, jax.tree.map(lambda x: x.sharding, self._lora))
+    def _pin_state(self) -> None:
+        """Put LoRA params, moments and accumulator on their declared shardings.
 
-    def _place_opt(self, opt: optim.OptState) -> optim.OptState:
-        if self._mesh is None:
-            return opt
-        count = jax.device_put(opt.count, NamedSharding(self._mesh, _Spec()))
-        return optim.OptState(self._place_like_lora(opt.m), self._place_like_lora(opt.v), count)
+        Slot bookkeeping (:meth:`create_adapter`, :meth:`load_adapter`, ...) edits them outside
+        the compiled programs, where the result's placement is whatever the eager op chose;
+        re-pinning keeps the programs' input shardings fixed, so they never recompile. A no-op
+        on one device and for arrays already in place.
+        """
+        sh = self._shardings
+        if sh is None:
+            return
+        self._lora = jax.device_put(self._lora, sh.lora)
+        self._grads = jax.device_put(self._grads, sh.grads)
+        m, v, count = jax.device_put(
+            (self._opt.m, self._opt.v, self._opt.count), (sh.lora, sh.lora, sh.opt_count)
+        )
+        self._opt = optim.OptState(m, v, count)
 
     def _place_batch(self, arrays: Mapping[str, Any]) -> Any:
-        """Rows split over the data-parallel mesh axes when they divide the batch."""
+        """Rows split by the ``batch`` logical axis (dp + fsdp) when they divide the batch."""
         if self._mesh is None:
             # One batched transfer: ``jnp.asarray`` per array dispatched a conversion program
             # each (~0.3 ms apiece on an H100 host, half of a 1-token forward's host time).
             return jax.device_put(dict(arrays))
         rows = int(arrays["input_ids"].shape[0])
-        data_axes = ("dp", "fsdp")
-        ways = int(np.prod([self._mesh.shape[a] for a in data_axes]))
-        spec = _Spec(data_axes) if rows % ways == 0 else _Spec()
+        spec = logical_to_pspec(("batch",), self._mesh, shape=(rows,))
         return jax.device_put(dict(arrays), NamedSharding(self._mesh, spec))
 
     # ----------------------------------------------------------------- properties
@@ -199,6 +210,7 @@ class TrainingEngine:
         lora_lib.clear_adapter(model, slot)
         self._resplit(model)
         self._reset_slot_state(slot)
+        self._pin_state()
         del self._adapters[slot]
 
     def _init_slot(self, slot: int, cfg: LoraConfig) -> None:
@@ -215,6 +227,7 @@ class TrainingEngine:
         )
         self._resplit(model)
         self._reset_slot_state(slot)
+        self._pin_state()
         self._adapters[slot] = cfg
 
     def _reset_slot_state(self, slot: int) -> None:
@@ -307,12 +320,13 @@ class TrainingEngine:
         graphdef = self._static_graph_at(rank)
         batch = self._place_batch(arrays)
         chunk = self.config.logits_chunk_tokens
+        sh = self._shardings
         if not backward:
             return step.forward(
-                graphdef, self._lora, self._rest, batch, loss_fn=loss_fn, logits_chunk=chunk
+                graphdef, self._lora, self._rest, batch, loss_fn, chunk, shardings=sh
             )
         out, self._grads = step.forward_backward(
-            graphdef, self._lora, self._rest, self._grads, batch, loss_fn, chunk, rank=rank
+            graphdef, self._lora, self._rest, self._grads, batch, loss_fn, chunk, rank, sh
         )
         return out
 
@@ -342,6 +356,7 @@ class TrainingEngine:
             mask,
             slots,
             rank=self._rank_for_slots(params),
+            shardings=self._shardings,
         )
         host = jax.device_get(metrics._asdict())
         counts = np.asarray(self._opt.count)
@@ -353,128 +368,3 @@ class TrainingEngine:
             }
             for slot in params
         }
-
-    # ----------------------------------------------------------------- checkpoints
-    def save_adapter(self, slot: int, path: str | Path, include_optimizer: bool = True) -> None:
-        """Write ``slot``'s weights (and moments) as a rank-trimmed, slot-independent checkpoint."""
-        checkpoint.save_adapter(path, self.adapter_state(slot, include_optimizer))
-
-    def adapter_state(self, slot: int, include_optimizer: bool = True) -> checkpoint.AdapterState:
-        """``slot``'s weights (and moments) as host arrays: what :meth:`save_adapter` writes."""
-        return self.adapter_state_later(slot, include_optimizer)()
-
-    def adapter_state_later(
-        self, slot: int, include_optimizer: bool = True
-    ) -> Callable[[], checkpoint.AdapterState]:
-        """Cut ``slot`` out of the state now; the returned function copies it to the host.
-
-        The cut is one dispatched device computation per tree whose outputs are new buffers, so
-        the engine may run its next steps (which donate the full state) before the copy: the
-        server's recovery snapshots copy and write in a background thread, off the step's path.
-        """
-        self._require(slot)
-        cfg = self._adapters[slot]
-        trees = (self._lora, self._opt.count) + (
-            (self._opt.m, self._opt.v) if include_optimizer else ()
-        )
-        cut = step.take_slot(trees, jnp.int32(slot))  # one dispatch for everything
-
-        def to_host() -> checkpoint.AdapterState:
-            weights, count, *moments = jax.device_get(cut)
-            host_moments = None
-            if moments:
-                host_moments = {
-                    f"{k}/{n}": a
-                    for k, tree in zip(("m", "v"), moments, strict=True)
-                    for n, a in checkpoint.trimmed(tree, cfg.rank).items()
-                }
-            factors = checkpoint.trimmed(weights, cfg.rank)
-            return checkpoint.AdapterState(cfg, factors, host_moments, int(count))
-
-        return to_host
-
-    def load_adapter(
-        self, path: str | Path, slot: int | None = None, with_optimizer: bool = True
-    ) -> int:
-        """Load a checkpoint into ``slot`` (a fresh one if None); return the slot.
-
-        Without optimizer state the moments and step count start from zero. Pending gradients
-        of the slot are dropped: they belonged to the weights being replaced.
-        """
-        state = checkpoint.load_adapter(path, with_optimizer=with_optimizer)
-        cfg = state.lora_config
-        if cfg.rank > self.config.max_lora_rank:
-            raise AdapterError(
-                f"checkpoint rank {cfg.rank} exceeds max_lora_rank {self.config.max_lora_rank}"
-            )
-        checkpoint.check_fits(self._lora, state.factors, "adapter weights", cfg.rank)
-        moments = None
-        if state.moments is not None:
-            moments = _split_moments(state.moments)
-            checkpoint.check_fits(self._opt.m, moments[0], "optimizer m", cfg.rank)
-            checkpoint.check_fits(self._opt.v, moments[1], "optimizer v", cfg.rank)
-        if slot is None:
-            slot = self.create_adapter(
-                cfg.rank, cfg.alpha, cfg.seed, cfg.train_attn, cfg.train_mlp, cfg.train_unembed
-            )
-        else:
-            if not 1 <= slot < self.num_slots:
-                raise AdapterError(f"slot must be in [1, {self.num_slots - 1}], got {slot}")
-            self._init_slot(slot, cfg)
-        self._lora = checkpoint.place_slot(self._lora, slot, state.factors, "adapter weights")
-        if moments is not None:
-            m, v = moments
-            self._opt = optim.OptState(
-                checkpoint.place_slot(self._opt.m, slot, m, "optimizer m"),
-                checkpoint.place_slot(self._opt.v, slot, v, "optimizer v"),
-                self._opt.count.at[slot].set(state.step),
-            )
-        return slot
-
-    def export_peft(self, slot: int, path: str | Path, base_model_name: str | None = None) -> None:
-        """Write ``slot`` as a Hugging Face PEFT LoRA directory (for vLLM / PEFT samplers).
-
-        ``base_model_name`` goes to ``base_model_name_or_path`` (default: the model directory).
-        """
-        self._require(slot)
-        cfg = self._adapters[slot]
-        flags = {"attn": cfg.train_attn, "mlp": cfg.train_mlp, "unembed": cfg.train_unembed}
-        enabled = {module: flags[group] for module, group in self._groups.items()}
-        factors = checkpoint.extract_slot(self._lora, slot, cfg.rank)
-        name = base_model_name or str(self.model_dir)
-        checkpoint.write_peft(path, factors, enabled, cfg, name)
-
-    def export_merged(self, slot: int, path: str | Path) -> None:
-        """Write base + ``slot``'s LoRA merged (``W + (α/r)·A·B``) as a plain HF checkpoint.
-
-        Tokenizer and generation files are copied from the base model directory so the result
-        loads on its own. A tied-embedding model cannot absorb an ``lm_head`` LoRA (the
-        embedding would change too): such an adapter raises :class:`AdapterError`.
-        """
-        self._require(slot)
-        save_hf_weights(self._model(), path, merge_slot=slot)  # type: ignore[arg-type]
-        for src in self.model_dir.iterdir():
-            if src.is_file() and (src.name.startswith("tokenizer") or src.name in _SIDE_FILES):
-                shutil.copy2(src, Path(path) / src.name)
-
-
-_SIDE_FILES = frozenset(
-    {
-        "generation_config.json",
-        "special_tokens_map.json",
-        "vocab.json",
-        "merges.txt",
-        "chat_template.jinja",
-    }
-)
-
-
-def _split_moments(
-    moments: Mapping[str, np.ndarray],
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    m = {k[2:]: v for k, v in moments.items() if k.startswith("m/")}
-    v = {k[2:]: v for k, v in moments.items() if k.startswith("v/")}
-    if len(m) + len(v) != len(moments):
-        bad = sorted(k for k in moments if not k.startswith(("m/", "v/")))
-        raise CheckpointError(f"optimizer.safetensors has unexpected keys {bad}")
-    return m, v

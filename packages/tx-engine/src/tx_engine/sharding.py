@@ -118,3 +118,44 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> None:
     state = nnx.state(model)
     shardings = state_shardings(state, mesh)
     nnx.update(model, jax.device_put(state, shardings))
+
+
+class TrainShardings:
+    """Where the training state and activations live on ``mesh``, declared once per engine.
+
+    Built from the logical-axis rules (:func:`state_shardings`), never from whatever the arrays
+    happen to carry: ``lora`` (and the gradient accumulator and both AdamW moments, which have
+    its shapes) follow each factor's logical axes, step counts are replicated, batch rows split
+    over ``dp`` + ``fsdp`` when they divide. The training programs of :mod:`tx_engine.step`
+    take it as a static argument and pin their outputs and key activations to it with
+    ``with_sharding_constraint``, so what comes out is what was declared rather than what GSPMD
+    propagation chose, a donated input and its output agree (the buffer is reused) and the
+    next call sees the same input shardings (no recompilation). ``None`` in its place (one
+    device) adds nothing to the programs. Hashed by identity: the engine passes one object.
+    """
+
+    __slots__ = ("grads", "lora", "mesh", "opt_count", "replicated")
+
+    def __init__(self, mesh: Mesh, lora: nnx.State[Any, Any]) -> None:
+        self.mesh = mesh
+        self.lora: Any = state_shardings(lora, mesh)
+        self.grads: Any = self.lora  # the accumulator has the factors' shapes and axes
+        self.replicated = NamedSharding(mesh, PartitionSpec())  # type: ignore[no-untyped-call]
+        self.opt_count = self.replicated
+
+    def rows(self, shape: Sequence[int]) -> NamedSharding:
+        """Batch-major activation ``shape``: rows over ``dp`` + ``fsdp`` if they divide it."""
+        axes = ("batch",) + (None,) * (len(shape) - 1)
+        return NamedSharding(self.mesh, logical_to_pspec(axes, self.mesh, shape=shape))
+
+
+def constrain(tree: Any, shardings: Any) -> Any:
+    """``with_sharding_constraint`` leaf by leaf (``shardings`` has ``tree``'s structure)."""
+    return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
+
+
+def constrain_rows(x: Any, shardings: TrainShardings | None) -> Any:
+    """Pin a batch-major activation to :meth:`TrainShardings.rows`; identity without a mesh."""
+    if shardings is None:
+        return x
+    return constrain(x, shardings.rows(x.shape))

@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
+from jax.typing import ArrayLike
 
 from tx_engine import losses, optim
 from tx_engine.layers import lora as lora_lib
+from tx_engine.sharding import TrainShardings, constrain, constrain_rows
 from tx_engine.step.graph import TRACE_COUNTS, Batch, State, StaticGraph, graph_of
 
 
@@ -26,8 +28,14 @@ def _loss(
     batch: Batch,
     loss_fn: str,
     logits_chunk: int,
+    shardings: TrainShardings | None = None,
 ) -> tuple[Array, losses.LossOutputs]:
-    """Summed loss over the batch and the per-datum outputs (the ``has_aux`` part)."""
+    """Summed loss over the batch and the per-datum outputs (the ``has_aux`` part).
+
+    With ``shardings`` the final hidden states and the target log-probs are pinned to the
+    batch-row split, so the ``lm_head`` / vocabulary work stays data-parallel whatever the
+    propagation through the layers chose.
+    """
     model: Any = nnx.merge(graph_of(graphdef), lora, rest)
     adapters_b = batch["adapter_indices"]
     hidden_btd = model(
@@ -36,9 +44,11 @@ def _loss(
         attention_mask_bt=batch["attention_mask"],
         adapter_indices_b=adapters_b,
     )
+    hidden_btd = constrain_rows(hidden_btd, shardings)
     target_logprobs = _target_logprobs(
         model, hidden_btd, adapters_b, batch["target_tokens"], logits_chunk
     )
+    target_logprobs = constrain_rows(target_logprobs, shardings)
     kernel = losses.get_loss_fn(loss_fn)
     return losses.compute_loss(
         kernel, target_logprobs, batch["inputs"], batch["loss_mask"], batch["config"]
@@ -75,7 +85,7 @@ def _target_logprobs(
     return jnp.moveaxis(out, 0, 1).reshape(targets.shape)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "logits_chunk"))
+@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "logits_chunk", "shardings"))
 def forward(
     graphdef: nnx.GraphDef[Any] | StaticGraph,
     lora: State,
@@ -83,16 +93,17 @@ def forward(
     batch: Batch,
     loss_fn: str,
     logits_chunk: int = 0,
+    shardings: TrainShardings | None = None,
 ) -> losses.LossOutputs:
     """Loss outputs of ``batch`` without gradients (Tinker ``forward``)."""
     TRACE_COUNTS["forward"] += 1
-    _, outputs = _loss(lora, graphdef, rest, batch, loss_fn, logits_chunk)
+    _, outputs = _loss(lora, graphdef, rest, batch, loss_fn, logits_chunk, shardings)
     return outputs
 
 
 @partial(
     jax.jit,
-    static_argnames=("graphdef", "loss_fn", "logits_chunk", "rank"),
+    static_argnames=("graphdef", "loss_fn", "logits_chunk", "rank", "shardings"),
     donate_argnames=("grads",),
 )
 def forward_backward(
@@ -104,6 +115,7 @@ def forward_backward(
     loss_fn: str,
     logits_chunk: int = 0,
     rank: int | None = None,
+    shardings: TrainShardings | None = None,
 ) -> tuple[losses.LossOutputs, State]:
     """Loss outputs and ``grads + ∂(Σ loss)/∂lora`` (the accumulator, donated and returned).
 
@@ -111,27 +123,30 @@ def forward_backward(
     ``rank`` rank entries of the factors and adds them into that part of ``grads`` in place:
     the same values (the gradient above the computed rank is exactly zero), without building
     and adding a max-rank, mostly-zero gradient tree per micro-batch. None: all ranks.
+    ``shardings`` (see :class:`~tx_engine.sharding.TrainShardings`) pins the returned
+    accumulator to the declared gradient shardings, which the donated one has too.
     """
     TRACE_COUNTS["forward_backward"] += 1
     grad_fn = jax.grad(_loss, has_aux=True)
+    args = (graphdef, rest, batch, loss_fn, logits_chunk, shardings)
     if rank is None:
-        new_grads, outputs = grad_fn(lora, graphdef, rest, batch, loss_fn, logits_chunk)
+        new_grads, outputs = grad_fn(lora, *args)
         summed = jax.tree.map(lambda acc, g: acc + g.astype(acc.dtype), grads, new_grads)
-        return outputs, summed
-    sub = lora_lib.take_slots(lora, None, rank)
-    sub_grads, outputs = grad_fn(sub, graphdef, rest, batch, loss_fn, logits_chunk)
-    return outputs, lora_lib.put_slots(grads, sub_grads, None, rank, add=True)
+    else:
+        sub_grads, outputs = grad_fn(lora_lib.take_slots(lora, None, rank), *args)
+        summed = lora_lib.put_slots(grads, sub_grads, None, rank, add=True)
+    return outputs, summed if shardings is None else constrain(summed, shardings.grads)
 
 
-@partial(jax.jit, static_argnames=("rank",), donate_argnames=("lora", "opt_state", "grads"))
 def apply_update(
     lora: State,
     opt_state: optim.OptState,
     grads: State,
     hyper: optim.AdamHyper,
-    step_mask: Array,
-    slots: Array,
+    step_mask: ArrayLike,
+    slots: ArrayLike,
     rank: int,
+    shardings: TrainShardings | None = None,
 ) -> tuple[State, optim.OptState, State, optim.StepMetrics]:
     """AdamW on ``slots`` ([U] distinct) where ``step_mask`` ([U] bool) is set; their
     accumulators go to 0. ``hyper`` and the returned metrics are per entry of ``slots``.
@@ -140,15 +155,40 @@ def apply_update(
     rank bucket of every stepped adapter: above an adapter's rank, parameters, gradients and
     moments are zero and AdamW keeps them zero), so a step costs ``U·r``, not ``A·R``. Entries
     of ``slots`` not in the mask, and all other slots, keep params, moments, count and
-    accumulated gradients bit-for-bit, so tenants step independently.
+    accumulated gradients bit-for-bit, so tenants step independently. ``lora``, ``opt_state``
+    and ``grads`` are donated; ``shardings`` pins the returned ones to the declared shardings.
+
+    Two programs, :func:`adamw_slots` (reads) then :func:`write_slots` (in-place writes): in
+    one program XLA fused the slot reads of one buffer into the writes of another (the moment
+    updates read the accumulator that is cleared in place) and, unable to order them, copied
+    every donated ``[A, …, R]`` buffer — twice — so a rank-8 step at ``max_lora_rank`` 64 moved
+    6× the bytes of one at 8. Split, each write reads only its own buffer and fresh inputs.
     """
+    new_lora, new_opt, new_grads, metrics = adamw_slots(
+        lora, opt_state, grads, hyper, step_mask, slots, rank=rank
+    )
+    lora, opt_state, grads = write_slots(
+        lora, opt_state, grads, new_lora, new_opt, new_grads, slots, rank=rank, shardings=shardings
+    )
+    return lora, opt_state, grads, metrics
+
+
+@partial(jax.jit, static_argnames=("rank",))
+def adamw_slots(
+    lora: State,
+    opt_state: optim.OptState,
+    grads: State,
+    hyper: optim.AdamHyper,
+    step_mask: Array,
+    slots: Array,
+    rank: int,
+) -> tuple[State, optim.OptState, State, optim.StepMetrics]:
+    """The read half of :func:`apply_update`: new ``[U, …, r]`` params, moments, counts and
+    (cleared where stepped) accumulator of ``slots``, and the per-entry metrics."""
     TRACE_COUNTS["apply_update"] += 1
 
     def take(tree: State) -> State:
         return lora_lib.take_slots(tree, slots, rank)  # type: ignore[no-any-return]
-
-    def put(tree: State, sub: State) -> State:
-        return lora_lib.put_slots(tree, sub, slots, rank)  # type: ignore[no-any-return]
 
     sub_opt = optim.OptState(take(opt_state.m), take(opt_state.v), opt_state.count[slots])
     sub_grads = take(grads)
@@ -160,12 +200,41 @@ def apply_update(
         stepped = step_mask.reshape((-1,) + (1,) * (g.ndim - 1))
         return jnp.where(stepped, jnp.zeros_like(g), g)
 
-    opt_out = optim.OptState(
-        put(opt_state.m, new_opt.m),
-        put(opt_state.v, new_opt.v),
-        opt_state.count.at[slots].set(new_opt.count),
-    )
-    return put(lora, new_lora), opt_out, put(grads, jax.tree.map(clear, sub_grads)), metrics
+    return new_lora, new_opt, jax.tree.map(clear, sub_grads), metrics
+
+
+@partial(
+    jax.jit,
+    static_argnames=("rank", "shardings"),
+    donate_argnames=("lora", "opt_state", "grads"),
+)
+def write_slots(
+    lora: State,
+    opt_state: optim.OptState,
+    grads: State,
+    new_lora: State,
+    new_opt: optim.OptState,
+    new_grads: State,
+    slots: Array,
+    rank: int,
+    shardings: TrainShardings | None = None,
+) -> tuple[State, optim.OptState, State]:
+    """The write half of :func:`apply_update`: the ``[U, …, r]`` results into their slots, in
+    place in the donated buffers, pinned to ``shardings`` when given."""
+    TRACE_COUNTS["write_slots"] += 1
+
+    def put(tree: State, sub: State) -> State:
+        return lora_lib.put_slots(tree, sub, slots, rank)  # type: ignore[no-any-return]
+
+    lora_out, grads_out = put(lora, new_lora), put(grads, new_grads)
+    m, v = put(opt_state.m, new_opt.m), put(opt_state.v, new_opt.v)
+    count = opt_state.count.at[slots].set(new_opt.count)
+    if shardings is not None:
+        lora_out = constrain(lora_out, shardings.lora)
+        grads_out = constrain(grads_out, shardings.grads)
+        m, v = constrain(m, shardings.lora), constrain(v, shardings.lora)
+        count = constrain(count, shardings.opt_count)
+    return lora_out, optim.OptState(m, v, count), grads_out
 
 
 @jax.jit
