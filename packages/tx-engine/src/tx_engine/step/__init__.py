@@ -19,7 +19,12 @@ so a new batch size or length inside a bucket reuses the compiled program.
   added, in place.
 * :func:`apply_update` — AdamW (:mod:`tx_engine.optim`) on a subset of slots (the engine's
   live ones) at a rank bucket, for the entries in ``step_mask``, and a reset of those slots'
-  accumulators; params, optimizer state and accumulator are donated.
+  accumulators; params, optimizer state and accumulator are donated. It runs two programs,
+  ``adamw_slots`` (reads) and ``write_slots`` (in-place writes): see its docstring for why.
+
+On a device mesh the training programs take the engine's
+:class:`~tx_engine.sharding.TrainShardings` (static) and pin their outputs to it; on one device
+that argument is None and the programs are unchanged.
 
 The engine hands out graphdefs wrapped in :class:`StaticGraph` (hashed once per graphdef, not
 per dispatch; :meth:`TrainingEngine.graphdef_for_slots` returns one); every program also takes a
