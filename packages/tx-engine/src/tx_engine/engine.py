@@ -22,7 +22,7 @@ checkpoint methods in :mod:`tx_engine.engine_checkpoints`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -288,13 +288,30 @@ class TrainingEngine(AdapterCheckpoints):
     # ----------------------------------------------------------------- compute
     def forward(self, groups: Sequence[AdapterBatch]) -> list[GroupOutput]:
         """Loss outputs per group without touching gradients; ``slot=None`` is the base model."""
-        return self._run(groups, backward=False)
+        return self.forward_later(groups)()
 
     def forward_backward(self, groups: Sequence[AdapterBatch]) -> list[GroupOutput]:
         """Loss outputs per group; each group's gradient is added to its slot's accumulator."""
-        return self._run(groups, backward=True)
+        return self.forward_backward_later(groups)()
 
-    def _run(self, groups: Sequence[AdapterBatch], backward: bool) -> list[GroupOutput]:
+    def forward_later(self, groups: Sequence[AdapterBatch]) -> Callable[[], list[GroupOutput]]:
+        """:meth:`forward` dispatched now; the returned function fetches its outputs.
+
+        Bad input raises here, before anything runs. Between the two the device computes
+        while the caller does host work — the server's worker records the previous call's
+        results — and later calls may be dispatched: each fetch waits only for its own call.
+        """
+        return self._run_later(groups, backward=False)
+
+    def forward_backward_later(
+        self, groups: Sequence[AdapterBatch]
+    ) -> Callable[[], list[GroupOutput]]:
+        """:meth:`forward_backward` dispatched now, fetched later (see :meth:`forward_later`)."""
+        return self._run_later(groups, backward=True)
+
+    def _run_later(
+        self, groups: Sequence[AdapterBatch], backward: bool
+    ) -> Callable[[], list[GroupOutput]]:
         index: dict[int | None, int] = {s: s for s in self._adapters}
         if not backward:
             index[None] = lora_lib.BASE_SLOT
@@ -307,12 +324,17 @@ class TrainingEngine(AdapterCheckpoints):
         for (loss_fn, _), part in parts.items():
             for mb_rows in batching.plan(part, self.config):
                 mb = batching.pack(mb_rows, self.config, lora_lib.BASE_SLOT)
-                pending.append((mb.rows, self._dispatch(mb.arrays, loss_fn, backward)))
-        fetched = [
-            (rows_, jax.device_get((o.logprobs, o.elementwise_loss, o.metrics["loss:sum"])))
-            for rows_, o in pending
-        ]
-        return batching.unpack(fetched, [len(g.data) for g in groups])
+                out = self._dispatch(mb.arrays, loss_fn, backward)
+                pending.append(
+                    (mb.rows, (out.logprobs, out.elementwise_loss, out.metrics["loss:sum"]))
+                )
+        sizes = [len(g.data) for g in groups]
+
+        def fetch() -> list[GroupOutput]:
+            fetched = [(rows_, jax.device_get(arrays)) for rows_, arrays in pending]
+            return batching.unpack(fetched, sizes)
+
+        return fetch
 
     def _dispatch(self, arrays: Mapping[str, Any], loss_fn: str, backward: bool) -> Any:
         present = np.unique(np.asarray(arrays["adapter_indices"]))
@@ -337,6 +359,13 @@ class TrainingEngine(AdapterCheckpoints):
 
     def optim_steps(self, params: Mapping[int, AdamParams]) -> dict[int, dict[str, float]]:
         """Step several slots in one compiled call; other slots are left bit-for-bit unchanged."""
+        return self.optim_steps_later(params)()
+
+    def optim_steps_later(
+        self, params: Mapping[int, AdamParams]
+    ) -> Callable[[], dict[int, dict[str, float]]]:
+        """:meth:`optim_steps` dispatched now; the returned function fetches the metrics
+        (see :meth:`forward_later`). Bad input raises here."""
         if not params:
             raise InputError("optim_steps needs at least one slot")
         for slot in params:
@@ -358,13 +387,18 @@ class TrainingEngine(AdapterCheckpoints):
             rank=self._rank_for_slots(params),
             shardings=self._shardings,
         )
-        host = jax.device_get(metrics._asdict())
-        counts = np.asarray(self._opt.count)
+        # The counts as of this step, cut now: a later step donates ``self._opt``'s buffers.
+        counts = self._opt.count[slots]
         where = {slot: i for i, slot in enumerate(slots.tolist())}
-        return {
-            slot: {
-                **{k: float(v[where[slot]]) for k, v in host.items()},
-                "step": float(counts[slot]),
+
+        def fetch() -> dict[int, dict[str, float]]:
+            host, host_counts = jax.device_get((metrics._asdict(), counts))
+            return {
+                slot: {
+                    **{k: float(v[where[slot]]) for k, v in host.items()},
+                    "step": float(host_counts[where[slot]]),
+                }
+                for slot in params
             }
-            for slot in params
-        }
+
+        return fetch

@@ -171,6 +171,8 @@ class WorkQueue:
         for all of them instead of one each. Every result is stored even if one of them names a
         request that is unknown or already finished, which is raised after the commit.
         """
+        if not results:
+            return
         for _, _, content_type in results:
             _check_content_type(content_type)
         missed: list[str] = []

@@ -13,7 +13,7 @@ Sample requests of the claim are then run as one batch per base model
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tx_engine.batching import AdapterBatch, GroupOutput
@@ -24,9 +24,9 @@ from tx_server.futures import JSON, PROTOBUF, RequestType
 from tx_server.settings import Settings
 from tx_server.work_queue import ClaimedRequest, WorkQueue
 from tx_server.worker.engines import EngineHost, LoadedModel
-from tx_server.worker.fused import run_fused
+from tx_server.worker.fused import Collect, run_fused_later
 from tx_server.worker.handlers import BarrierHandlers
-from tx_server.worker.optim_steps import prepare_optim_step, run_optim_steps
+from tx_server.worker.optim_steps import dispatch_optim_steps, prepare_optim_step
 from tx_server.worker.passes import decode_pass
 from tx_server.worker.rounds import plan_rounds
 from tx_server.worker.sampling import SamplingRunner
@@ -100,15 +100,25 @@ class Executor:
         The claim's training requests run in rounds (:func:`plan_rounds`), its samples after.
         """
         training = [r for r in claimed if r.request_type != RequestType.SAMPLE]
+        pending: list[Collect] = []
         for requests in plan_rounds(training):
-            self._run_round(requests)
+            pending = self._run_round(requests, pending)
+        _collect(pending)
         samples = [r for r in claimed if r.request_type == RequestType.SAMPLE]
         if samples:
             self.sampling.run(samples)
 
-    def _run_round(self, requests: Sequence[ClaimedRequest]) -> None:
-        """One round: every pass (fused per engine), then the optimizer steps (fused), then
-        the other barriers. A model has at most one barrier in a round, after its passes."""
+    def _run_round(
+        self, requests: Sequence[ClaimedRequest], earlier: Sequence[Collect]
+    ) -> list[Collect]:
+        """One round: every pass (fused per engine), then the optimizer steps (fused), then the
+        other barriers; a model has at most one barrier in a round, after its passes.
+
+        The device never waits for the host's bookkeeping: the previous round's optimizer
+        results (``earlier``) are recorded while this round's passes compute, and the passes'
+        while this round's steps compute. Outcomes are still recorded in each model's order.
+        Returns this round's step collectors, for the next round (or the end of the claim).
+        """
         passes: list[_Pass] = []
         for req in requests:
             if req.request_type in _PASSES:
@@ -119,8 +129,8 @@ class Executor:
         groups: dict[tuple[int, bool], list[_Pass]] = {}
         for p in passes:
             groups.setdefault((id(p.model.engine), p.backward), []).append(p)
-        for group in groups.values():
-            self._run_passes(group)
+        pass_results = [self._dispatch_passes(group) for group in groups.values()]
+        _collect(earlier)
         steps = []
         for req in requests:
             if req.request_type == RequestType.OPTIM_STEP:
@@ -128,22 +138,28 @@ class Executor:
                     steps.append(prepare_optim_step(self.host, req))
                 except Exception as exc:
                     self._fail(req, exc)
-        if steps:
-            run_optim_steps(self.host, self.queue, steps, self._fail)
-        for req in requests:
-            if req.request_type not in _PASSES and req.request_type != RequestType.OPTIM_STEP:
+        step_results = (
+            [dispatch_optim_steps(self.host, self.queue, steps, self._fail)] if steps else []
+        )
+        _collect(pass_results)
+        others = [r for r in requests if r.request_type not in _PASSES | {RequestType.OPTIM_STEP}]
+        if others:  # they read and write state synchronously: record everything before them
+            _collect(step_results)
+            step_results = []
+            for req in others:
                 self._run_barrier(req)
+        return step_results
 
     def _prepare(self, req: ClaimedRequest) -> _Pass:
         decoded = decode_pass(req.payload, self.settings.engine.max_seq_len)
         model = self.host.get(decoded.model_id)
         return _Pass(req, model, decoded.batch(model.slot), backward=decoded.backward)
 
-    def _run_passes(self, passes: list[_Pass]) -> None:
+    def _dispatch_passes(self, passes: list[_Pass]) -> Collect:
         engine = passes[0].model.engine
-        run = engine.forward_backward if passes[0].backward else engine.forward
+        run_later = engine.forward_backward_later if passes[0].backward else engine.forward_later
 
-        def call(group: Sequence[_Pass]) -> Sequence[GroupOutput]:
+        def call_later(group: Sequence[_Pass]) -> Callable[[], Sequence[GroupOutput]]:
             self.engine_calls += 1
             models = sorted({str(p.request.model_id) for p in group})
             log.info(
@@ -153,7 +169,7 @@ class Executor:
                 len(models),
                 ", ".join(models),
             )
-            return run([p.batch for p in group])
+            return run_later([p.batch for p in group])
 
         done: list[tuple[str, bytes, str]] = []
 
@@ -161,8 +177,13 @@ class Executor:
             body = encode_output(convert.forward_backward_output(out))
             done.append((p.request.request_id, body, PROTOBUF))
 
-        run_fused(passes, call, lambda p, exc: self._fail(p.request, exc), complete)
-        self.queue.complete_many(done)
+        fetch = run_fused_later(passes, call_later, lambda p, e: self._fail(p.request, e), complete)
+
+        def collect() -> None:
+            fetch()
+            self.queue.complete_many(done)
+
+        return collect
 
     def _run_barrier(self, req: ClaimedRequest) -> None:
         handler = self.handlers.get(req.request_type)
@@ -180,3 +201,9 @@ class Executor:
         if category == "server":
             log.error("request %s (%s) failed", req.request_id, req.request_type, exc_info=exc)
         self.queue.fail(req.request_id, str(exc) or type(exc).__name__, category)
+
+
+def _collect(collectors: Sequence[Collect]) -> None:
+    """Fetch and record, in order, what the collectors' engine calls produced."""
+    for collect in collectors:
+        collect()

@@ -7,8 +7,9 @@ of its passes with it (:mod:`tx_server.work_queue`), so the steps of one claim a
 models and commute. Bad input (a rejected hyperparameter) is isolated by
 :func:`~tx_server.worker.fused.run_fused`: only that tenant's step fails.
 
-After the step the run is marked for a recovery snapshot (:mod:`.snapshots`: cut and written
-when the worker is idle) and the future completes with the step's metrics.
+Once the step is dispatched the run is marked for a recovery snapshot (:mod:`.snapshots`: cut
+and written when the worker is idle); the future completes with the step's metrics when the
+executor collects them (:mod:`.executor`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from tx_server.errors import BadRequestError
 from tx_server.futures import JSON
 from tx_server.work_queue import ClaimedRequest, WorkQueue
 from tx_server.worker.engines import EngineHost, LoadedModel
-from tx_server.worker.fused import run_fused
+from tx_server.worker.fused import Collect, run_fused_later
 from tx_types import AdamParams, OptimStepRequest, OptimStepResponse
 
-__all__ = ["OptimStep", "prepare_optim_step", "run_optim_steps"]
+__all__ = ["OptimStep", "dispatch_optim_steps", "prepare_optim_step"]
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +49,53 @@ def prepare_optim_step(host: EngineHost, req: ClaimedRequest) -> OptimStep:
     return OptimStep(req, body.model_id, host.get(body.model_id), body.optim_params)
 
 
-def run_optim_steps(
+def dispatch_optim_steps(
     host: EngineHost,
     queue: WorkQueue,
     steps: Sequence[OptimStep],
     fail: Callable[[ClaimedRequest, BaseException], None],
-) -> None:
-    """Run ``steps`` (one claim's) with one engine call per engine."""
+) -> Collect:
+    """Dispatch ``steps`` (one claim round's) with one engine call per engine; the returned
+    function fetches the metrics and records every outcome in one transaction.
+
+    Each run is marked for a recovery snapshot as soon as its step is dispatched, not when the
+    metrics arrive: from then on the engine holds the stepped state, and a snapshot cut in
+    between (the slot evicted, the lag deadline) must say which step it contains.
+    """
     groups: dict[int, list[OptimStep]] = {}
     for s in steps:
         groups.setdefault(id(s.model.engine), []).append(s)
 
-    def call(group: Sequence[OptimStep]) -> list[dict[str, float]]:
+    def call_later(group: Sequence[OptimStep]) -> Callable[[], list[dict[str, float]]]:
         engine = group[0].model.engine
         models = ", ".join(sorted(s.model_id for s in group))
         log.info("one optim_step engine call for %d models: %s", len(group), models)
-        metrics = engine.optim_steps({s.model.slot: convert.adam_params(s.params) for s in group})
-        return [metrics[s.model.slot] for s in group]
+        fetch = engine.optim_steps_later(
+            {s.model.slot: convert.adam_params(s.params) for s in group}
+        )
+        for s in group:
+            host.snapshot(s.model_id, s.request.request_id)
+
+        def metrics() -> list[dict[str, float]]:
+            by_slot = fetch()
+            return [by_slot[s.model.slot] for s in group]
+
+        return metrics
 
     done: list[tuple[str, bytes, str]] = []
 
     def complete(s: OptimStep, metrics: dict[str, float]) -> None:
-        host.snapshot(s.model_id, s.request.request_id)
         body = OptimStepResponse(metrics=metrics).model_dump_json().encode()
         done.append((s.request.request_id, body, JSON))
 
-    for group in groups.values():
-        run_fused(group, call, lambda s, exc: fail(s.request, exc), complete)
-    queue.complete_many(done)
+    parts = [
+        run_fused_later(group, call_later, lambda s, exc: fail(s.request, exc), complete)
+        for group in groups.values()
+    ]
+
+    def collect() -> None:
+        for part in parts:
+            part()
+        queue.complete_many(done)
+
+    return collect
