@@ -387,18 +387,11 @@ class TrainingEngine(AdapterCheckpoints):
             rank=self._rank_for_slots(params),
             shardings=self._shardings,
         )
-        # The counts as of this step, cut now: a later step donates ``self._opt``'s buffers.
-        counts = self._opt.count[slots]
         where = {slot: i for i, slot in enumerate(slots.tolist())}
 
         def fetch() -> dict[int, dict[str, float]]:
-            host, host_counts = jax.device_get((metrics._asdict(), counts))
-            return {
-                slot: {
-                    **{k: float(v[where[slot]]) for k, v in host.items()},
-                    "step": float(host_counts[where[slot]]),
-                }
-                for slot in params
-            }
+            # Only the step's own outputs: later steps donate ``self._opt``'s buffers.
+            host = jax.device_get(metrics._asdict())
+            return {slot: {k: float(v[where[slot]]) for k, v in host.items()} for slot in params}
 
         return fetch

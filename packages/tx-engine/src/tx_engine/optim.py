@@ -99,6 +99,7 @@ class StepMetrics(NamedTuple):
     update_norm: Array  # ||p_new - p_old||, weight decay included
     param_norm: Array  # after the step
     learning_rate: Array
+    step: Array  # the slot's optimizer step count after this step (float32)
 
 
 def _num_adapters(params: PyTree) -> int:
@@ -183,16 +184,16 @@ def apply_update(
     delta = [
         a.astype(jnp.float32) - b.astype(jnp.float32) for a, b in zip(new_p, leaves[0], strict=True)
     ]
+    count = jnp.where(step_mask, state.count + 1, state.count)
     metrics = StepMetrics(
         grad_norm=grad_norm,
         update_norm=_slot_norm(delta),
         param_norm=_slot_norm(new_p),
         learning_rate=jnp.asarray(hyper.learning_rate),
+        step=count.astype(jnp.float32),
     )
     state_out = OptState(
-        jax.tree.unflatten(treedef, new_m),
-        jax.tree.unflatten(treedef, new_v),
-        jnp.where(step_mask, state.count + 1, state.count),
+        jax.tree.unflatten(treedef, new_m), jax.tree.unflatten(treedef, new_v), count
     )
     return params_out, state_out, metrics
 
