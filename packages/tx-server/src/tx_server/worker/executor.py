@@ -24,7 +24,7 @@ from tx_server.futures import JSON, PROTOBUF, RequestType
 from tx_server.settings import Settings
 from tx_server.work_queue import ClaimedRequest, WorkQueue
 from tx_server.worker.engines import EngineHost, LoadedModel
-from tx_server.worker.fused import Collect, run_fused_later
+from tx_server.worker.fused import Collect, collect_all, run_fused_later
 from tx_server.worker.handlers import BarrierHandlers
 from tx_server.worker.optim_steps import dispatch_optim_steps, prepare_optim_step
 from tx_server.worker.passes import decode_pass
@@ -103,7 +103,7 @@ class Executor:
         pending: list[Collect] = []
         for requests in plan_rounds(training):
             pending = self._run_round(requests, pending)
-        _collect(pending)
+        collect_all(pending)
         samples = [r for r in claimed if r.request_type == RequestType.SAMPLE]
         if samples:
             self.sampling.run(samples)
@@ -130,7 +130,7 @@ class Executor:
         for p in passes:
             groups.setdefault((id(p.model.engine), p.backward), []).append(p)
         pass_results = [self._dispatch_passes(group) for group in groups.values()]
-        _collect(earlier)
+        collect_all(earlier)
         steps = []
         for req in requests:
             if req.request_type == RequestType.OPTIM_STEP:
@@ -141,10 +141,10 @@ class Executor:
         step_results = (
             [dispatch_optim_steps(self.host, self.queue, steps, self._fail)] if steps else []
         )
-        _collect(pass_results)
+        collect_all(pass_results)
         others = [r for r in requests if r.request_type not in _PASSES | {RequestType.OPTIM_STEP}]
         if others:  # they read and write state synchronously: record everything before them
-            _collect(step_results)
+            collect_all(step_results)
             step_results = []
             for req in others:
                 self._run_barrier(req)
@@ -201,9 +201,3 @@ class Executor:
         if category == "server":
             log.error("request %s (%s) failed", req.request_id, req.request_type, exc_info=exc)
         self.queue.fail(req.request_id, str(exc) or type(exc).__name__, category)
-
-
-def _collect(collectors: Sequence[Collect]) -> None:
-    """Fetch and record, in order, what the collectors' engine calls produced."""
-    for collect in collectors:
-        collect()

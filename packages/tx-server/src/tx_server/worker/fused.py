@@ -55,7 +55,7 @@ def run_fused_later(
         if len(items) > 1 and exc.category == "user":
             # isolate the bad request; the others still run
             parts = [run_fused_later([item], call_later, fail, complete) for item in items]
-            return lambda: _collect_all(parts)
+            return lambda: collect_all(parts)
         for item in items:
             fail(item, exc)
         return _nothing
@@ -79,8 +79,9 @@ def run_fused_later(
     return collect
 
 
-def _collect_all(parts: Sequence[Collect]) -> None:
-    for collect in parts:
+def collect_all(collectors: Sequence[Collect]) -> None:
+    """Fetch and record, in order, what the collectors' engine calls produced."""
+    for collect in collectors:
         collect()
 
 

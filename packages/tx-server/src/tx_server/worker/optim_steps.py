@@ -23,7 +23,7 @@ from tx_server.errors import BadRequestError
 from tx_server.futures import JSON
 from tx_server.work_queue import ClaimedRequest, WorkQueue
 from tx_server.worker.engines import EngineHost, LoadedModel
-from tx_server.worker.fused import Collect, run_fused_later
+from tx_server.worker.fused import Collect, collect_all, run_fused_later
 from tx_types import AdamParams, OptimStepRequest, OptimStepResponse
 
 __all__ = ["OptimStep", "dispatch_optim_steps", "prepare_optim_step"]
@@ -94,8 +94,7 @@ def dispatch_optim_steps(
     ]
 
     def collect() -> None:
-        for part in parts:
-            part()
+        collect_all(parts)
         queue.complete_many(done)
 
     return collect
