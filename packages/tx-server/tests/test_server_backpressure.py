@@ -2,30 +2,25 @@
 
 Raw HTTP checks the status, headers and which submissions count (no worker: requests stay
 pending until the test finishes them through the worker-side queue). The SDK check runs the
-unmodified tinker SDK 0.38.0 against a live API + worker with a limit of one unfinished
-request per tenant: every training and sampling call must still complete, via 429 retries.
+unmodified tinker SDK 0.38.0 against a live API with a limit of one unfinished request per
+tenant, submitting a burst while the worker is stopped and then restarting it: every training
+and sampling call must still complete, via 429 retries.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 import tinker
 from tinker import types
 
 from tx_server.settings import EngineSettings
-from tx_server.testing import (
-    API_KEY,
-    RunningServer,
-    make_settings,
-    run_hub_model_server,
-    run_server,
-)
+from tx_server.testing import API_KEY, RunningServer, make_settings, offline_hub, run_server
+from tx_server.worker.loop import worker_thread
 
 KEY_B = "tml-tx-server-tests-key-0002"
 BASE = "Qwen/Qwen3-8B"
@@ -85,18 +80,6 @@ def test_global_limit_counts_every_tenant(tmp_path: Path) -> None:
         assert refused.headers["retry-after"] == "1"
 
 
-@pytest.fixture(scope="module")
-def throttled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    # The sampling tests' engine shapes, so a full run can reuse their jax compilations.
-    engine = EngineSettings(
-        max_lora_rank=16, max_lora_adapters=12, max_seq_len=64, sample_tokens_per_batch=512
-    )
-    root = tmp_path_factory.mktemp("backpressure")
-    overrides = {"max_pending_futures_per_tenant": 1, "backpressure_retry_after_seconds": 0.2}
-    with run_hub_model_server(root, base_models=[BASE], engine=engine, **overrides) as server:
-        yield server
-
-
 def _datum(shift: int) -> types.Datum:
     tokens = [(t + shift) % 200 + 1 for t in TOKENS]
     return types.Datum(
@@ -108,42 +91,59 @@ def _datum(shift: int) -> types.Datum:
     )
 
 
-def test_sdk_completes_every_request_under_a_limit_of_one(throttled: RunningServer) -> None:
-    sc = tinker.ServiceClient(base_url=throttled.url, api_key=API_KEY)
-    tc = sc.create_lora_training_client(BASE, rank=4, seed=0).result(timeout=120)
-    # Warm-up (compiles), so the burst below is refused for a short time only: the SDK's
-    # transport layer then retries after Retry-After instead of its holder's long backoff.
-    tc.forward_backward([_datum(9)], "cross_entropy").result(timeout=180)
-    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result(timeout=180)
-    sampler = tc.save_weights_and_get_sampling_client().result(timeout=180)
-    params = types.SamplingParams(max_tokens=3, temperature=1.0, seed=1)
-    prompt = types.ModelInput.from_ints(TOKENS[:3])
-    sampler.sample(prompt, 1, params).result(timeout=180)  # warm-up
+def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
 
-    # A long sample holds the tenant's one pending place, so everything submitted while it
-    # runs is refused at first, whatever the machine's speed (without it, a fast worker could
-    # finish each request before the next arrived and nothing would be refused).
-    calls = throttled.recorder.calls
-    fb_before, sample_before = (
-        calls.count(f"POST /api/v1/{r}") for r in ("forward_backward", "asample")
+
+def test_sdk_completes_every_request_under_a_limit_of_one(tmp_path: Path) -> None:
+    """The burst is submitted while no worker runs, so the blocking sample certainly holds the
+    tenant's one place and every later call is refused at first, whatever the machine's speed.
+    A restarted worker (recovering the trained run) then lets everything through."""
+    # The sampling tests' engine shapes, so a full run can reuse their jax compilations.
+    engine = EngineSettings(
+        max_lora_rank=16, max_lora_adapters=12, max_seq_len=64, sample_tokens_per_batch=512
     )
-    long = types.SamplingParams(max_tokens=40, temperature=1.0, seed=2, stop=[])
-    blocker = sampler.sample(prompt, 8, long)
-    deadline = time.monotonic() + 60
-    while calls.count("POST /api/v1/asample") == sample_before:
-        assert time.monotonic() < deadline, "the blocking sample was never submitted"
-        time.sleep(0.005)
-    futures = [tc.forward_backward([_datum(i)], "cross_entropy") for i in range(4)]
-    step = tc.optim_step(types.AdamParams(learning_rate=1e-2))
-    samples = [sampler.sample(prompt, 1, params) for _ in range(3)]
-    losses = [f.result(timeout=180).metrics["loss:sum"] for f in futures]
-    step.result(timeout=180)
-    assert all(np.isfinite(losses))
-    assert len(set(losses)) == 4
-    assert all(len(s.result(timeout=180).sequences[0].tokens) == 3 for s in samples)
-    assert len(blocker.result(timeout=180).sequences) == 8
-    refused_fb = calls.count("POST /api/v1/forward_backward") - fb_before - 4
-    refused_samples = calls.count("POST /api/v1/asample") - sample_before - 4
-    assert refused_fb > 0, "no forward_backward was refused: the limit did not apply"
-    assert refused_samples > 0, "no sample was refused: the limit did not apply"
-    sc.holder.close()
+    settings = make_settings(
+        tmp_path,
+        base_models=[BASE],
+        engine=engine,
+        long_poll_seconds=20.0,
+        max_pending_futures_per_tenant=1,
+        backpressure_retry_after_seconds=0.2,
+    )
+    with offline_hub(tmp_path / "hf"), run_server(settings) as server:
+        sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        with worker_thread(settings):
+            tc = sc.create_lora_training_client(BASE, rank=4, seed=0).result(timeout=120)
+            tc.forward_backward([_datum(9)], "cross_entropy").result(timeout=180)
+            tc.optim_step(types.AdamParams(learning_rate=1e-2)).result(timeout=180)
+            sampler = tc.save_weights_and_get_sampling_client().result(timeout=180)
+            params = types.SamplingParams(max_tokens=3, temperature=1.0, seed=1)
+            prompt = types.ModelInput.from_ints(TOKENS[:3])
+            sampler.sample(prompt, 1, params).result(timeout=180)
+
+        calls = server.recorder.calls
+
+        def count(route: str) -> int:
+            return calls.count(f"POST /api/v1/{route}")
+
+        fb_before, sample_before = count("forward_backward"), count("asample")
+        blocker = sampler.sample(prompt, 8, types.SamplingParams(max_tokens=20, seed=2))
+        _wait_for(lambda: count("asample") > sample_before, "the blocker was never submitted")
+        futures = [tc.forward_backward([_datum(i)], "cross_entropy") for i in range(4)]
+        step = tc.optim_step(types.AdamParams(learning_rate=1e-2))
+        samples = [sampler.sample(prompt, 1, params) for _ in range(3)]
+        _wait_for(lambda: count("forward_backward") > fb_before + 1, "no forward_backward retry")
+        _wait_for(lambda: count("asample") > sample_before + 2, "no sample retry")
+
+        with worker_thread(settings):
+            losses = [f.result(timeout=180).metrics["loss:sum"] for f in futures]
+            step.result(timeout=180)
+            assert all(np.isfinite(losses))
+            assert len(set(losses)) == 4
+            assert all(len(s.result(timeout=180).sequences[0].tokens) == 3 for s in samples)
+            assert len(blocker.result(timeout=180).sequences) == 8
+        sc.holder.close()
