@@ -5,11 +5,19 @@ tests share the files and never touch the network or the user's cache. `tiny_hf_
 them under the hub names clients use (`tx_engine.testing.HUB_ALIASES`); run hub-name lookups in a subprocess with
 `HF_HOME=<tiny_hf_home>` and `HF_HUB_OFFLINE=1`, since huggingface_hub reads those variables at
 import time.
+
+`run_on_simulated_devices` runs a script on N forced host CPU devices (mesh tests).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import pytest
@@ -67,3 +75,48 @@ def tiny_hf_home(tiny_models_root: Path) -> Path:
     hf_home = tiny_models_root / "hf-home"
     install_hub_aliases(hf_home, cache_root=tiny_models_root / "cache")
     return hf_home
+
+
+def _run_on_simulated_devices(
+    script: str, *args: str, devices: int = 8, timeout: float = 600
+) -> dict[str, Any]:
+    """Run Python source ``script`` (``sys.argv[1:]`` = ``args``) on ``devices`` host CPUs and
+    return its last stdout line, parsed as JSON.
+
+    A fresh interpreter, because XLA fixes the host device count when jax initialises and this
+    session's jax already has one device. ``JAX_PLATFORMS=cpu`` so the forced devices are the
+    ones used on an accelerator machine too. A failed run fails the test with its stderr.
+    """
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        pytest.fail(
+            f"script on {devices} simulated devices exited {proc.returncode}\n"
+            f"--- stdout (tail) ---\n{proc.stdout[-2000:]}\n"
+            f"--- stderr (tail) ---\n{proc.stderr[-4000:]}",
+            pytrace=False,
+        )
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+@pytest.fixture
+def run_on_simulated_devices() -> Callable[..., dict[str, Any]]:
+    """``run(script, *args, devices=8, timeout=600) -> dict``: see `_run_on_simulated_devices`.
+
+    A fixture, not an import: tests run with ``--import-mode=importlib``, where this directory
+    is not on ``sys.path``.
+    """
+    return _run_on_simulated_devices

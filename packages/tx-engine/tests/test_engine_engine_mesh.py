@@ -6,12 +6,10 @@ initialises, which the rest of the test session has already done.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,18 +42,10 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_mesh_training_matches_single_device(tiny_qwen3_dir: Path) -> None:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tiny_qwen3_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_mesh_training_matches_single_device(
+    tiny_qwen3_dir: Path, run_on_simulated_devices: Callable[..., dict[str, Any]]
+) -> None:
+    results = run_on_simulated_devices(SCRIPT, str(tiny_qwen3_dir), devices=4)
     ref = results.pop("single")
     for name, res in results.items():
         assert res["loss"] == pytest.approx(ref["loss"], rel=1e-5), name

@@ -13,12 +13,10 @@ process, on an abstract mesh.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
@@ -81,22 +79,10 @@ def _rel(a: object, ref: object) -> float:
 
 
 @pytest.mark.slow  # ~1-4 min: a fresh jax on 8 host devices compiles every program 3 times
-def test_expert_parallel_training_matches_single_device(tiny_qwen3_moe_dir: Path) -> None:
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tiny_qwen3_moe_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_expert_parallel_training_matches_single_device(
+    tiny_qwen3_moe_dir: Path, run_on_simulated_devices: Callable[..., dict[str, Any]]
+) -> None:
+    results = run_on_simulated_devices(SCRIPT, str(tiny_qwen3_moe_dir), devices=8, timeout=900)
     ref = results.pop("single")
     # gate_proj of an 8-expert layer: weight [E=8, D=128, I=64], lora_a [A=3 (incl. base slot), E, D, R=4];
     # each device holds E/ep experts (and D/fsdp, I/tp of each).

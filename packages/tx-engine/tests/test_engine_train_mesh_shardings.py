@@ -11,12 +11,10 @@ updated weights equal a one-device engine's within float32 summation-order toler
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,18 +98,10 @@ def _max_rel(a: list[object], b: list[object]) -> float:
     return worst
 
 
-def test_mesh_training_outputs_carry_the_declared_shardings(tiny_qwen3_dir: Path) -> None:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tiny_qwen3_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_mesh_training_outputs_carry_the_declared_shardings(
+    tiny_qwen3_dir: Path, run_on_simulated_devices: Callable[..., dict[str, Any]]
+) -> None:
+    results = run_on_simulated_devices(SCRIPT, str(tiny_qwen3_dir), devices=8)
     ref, mesh = results["single"], results["mesh"]
 
     assert mesh["grads_after_fb"]["mismatched"] == 0

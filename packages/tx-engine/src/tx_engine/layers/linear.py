@@ -74,8 +74,15 @@ class LoRALinear(nnx.Module):
         adapter_indices_b: jax.Array,
         *,
         weight_df: jax.Array | None = None,
+        lora_on: jax.Array | None = None,
     ) -> jax.Array:
-        """``weight_df`` overrides the own weight (tied lm_head passes ``embed.T``)."""
+        """``weight_df`` overrides the own weight (tied lm_head passes ``embed.T``).
+
+        ``lora_on`` (a device boolean, "some row has an adapter") puts the LoRA term behind a
+        ``lax.cond`` so base-only decode batches skip it: no recompile, since it is a value, and
+        no bit changes, since base slot 0 has zero factors and its term is exactly ``+0.0``.
+        ``None`` adds the term unconditionally (training and prefill: no ``cond`` in the program).
+        """
         if weight_df is None:
             if self.weight is None:
                 raise ValueError("LoRALinear without its own weight needs weight_df")
@@ -86,7 +93,12 @@ class LoRALinear(nnx.Module):
         ).astype(self.dtype)
         if self.bias is not None:
             y_btf = y_btf + self.bias[...].astype(self.dtype)
-        return y_btf + self.lora.delta(x_btd, adapter_indices_b)
+        if lora_on is None:
+            return y_btf + self.lora.delta(x_btd, adapter_indices_b)
+        out: jax.Array = jax.lax.cond(
+            lora_on, lambda: y_btf + self.lora.delta(x_btd, adapter_indices_b), lambda: y_btf
+        )
+        return out
 
 
 class Embed(nnx.Module):

@@ -39,7 +39,10 @@ class MLP(nnx.Module):
             hidden, dim, axes=("mlp", "embed"), group="mlp", use_bias=use_bias, **kw
         )
 
-    def __call__(self, x_btd: jax.Array, adapter_indices_b: jax.Array) -> jax.Array:
-        gate_btf = self.gate_proj(x_btd, adapter_indices_b)
-        up_btf = self.up_proj(x_btd, adapter_indices_b)
-        return self.down_proj(jax.nn.silu(gate_btf) * up_btf, adapter_indices_b)
+    def __call__(
+        self, x_btd: jax.Array, adapter_indices_b: jax.Array, *, lora_on: jax.Array | None = None
+    ) -> jax.Array:
+        """``lora_on`` goes to every projection (see :meth:`LoRALinear.__call__`)."""
+        gate_btf = self.gate_proj(x_btd, adapter_indices_b, lora_on=lora_on)
+        up_btf = self.up_proj(x_btd, adapter_indices_b, lora_on=lora_on)
+        return self.down_proj(jax.nn.silu(gate_btf) * up_btf, adapter_indices_b, lora_on=lora_on)

@@ -16,11 +16,13 @@ cores (small preset, interleaved A/B): 1.2x at batch 4, 1.7x at batch 64 (S = 64
 batch 16 with S = 1024. A multiply-and-reduce attention (no dot, no slice copy) was tried and
 was 1.7x *slower* at S = 1024: XLA:CPU's reduction over the head dim does not vectorise.
 
-Base-model batches skip LoRA. Every projection's LoRA term sits behind one ``lax.cond`` on
-"some row has an adapter" (a device value: no new program, no recompile). Slot 0 (base) has
-zero factors and scaling, so its term is exactly ``+0.0`` and skipping it changes no bit. The
-tied ``lm_head``'s term was the costly one: ~4 ms of a ~15 ms batch-1 step (small preset),
-mostly the per-row gather of ``[r, V]`` factors and an extra pass over the ``[B, V]`` logits.
+Base-model batches skip LoRA: every projection (and dense ``MLP``) is called with
+``lora_on`` = "some row has an adapter", which puts its LoRA term behind a ``lax.cond`` (a
+device value: no new program, no recompile; see ``LoRALinear.__call__``). Slot 0 (base)
+has zero factors and scaling, so its term is exactly ``+0.0`` and skipping it changes no bit.
+MoE blocks are called as they are. The tied ``lm_head``'s term was the costly one: ~4 ms of a
+~15 ms batch-1 step (small preset), mostly the per-row gather of ``[r, V]`` factors and an
+extra pass over the ``[B, V]`` logits.
 
 Results equal the model's cached call up to float32 summation order inside fusions (~1e-6
 on logits; tests check 1e-5).
@@ -36,7 +38,6 @@ import numpy as np
 from jax import Array
 
 from tx_engine.layers.attention import Attention, KVCache
-from tx_engine.layers.linear import LoRALinear
 from tx_engine.layers.lora import BASE_SLOT
 from tx_engine.layers.mlp import MLP
 from tx_engine.layers.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -75,43 +76,17 @@ def decode_logits(
         k_all = jax.lax.dynamic_update_slice(k_all, k_bkh[None, :, None].astype(k_all.dtype), at)
         v_all = jax.lax.dynamic_update_slice(v_all, v_bkh[None, :, None].astype(v_all.dtype), at)
         out_bnh = _attend(attn, q_bnh, k_all[layer_idx], v_all[layer_idx], visible_bs)
-        h_b1d = h_b1d + _linear(attn.o_proj, out_bnh.reshape(b, 1, -1), adapters_b, lora_on)
-        h_b1d = h_b1d + _mlp(layer.mlp, layer.post_attention_layernorm(h_b1d), adapters_b, lora_on)
+        h_b1d = h_b1d + attn.o_proj(out_bnh.reshape(b, 1, -1), adapters_b, lora_on=lora_on)
+        x_b1d = layer.post_attention_layernorm(h_b1d)
+        if isinstance(layer.mlp, MLP):
+            h_b1d = h_b1d + layer.mlp(x_b1d, adapters_b, lora_on=lora_on)
+        else:  # MoE: its own call
+            h_b1d = h_b1d + layer.mlp(x_b1d, adapters_b)
     # LlamaForCausalLM.compute_logits, with the LoRA term behind the same switch.
     tied = body.embed_tokens.weight[...].T if model.config.tie_word_embeddings else None
     hidden_b1d = body.norm(h_b1d)
-    logits_b1v = _linear(model.lm_head, hidden_b1d, adapters_b, lora_on, weight_df=tied)
+    logits_b1v = model.lm_head(hidden_b1d, adapters_b, weight_df=tied, lora_on=lora_on)
     return logits_b1v[:, 0].astype(jnp.float32), KVCache(k_all, v_all, mask_bs, index + 1)
-
-
-def _linear(
-    lin: LoRALinear, x_btd: Array, adapters_b: Array, lora_on: Array, weight_df: Array | None = None
-) -> Array:
-    """:meth:`LoRALinear.__call__` (same ops, same dtypes) with its LoRA term computed only
-    when ``lora_on``; otherwise the term is the exact ``+0.0`` every base-slot row gets."""
-    if weight_df is None:
-        assert lin.weight is not None, "a tied lm_head passes the embedding as weight_df"
-        weight_df = lin.weight[...]
-    x_btd = x_btd.astype(lin.dtype)
-    y_btf = jnp.einsum(
-        "btd,df->btf", x_btd, weight_df.astype(lin.dtype), preferred_element_type=jnp.float32
-    ).astype(lin.dtype)
-    if lin.bias is not None:
-        y_btf = y_btf + lin.bias[...].astype(lin.dtype)
-    out: Array = jax.lax.cond(
-        lora_on, lambda: y_btf + lin.lora.delta(x_btd, adapters_b), lambda: y_btf
-    )
-    return out
-
-
-def _mlp(mlp: Any, x_btd: Array, adapters_b: Array, lora_on: Array) -> Array:
-    """:meth:`MLP.__call__` through :func:`_linear`; other MLPs (MoE) run as they are."""
-    if not isinstance(mlp, MLP):
-        moe_out: Array = mlp(x_btd, adapters_b)
-        return moe_out
-    gate_btf = _linear(mlp.gate_proj, x_btd, adapters_b, lora_on)
-    up_btf = _linear(mlp.up_proj, x_btd, adapters_b, lora_on)
-    return _linear(mlp.down_proj, jax.nn.silu(gate_btf) * up_btf, adapters_b, lora_on)
 
 
 def _qkv(
@@ -119,9 +94,9 @@ def _qkv(
 ) -> tuple[Array, Array, Array]:
     """Rotated queries ``[B, N, H]`` and keys, values ``[B, K, H]`` (Attention's own steps)."""
     b = x_b1d.shape[0]
-    q = _linear(attn.q_proj, x_b1d, adapters_b, lora_on).reshape(b, 1, attn.n, attn.h)
-    k = _linear(attn.k_proj, x_b1d, adapters_b, lora_on).reshape(b, 1, attn.k, attn.h)
-    v = _linear(attn.v_proj, x_b1d, adapters_b, lora_on).reshape(b, 1, attn.k, attn.h)
+    q = attn.q_proj(x_b1d, adapters_b, lora_on=lora_on).reshape(b, 1, attn.n, attn.h)
+    k = attn.k_proj(x_b1d, adapters_b, lora_on=lora_on).reshape(b, 1, attn.k, attn.h)
+    v = attn.v_proj(x_b1d, adapters_b, lora_on=lora_on).reshape(b, 1, attn.k, attn.h)
     if attn.q_norm is not None and attn.k_norm is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
     return apply_rope(q, *cos_sin)[:, 0], apply_rope(k, *cos_sin)[:, 0], v[:, 0]
