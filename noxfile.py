@@ -3,7 +3,7 @@
 Every session installs the locked workspace (`uv sync --locked`) into its own virtualenv, so
 what is tested is exactly what `uv.lock` pins. The one exception is `parity`: it needs torch,
 which uv would resolve to a multi-GB CUDA build, so it uses pip (which takes the local CPU wheel)
-in a plain venv.
+in a plain venv; so does `cookbook`, for torch and for the cookbook's own transformers pin.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ nox.options.error_on_missing_interpreters = True
 
 ROOT = Path(__file__).parent
 PACKAGES = ["tx-types", "tx-engine", "tx-server", "tx-client", "tx-cli"]
-DEFAULT_MARKERS = "not slow and not parity and not gpu"
+DEFAULT_MARKERS = "not slow and not parity and not gpu and not cookbook"
 
 
 def _sync(session: nox.Session) -> None:
@@ -91,6 +91,34 @@ def parity(session: nox.Session) -> None:
     session.install("torch==2.13.0", "peft", "pytest", "pytest-timeout", "hypothesis")
     session.install(*(f"-e./packages/{name}" for name in PACKAGES if name != "tx-server"))
     session.run("pytest", "-m", "parity", *session.posargs)
+
+
+COOKBOOK = "tinker-cookbook==0.5.8"  # the newest whose dependencies the package index serves
+NUMERICS = ("jax", "jaxlib", "flax", "optax")
+
+
+@nox.session(venv_backend="venv")
+def cookbook(session: nox.Session) -> None:
+    """tinker-cookbook recipes, unmodified, against a live server (`-m cookbook`).
+
+    pip in a plain venv: the cookbook needs torch (local CPU wheel) and pins transformers
+    below the workspace's lock. The engine's numerics stack stays at the locked versions.
+    """
+    locked = session.run(
+        *("uv", "export", "--frozen", "--no-hashes", "--all-packages", "--no-emit-workspace"),
+        silent=True,
+        external=True,
+    )
+    assert isinstance(locked, str)
+    pins = [line for line in locked.splitlines() if line.split("==")[0] in NUMERICS]
+    constraints = Path(session.create_tmp()) / "numerics.txt"
+    constraints.write_text("\n".join(pins) + "\n")
+    session.install("-c", str(constraints), "torch==2.13.0", "tinker==0.38.0", COOKBOOK)
+    session.install(
+        "-c", str(constraints), "pytest", "pytest-timeout", "hypothesis",
+        *(f"-e./packages/{name}" for name in PACKAGES),
+    )  # fmt: skip
+    session.run("pytest", "-m", "cookbook", *session.posargs)
 
 
 @nox.session(venv_backend="none")

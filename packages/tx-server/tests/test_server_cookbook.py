@@ -1,0 +1,145 @@
+"""tinker-cookbook recipes, unmodified, trained against a live tx server (``nox -s cookbook``).
+
+The cookbook is the SDK's main user: its recipes are what researchers run. Each test starts the
+API + worker serving the kit's tiny model as ``Qwen/Qwen3-8B`` (so the cookbook picks its
+``qwen3`` renderer and finds the tokenizer by name, offline) and runs a recipe's own command
+line in a subprocess, pointed at the server only through ``TINKER_BASE_URL`` and
+``TINKER_API_KEY``, as a user would. The recipes need torch and a transformers older than the
+workspace's, so the session installs them with pip in a venv of its own (see ``noxfile.py``);
+elsewhere these tests skip.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tinker
+
+from tx_server.settings import EngineSettings
+from tx_server.testing import API_KEY, RunningServer, run_hub_model_server
+
+pytestmark = pytest.mark.cookbook
+cookbook = pytest.importorskip("tinker_cookbook", reason="installed by `nox -s cookbook` only")
+
+MODEL = "Qwen/Qwen3-8B"
+RECIPE_SECONDS = 900
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    engine = EngineSettings(max_lora_rank=32, max_lora_adapters=4, max_seq_len=1024)
+    root = tmp_path_factory.mktemp("cookbook")
+    with run_hub_model_server(root, base_models=[MODEL], engine=engine) as server:
+        yield server
+
+
+def run_recipe(server: RunningServer, module: str, *args: str) -> None:
+    """``python -m <module> <args>`` with only the environment telling it where tx is.
+
+    ``run_hub_model_server`` has already pointed ``HF_HOME`` at the tiny model's hub aliases
+    (offline), and the subprocess inherits that.
+    """
+    env = {**os.environ, "TINKER_BASE_URL": server.url, "TINKER_API_KEY": API_KEY}
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RECIPE_SECONDS,
+    )
+    if done.returncode != 0:
+        pytest.fail(
+            f"{module} exited {done.returncode}:\n{done.stdout[-4000:]}{done.stderr[-8000:]}"
+        )
+
+
+def jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_sl_basic_trains_on_a_conversation_file_and_saves_usable_checkpoints(
+    served: RunningServer, tmp_path: Path
+) -> None:
+    """``recipes.sl_basic`` with the cookbook's example conversations (the dataset its
+    docstring suggests swapping in): held-out NLL falls, and the checkpoints it records are
+    real: the sampler checkpoint samples and the state checkpoint starts a new client."""
+    data = Path(cookbook.__file__).parent / "example_data" / "conversations.jsonl"
+    log = tmp_path / "sl"
+    common = "dataset_builder.common_config."
+    run_recipe(
+        served,
+        "tinker_cookbook.recipes.sl_basic",
+        f"model_name={MODEL}",
+        f"log_path={log}",
+        "max_steps=4",
+        "eval_every=2",
+        "save_every=2",
+        "lora_rank=8",
+        "learning_rate=1e-3",
+        "dataset_builder=tinker_cookbook.supervised.data:FromConversationFileBuilder",
+        f"dataset_builder.file_path={data}",
+        "dataset_builder.test_size=8",
+        f"{common}model_name_for_tokenizer={MODEL}",
+        f"{common}renderer_name=qwen3",
+        f"{common}max_length=256",
+        f"{common}batch_size=8",
+    )
+    metrics = jsonl(log / "metrics.jsonl")
+    assert [row["step"] for row in metrics] == [1.0, 2.0, 3.0, 4.0]
+    assert all(math.isfinite(row["train_mean_nll"]) for row in metrics)
+    held_out = [row["test/nll"] for row in metrics if "test/nll" in row]
+    assert len(held_out) >= 2, metrics
+    assert held_out[-1] < held_out[0] - 0.05, held_out
+
+    checkpoints = {row["name"]: row for row in jsonl(log / "checkpoints.jsonl")}
+    assert set(checkpoints) == {"000002", "final"}
+    final = checkpoints["final"]
+    service = tinker.ServiceClient(base_url=served.url, api_key=API_KEY)
+    try:
+        sampler = service.create_sampling_client(model_path=final["sampler_path"]).result()
+        prompt = tinker.types.ModelInput.from_ints([5, 17, 42])
+        params = tinker.types.SamplingParams(max_tokens=4, temperature=0.0)
+        result = sampler.sample(prompt, 1, params).result(timeout=300)
+        assert len(result.sequences[0].tokens) == 4
+        resumed = service.create_training_client_from_state(final["state_path"]).result()
+        assert resumed.get_info().model_data.model_name == MODEL
+    finally:
+        service.holder.close()
+
+
+def test_multi_turn_rl_recipe_runs_and_sampler_logprobs_equal_the_trainers(
+    served: RunningServer, tmp_path: Path
+) -> None:
+    """``recipes.multiplayer_rl.guess_number``: multi-turn rollouts (10 turns, prompts growing
+    to ~500 tokens), importance-sampling training and per-step sampler refresh. The recipe's
+    own ``kl_sample_train`` metrics compare the sampler's logprobs with the trainer's for the
+    same tokens: they must agree to float32 rounding."""
+    log = tmp_path / "rl"
+    run_recipe(
+        served,
+        "tinker_cookbook.recipes.multiplayer_rl.guess_number.train",
+        f"model_name={MODEL}",
+        "renderer_name=qwen3",
+        "group_size=2",
+        "batch_size=2",
+        "max_tokens=8",
+        "max_steps=2",
+        "eval_every=0",
+        "save_every=0",
+        f"log_path={log}",
+        "behavior_if_log_dir_exists=delete",
+    )
+    metrics = jsonl(log / "metrics.jsonl")
+    assert [row["step"] for row in metrics] == [1.0, 2.0]
+    for row in metrics:
+        assert row["env/all/total_episodes"] == 4
+        assert abs(row["optim/kl_sample_train_v1"]) < 1e-5, row["optim/kl_sample_train_v1"]
+        assert 0 <= row["optim/kl_sample_train_v2"] < 1e-8, row["optim/kl_sample_train_v2"]
