@@ -1,4 +1,5 @@
-"""`tx serve` starts the real API + worker process and the official SDK can train against it."""
+"""`tx serve` starts the real API + worker process and the official SDK can train against it;
+the worker keeps its compiled programs in ``TX_COMPILATION_CACHE_DIR``."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def test_tx_serve_trains_through_the_official_sdk(tmp_path: Path) -> None:
     model_dir = build_model("tiny-qwen3", tmp_path / "models" / "tiny-qwen3")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "TX_LONG_POLL_SECONDS": "5"}
+    cache = tmp_path / "jax-cache"
+    env = {**os.environ, "TX_LONG_POLL_SECONDS": "5", "TX_COMPILATION_CACHE_DIR": str(cache)}
     cmd = [
         *(sys.executable, "-c", "from tx_cli.main import app; app()"),
         *("serve", "--port", str(port), "--base-model", str(model_dir)),
@@ -70,6 +72,7 @@ def test_tx_serve_trains_through_the_official_sdk(tmp_path: Path) -> None:
             tc.optim_step(types.AdamParams(learning_rate=2e-2)).result(timeout=120)
             losses.append(out.metrics["loss:sum"])
         assert losses[-1] < losses[0]
+        assert any(cache.iterdir()), "the worker wrote no compiled program to its cache"
         sc.close("success")
     finally:
         proc.send_signal(signal.SIGINT)

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user@host/db",
     )
     checkpoint_root: Path = Field(default_factory=lambda: default_data_dir() / "checkpoints")
+    compilation_cache_dir: Path | None = Field(
+        default_factory=lambda: default_data_dir() / "jax-cache",
+        description="The worker's persistent XLA compilation cache (a restart skips compiling "
+        "what it compiled before); None disables it.",
+    )
     api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="Accepted API keys; each key is its own tenant. Empty + no file: any tml- key.",

@@ -100,10 +100,12 @@ def run_server(settings: Settings) -> Iterator[RunningServer]:
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    """Test settings: SQLite file and checkpoints under ``tmp_path``, no keys by default."""
+    """Test settings: SQLite file and checkpoints under ``tmp_path``, no keys by default, no
+    compilation cache (jax's is process-wide: a test must not switch it on for the others)."""
     values: dict[str, Any] = {
         "database_url": f"sqlite:///{tmp_path / 'tx.db'}",
         "checkpoint_root": tmp_path / "checkpoints",
+        "compilation_cache_dir": None,
         "base_models": ["Qwen/Qwen3-0.6B", "meta-llama/Llama-3.2-1B"],
         "long_poll_seconds": 5.0,
     }

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tx_engine.compile_cache import enable_compilation_cache
 from tx_engine.config import EngineConfig
 from tx_engine.engine import TrainingEngine
 from tx_engine.errors import NoFreeSlotError
@@ -98,6 +99,8 @@ class EngineHost:
         self._engines: dict[str, TrainingEngine] = {}
         self._models: dict[str, LoadedModel] = {}
         self._orphans_due = 0.0
+        if settings.compilation_cache_dir is not None:
+            enable_compilation_cache(settings.compilation_cache_dir)
 
     def engine(self, base_model: str) -> TrainingEngine:
         """The engine of a served base model, built on first use."""
