@@ -1,16 +1,16 @@
 """The persistent compilation cache: a second process compiles nothing it can read back.
 
-Each run is a fresh interpreter (jax's cache is process-global), doing one forward_backward and
-one optim_step on the tiny model; jax's own monitoring events count cache hits and misses.
+Each run is a fresh interpreter on one CPU device (jax's cache is process-global; the
+``run_on_simulated_devices`` fixture), doing one forward_backward and one optim_step on the
+tiny model; jax's own monitoring events count cache hits and misses.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 SCRIPT = textwrap.dedent(
     """
@@ -38,23 +38,12 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(model_dir: Path, cache: Path) -> dict[str, float]:
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(model_dir), str(cache)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
-
-
-def test_a_second_process_reads_every_program_back(tiny_qwen3_dir: Path, tmp_path: Path) -> None:
+def test_a_second_process_reads_every_program_back(
+    tiny_qwen3_dir: Path, tmp_path: Path, run_on_simulated_devices: Callable[..., dict[str, Any]]
+) -> None:
     cache = tmp_path / "jax-cache"
-    first = _run(tiny_qwen3_dir, cache)
-    second = _run(tiny_qwen3_dir, cache)
+    first = run_on_simulated_devices(SCRIPT, str(tiny_qwen3_dir), str(cache), devices=1)
+    second = run_on_simulated_devices(SCRIPT, str(tiny_qwen3_dir), str(cache), devices=1)
     assert first["misses"] > 0
     assert any(cache.iterdir())
     assert second["misses"] == 0, second
@@ -62,21 +51,17 @@ def test_a_second_process_reads_every_program_back(tiny_qwen3_dir: Path, tmp_pat
     assert second["loss"] == first["loss"]  # the cached programs compute the same thing
 
 
-def test_the_first_directory_stays_in_effect(tmp_path: Path) -> None:
+def test_the_first_directory_stays_in_effect(
+    tmp_path: Path, run_on_simulated_devices: Callable[..., dict[str, Any]]
+) -> None:
     script = textwrap.dedent(
         """
-        import sys
+        import json, sys
         from tx_engine.compile_cache import enable_compilation_cache
         first = enable_compilation_cache(sys.argv[1])
-        print(first == enable_compilation_cache(sys.argv[2]))
+        print(json.dumps({"kept": first == enable_compilation_cache(sys.argv[2])}))
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "a"), str(tmp_path / "b")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    assert done.stdout.strip() == "True"
+    result = run_on_simulated_devices(script, str(tmp_path / "a"), str(tmp_path / "b"), devices=1)
+    assert result == {"kept": True}
     assert not (tmp_path / "b").exists()
