@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -36,8 +38,9 @@ def _wait_healthy(url: str, proc: subprocess.Popen[str], deadline_s: float = 120
     raise AssertionError("tx serve did not become healthy")
 
 
-def test_tx_serve_trains_through_the_official_sdk(tmp_path: Path) -> None:
-    import tinker
+def test_tx_serve_trains_through_the_official_sdk(
+    tmp_path: Path, open_service_client: Callable[..., Any]
+) -> None:
     from tinker import types
 
     from tx_engine.testing import build_model
@@ -60,7 +63,7 @@ def test_tx_serve_trains_through_the_official_sdk(tmp_path: Path) -> None:
         _wait_healthy(url, proc)
         caps = httpx.get(f"{url}/api/v1/get_server_capabilities", headers={"X-API-Key": API_KEY})
         assert [m["model_name"] for m in caps.json()["supported_models"]] == [str(model_dir)]
-        sc = tinker.ServiceClient(base_url=url, api_key=API_KEY)
+        sc = open_service_client(url, API_KEY)
         tc = sc.create_lora_training_client(str(model_dir), rank=8, seed=0).result(timeout=120)
         datum = types.Datum(
             model_input=types.ModelInput.from_ints([5, 17, 42, 9, 101]),
@@ -73,7 +76,8 @@ def test_tx_serve_trains_through_the_official_sdk(tmp_path: Path) -> None:
             losses.append(out.metrics["loss:sum"])
         assert losses[-1] < losses[0]
         assert any(cache.iterdir()), "the worker wrote no compiled program to its cache"
-        sc.close("success")
+        # Finished while the server still runs; the fixture closes it if the test fails.
+        sc.close("success").result(timeout=60)
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -19,6 +19,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from tx_cli.commands.train import compilation_cache_dir
 from tx_cli.main import app
 from tx_cli.train_data import collate
 from tx_engine import step as engine_step
@@ -60,7 +61,10 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(*args: str) -> Any:
-    return runner.invoke(app, ["train", *args], env={"COLUMNS": "200"})
+    # In-process runs keep the persistent compilation cache off: it is process-global.
+    return runner.invoke(
+        app, ["train", *args], env={"COLUMNS": "200", "TX_COMPILATION_CACHE_DIR": ""}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +156,20 @@ def test_resume_past_max_steps_is_a_usage_error(
     assert result.stderr.strip() == ("Error: --max-steps 2: the checkpoint is already at step 4")
 
 
+def test_compilation_cache_dir_follows_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Unset: the user data directory's ``jax-cache`` (as for `tx serve`); set: that path;
+    empty: no cache."""
+    monkeypatch.delenv("TX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert compilation_cache_dir() == tmp_path / "data" / "tx" / "jax-cache"
+    monkeypatch.setenv("TX_COMPILATION_CACHE_DIR", str(tmp_path / "c"))
+    assert compilation_cache_dir() == tmp_path / "c"
+    monkeypatch.setenv("TX_COMPILATION_CACHE_DIR", "")
+    assert compilation_cache_dir() is None
+
+
 def test_cli_import_stays_light() -> None:
     """`tx --help` must not pay for jax, datasets or transformers."""
     code = (
@@ -166,12 +184,15 @@ def test_cli_import_stays_light() -> None:
 def test_tensor_parallel_run_matches_single_device(
     straight: Path, model_dir: Path, data_file: Path, tmp_path: Path
 ) -> None:
-    """--tp-size 2 on two host CPU devices (a subprocess: the device count is fixed at start)."""
+    """--tp-size 2 on two host CPU devices (a subprocess: the device count is fixed at start);
+    a subprocess also shows the run writing its programs to the compilation cache."""
     args = ["--model", str(model_dir), "--dataset", str(data_file), "--output-dir", str(tmp_path)]
     args += ["--batch-size", "4", "--max-steps", "2", "--tp-size", "2", "--optimizer-args", OPT]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env["TX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax-cache")
     cmd = [sys.executable, "-c", "from tx_cli.main import app; app()", "train", *args]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    assert any((tmp_path / "jax-cache").iterdir()), "the run wrote no compiled programs"
     tp, single = _losses(tmp_path), _losses(straight)
     assert sorted(tp) == [1, 2]
     for step in (1, 2):

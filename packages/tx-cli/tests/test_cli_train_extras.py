@@ -42,6 +42,7 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _train(*args: str, wandb_dir: Path | None = None) -> Any:
     env = {"COLUMNS": "200", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env["TX_COMPILATION_CACHE_DIR"] = ""  # in process: the cache would be process-global
     if wandb_dir is not None:
         env["WANDB_DIR"] = str(wandb_dir)
     return runner.invoke(app, ["train", *args], env=env)

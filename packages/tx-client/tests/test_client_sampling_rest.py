@@ -4,6 +4,7 @@ serve sampling or checkpoint routes yet), plus tokenizer resolution."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,8 @@ def sampler(scripted: Any) -> Any:
     return scripted
 
 
-def test_sample_and_compute_logprobs(sampler: Any) -> None:
-    sc = tx_client.ServiceClient(base_url=sampler.url, api_key=API_KEY)
+def test_sample_and_compute_logprobs(sampler: Any, open_service_client: Callable[..., Any]) -> None:
+    sc = open_service_client(sampler.url, API_KEY, sdk=tx_client)
     client = sc.create_sampling_client(base_model=None, model_path="tinker://run/sampler_weights/s")
     assert client.get_base_model() == "Qwen/Qwen3-0.6B"  # from GET /samplers/{id}
     prompt = types.ModelInput.from_ints([1, 2, 3])
@@ -84,8 +85,10 @@ def test_sample_and_compute_logprobs(sampler: Any) -> None:
                       "type": "create_sampling_session"}  # fmt: skip
 
 
-def test_sampling_client_argument_checks(sampler: Any) -> None:
-    sc = tx_client.ServiceClient(base_url=sampler.url, api_key=API_KEY)
+def test_sampling_client_argument_checks(
+    sampler: Any, open_service_client: Callable[..., Any]
+) -> None:
+    sc = open_service_client(sampler.url, API_KEY, sdk=tx_client)
     with pytest.raises(ValueError, match="model_path or base_model"):
         sc.create_sampling_client()
     with pytest.raises(ValueError, match="tinker://"):

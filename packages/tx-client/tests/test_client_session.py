@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -42,11 +44,9 @@ def _without_telemetry(server: RunningServer) -> list[str]:
 
 
 def test_bootstrap_is_lazy_then_config_dynamic_config_create_session(
-    server: RunningServer,
+    server: RunningServer, open_service_client: Callable[..., Any]
 ) -> None:
-    sc = tx_client.ServiceClient(
-        base_url=server.url, api_key=API_KEY, user_metadata={"purpose": "test"}
-    )
+    sc = open_service_client(server.url, API_KEY, sdk=tx_client, user_metadata={"purpose": "test"})
     assert server.recorder.calls == []  # construction does no I/O
     session_id = sc.get_session_id()
     assert _without_telemetry(server) == [
@@ -90,8 +90,10 @@ def test_with_block_records_errored_on_exception(server: RunningServer) -> None:
     assert "boom" in (row.finish_detail or "")
 
 
-def test_close_status_and_detail_first_wins(server: RunningServer) -> None:
-    sc = tx_client.ServiceClient(base_url=server.url, api_key=API_KEY)
+def test_close_status_and_detail_first_wins(
+    server: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = open_service_client(server.url, API_KEY, sdk=tx_client)
     session_id = sc.get_session_id()
     sc.close("interrupted", "ctrl-c").result(timeout=10)
     row = _session_row(server, session_id)
@@ -100,8 +102,10 @@ def test_close_status_and_detail_first_wins(server: RunningServer) -> None:
         tx_client.ServiceClient(base_url=server.url, api_key=API_KEY).close("bad").result()  # type: ignore[arg-type]
 
 
-def test_get_server_capabilities_sync_async_and_rest(server: RunningServer) -> None:
-    sc = tx_client.ServiceClient(base_url=server.url, api_key=API_KEY)
+def test_get_server_capabilities_sync_async_and_rest(
+    server: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = open_service_client(server.url, API_KEY, sdk=tx_client)
     caps = sc.get_server_capabilities()
     assert [m.model_name for m in caps.supported_models] == server.settings.base_models
     assert asyncio.run(sc.get_server_capabilities_async()) == caps
@@ -142,11 +146,13 @@ def test_base_url_and_key_from_environment(
         tx_client.RestClient()
 
 
-def test_unknown_request_id_is_not_found(server: RunningServer) -> None:
+def test_unknown_request_id_is_not_found(
+    server: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
     from tx_client._futures import APIFuture, ResultDecoder, poll_result
     from tx_types import CreateModelResponse
 
-    sc = tx_client.ServiceClient(base_url=server.url, api_key=API_KEY)
+    sc = open_service_client(server.url, API_KEY, sdk=tx_client)
     decoder = ResultDecoder[CreateModelResponse]("CreateModel", CreateModelResponse)
     future = APIFuture.from_coroutine(poll_result(sc.holder.transport, "no-such-id", decoder))
     with pytest.raises(tx_client.NotFoundError):

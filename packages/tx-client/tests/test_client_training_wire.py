@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -141,14 +142,16 @@ def _sdk_bodies(data: list[types.Datum], loss_fn: str, first_seq: int) -> list[b
     return bodies
 
 
-def _client(scripted: Any) -> tx_client.ServiceClient:
-    return tx_client.ServiceClient(base_url=scripted.url, api_key=API_KEY)
+def _client(open_service_client: Callable[..., Any], scripted: Any) -> tx_client.ServiceClient:
+    """A tx-client on the scripted server, closed by the fixture when the test ends."""
+    client: tx_client.ServiceClient = open_service_client(scripted.url, API_KEY, sdk=tx_client)
+    return client
 
 
 def test_create_forward_backward_and_optim_step_on_the_wire(
-    scripted: Any, trainer: FakeTrainer
+    scripted: Any, trainer: FakeTrainer, open_service_client: Callable[..., Any]
 ) -> None:
-    with _client(scripted) as sc:
+    with _client(open_service_client, scripted) as sc:
         tc = sc.create_lora_training_client("Qwen/Qwen3-0.6B", rank=8, user_metadata={"k": "v"})
         data = _data()
         fb = tc.forward_backward(data, "cross_entropy")  # returns at once; both pipeline
@@ -184,7 +187,7 @@ def test_create_forward_backward_and_optim_step_on_the_wire(
 
 
 def test_forward_is_forward_only_and_compression_follows_config(
-    scripted: Any, trainer: FakeTrainer
+    scripted: Any, trainer: FakeTrainer, open_service_client: Callable[..., Any]
 ) -> None:
     scripted.replies["/api/v1/client/config"].clear()
     scripted.script(
@@ -192,7 +195,7 @@ def test_forward_is_forward_only_and_compression_follows_config(
         scripted.reply(200, {"fwdbwd_max_chunk_len": 2, "proto_compress_fwdbwd": True,
                              "parallel_fwdbwd_chunks": False}),
     )  # fmt: skip
-    sc = _client(scripted)
+    sc = _client(open_service_client, scripted)
     tc = sc.create_lora_training_client("Qwen/Qwen3-0.6B")
     data = _data(seed=3, n=3)
     tc.forward(data, "cross_entropy").result(timeout=20)
@@ -229,9 +232,13 @@ def _custom_loss_jax(data: Any, logprobs: list[Any]) -> Any:
     ("fn", "backend"), [(_custom_loss_numpy, "numpy"), (_custom_loss_jax, "jax")]
 )
 def test_forward_backward_custom_two_passes(
-    scripted: Any, trainer: FakeTrainer, fn: Any, backend: str
+    scripted: Any,
+    trainer: FakeTrainer,
+    fn: Any,
+    backend: str,
+    open_service_client: Callable[..., Any],
 ) -> None:
-    sc = _client(scripted)
+    sc = _client(open_service_client, scripted)
     tc = sc.create_lora_training_client("Qwen/Qwen3-0.6B")
     data = _data(seed=5, n=3)
     result = tc.forward_backward_custom(data, fn, backend=backend).result(timeout=30)
@@ -256,9 +263,9 @@ def test_forward_backward_custom_two_passes(
 
 
 def test_custom_loss_failure_does_not_block_later_calls(
-    scripted: Any, trainer: FakeTrainer
+    scripted: Any, trainer: FakeTrainer, open_service_client: Callable[..., Any]
 ) -> None:
-    tc = _client(scripted).create_lora_training_client("Qwen/Qwen3-0.6B")
+    tc = _client(open_service_client, scripted).create_lora_training_client("Qwen/Qwen3-0.6B")
 
     def broken(data: Any, logprobs: Any) -> Any:
         return 1.0, {}  # numpy backend needs grads too
@@ -270,10 +277,10 @@ def test_custom_loss_failure_does_not_block_later_calls(
 
 
 def test_async_variants_return_futures_after_submission(
-    scripted: Any, trainer: FakeTrainer
+    scripted: Any, trainer: FakeTrainer, open_service_client: Callable[..., Any]
 ) -> None:
     async def main() -> Any:
-        sc = _client(scripted)
+        sc = _client(open_service_client, scripted)
         tc = await sc.create_lora_training_client_async("Qwen/Qwen3-0.6B")
         future = await tc.forward_backward_async(_data(n=2), "cross_entropy")
         assert ("forward_backward", 1) in trainer.order  # POSTed before we await the result
@@ -286,8 +293,10 @@ def test_async_variants_return_futures_after_submission(
     assert step.metrics == {"step:unique": 1.0}
 
 
-def test_empty_data_and_no_train_flags_are_rejected(scripted: Any, trainer: FakeTrainer) -> None:
-    sc = _client(scripted)
+def test_empty_data_and_no_train_flags_are_rejected(
+    scripted: Any, trainer: FakeTrainer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = _client(open_service_client, scripted)
     with pytest.raises(ValueError, match="at least one of train_mlp"):
         sc.create_lora_training_client("m", train_mlp=False, train_attn=False, train_unembed=False)
     tc = sc.create_lora_training_client("Qwen/Qwen3-0.6B")
@@ -295,7 +304,9 @@ def test_empty_data_and_no_train_flags_are_rejected(scripted: Any, trainer: Fake
         tc.forward_backward([], "cross_entropy")
 
 
-def test_saves_loads_and_create_from_state_bodies(scripted: Any, trainer: FakeTrainer) -> None:
+def test_saves_loads_and_create_from_state_bodies(
+    scripted: Any, trainer: FakeTrainer, open_service_client: Callable[..., Any]
+) -> None:
     r = scripted.reply
     results = {
         "save": {"path": f"tinker://{MODEL_ID}/weights/s1"},
@@ -318,7 +329,7 @@ def test_saves_loads_and_create_from_state_bodies(scripted: Any, trainer: FakeTr
     trainer.result = lambda rid: (
         (results[rid], "application/json") if rid in results else original(rid)
     )  # type: ignore[method-assign]
-    sc = _client(scripted)
+    sc = _client(open_service_client, scripted)
     tc = sc.create_lora_training_client("Qwen/Qwen3-0.6B")
     save = tc.save_state("s1", ttl_seconds=3600)
     exported = tc.save_weights_for_sampler("w1")

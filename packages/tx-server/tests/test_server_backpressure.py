@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
-import tinker
 from tinker import types
 
 from tx_server.settings import EngineSettings
@@ -98,7 +98,9 @@ def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 60) -> 
         time.sleep(0.01)
 
 
-def test_sdk_completes_every_request_under_a_limit_of_one(tmp_path: Path) -> None:
+def test_sdk_completes_every_request_under_a_limit_of_one(
+    tmp_path: Path, open_service_client: Callable[..., Any]
+) -> None:
     """The burst is submitted while no worker runs, so the blocking sample certainly holds the
     tenant's one place and every later call is refused at first, whatever the machine's speed.
     A restarted worker (recovering the trained run) then lets everything through."""
@@ -115,7 +117,7 @@ def test_sdk_completes_every_request_under_a_limit_of_one(tmp_path: Path) -> Non
         backpressure_retry_after_seconds=0.2,
     )
     with offline_hub(tmp_path / "hf"), run_server(settings) as server:
-        sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        sc = open_service_client(server.url, API_KEY)
         with worker_thread(settings):
             tc = sc.create_lora_training_client(BASE, rank=4, seed=0).result(timeout=120)
             tc.forward_backward([_datum(9)], "cross_entropy").result(timeout=180)

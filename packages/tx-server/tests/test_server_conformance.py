@@ -10,7 +10,8 @@ asks for one-datum chunks, chunk order and the optimizer barrier (§10.5).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -56,8 +57,12 @@ def _step(tc: tinker.TrainingClient, lr: float = 2e-2) -> None:
     tc.optim_step(types.AdamParams(learning_rate=lr)).result(timeout=TIMEOUT)
 
 
-def _service(server: RunningServer) -> tinker.ServiceClient:
-    return tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+def _service(
+    open_service_client: Callable[..., Any], server: RunningServer
+) -> tinker.ServiceClient:
+    """An SDK client of ``server``, finished by the fixture when the test ends."""
+    client: tinker.ServiceClient = open_service_client(server.url, API_KEY)
+    return client
 
 
 def _raw_fwdbwd_body(model_id: str, seq_id: int) -> bytes:
@@ -69,9 +74,11 @@ def _raw_fwdbwd_body(model_id: str, seq_id: int) -> bytes:
     return encode_forward_backward_request(model_id, seq_id, fb_input, False, compress=False)
 
 
-def test_resubmitted_body_returns_the_original_request_and_runs_once(live: RunningServer) -> None:
+def test_resubmitted_body_returns_the_original_request_and_runs_once(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
     """§10.6: a re-POST with the same (model_id, seq_id) is the same request, executed once."""
-    sc = _service(live)
+    sc = _service(open_service_client, live)
     once, twice = (
         sc.create_lora_training_client(BASE, rank=4, seed=11).result(timeout=TIMEOUT)
         for _ in range(2)
@@ -89,15 +96,14 @@ def test_resubmitted_body_returns_the_original_request_and_runs_once(live: Runni
     for tc in (once, twice):  # a doubly counted gradient would make the two steps differ
         tc.optim_step(types.AdamParams(learning_rate=5e-2)).result(timeout=TIMEOUT)
     np.testing.assert_allclose(_logprobs(once), _logprobs(twice), rtol=1e-6, atol=1e-7)
-    sc.holder.close()
 
 
 @pytest.mark.filterwarnings("ignore:DEPRECATED. TrainingClient.load_state:FutureWarning")
 def test_internal_fault_is_a_server_error_and_the_server_keeps_serving(
-    live: RunningServer,
+    live: RunningServer, open_service_client: Callable[..., Any]
 ) -> None:
     """§10.8: a checkpoint damaged on disk behind the server's back is a ``server`` failure."""
-    sc = _service(live)
+    sc = _service(open_service_client, live)
     tc = sc.create_lora_training_client(BASE, rank=4, seed=5).result(timeout=TIMEOUT)
     _step(tc)
     path = tc.save_state("to-break").result(timeout=TIMEOUT).path
@@ -111,12 +117,13 @@ def test_internal_fault_is_a_server_error_and_the_server_keeps_serving(
     assert failure.value.category == types.RequestErrorCategory.Server
     _step(tc)  # same model, same server: still serving
     assert np.all(_logprobs(tc) < 0)
-    sc.holder.close()
 
 
-def test_weights_only_restore_resets_the_optimizer_moments(live: RunningServer) -> None:
+def test_weights_only_restore_resets_the_optimizer_moments(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
     """§10.9: ``create_training_client_from_state`` keeps weights but starts fresh moments."""
-    sc = _service(live)
+    sc = _service(open_service_client, live)
     src = sc.create_lora_training_client(BASE, rank=4, seed=8).result(timeout=TIMEOUT)
     for _ in range(3):
         _step(src)
@@ -131,12 +138,13 @@ def test_weights_only_restore_resets_the_optimizer_moments(live: RunningServer) 
     np.testing.assert_allclose(_logprobs(with_opt), _logprobs(src), rtol=1e-5, atol=1e-6)
     # Fresh AdamW moves every parameter by ~lr on its first step; restored moments do not.
     assert np.max(np.abs(_logprobs(fresh) - _logprobs(src))) > 1e-3
-    sc.holder.close()
 
 
-def test_rest_pagination_and_lookup_by_path(live: RunningServer) -> None:
+def test_rest_pagination_and_lookup_by_path(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
     """§10.14: ``cursor.total_count`` with offset/limit, and run lookup by tinker path."""
-    sc = _service(live)
+    sc = _service(open_service_client, live)
     made = [
         sc.create_lora_training_client(BASE, rank=2, seed=i, user_metadata={"i": str(i)})
         .result(timeout=TIMEOUT)
@@ -157,12 +165,13 @@ def test_rest_pagination_and_lookup_by_path(live: RunningServer) -> None:
     run = rest.get_training_run_by_tinker_path(f"tinker://{made[1]}/weights/x").result(timeout=30)
     assert run.training_run_id == made[1]
     assert run.user_metadata == {"i": "1"}
-    sc.holder.close()
 
 
-def test_context_manager_finishes_the_session(live: RunningServer) -> None:
+def test_context_manager_finishes_the_session(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
     """§10.15: leaving ``with ServiceClient()`` calls ``/finish``; later heartbeats get 410."""
-    with _service(live) as sc:
+    with _service(open_service_client, live) as sc:
         tc = sc.create_lora_training_client(BASE, rank=2, seed=1).result(timeout=TIMEOUT)
         session_id = sc.holder.get_session_id()
         _step(tc)
@@ -199,9 +208,11 @@ def _varied_data() -> list[types.Datum]:
     return out
 
 
-def test_chunked_batch_keeps_order_and_steps_after_all_chunks(chunked: RunningServer) -> None:
+def test_chunked_batch_keeps_order_and_steps_after_all_chunks(
+    chunked: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
     """§10.5: 4 one-datum chunks + an immediate optim_step == the same work done unchunked."""
-    sc = _service(chunked)
+    sc = _service(open_service_client, chunked)
     piped, reference = (
         sc.create_lora_training_client(BASE, rank=4, seed=21).result(timeout=TIMEOUT)
         for _ in range(2)
@@ -225,4 +236,3 @@ def test_chunked_batch_keeps_order_and_steps_after_all_chunks(chunked: RunningSe
     for g, w, first in zip(got, want, outputs, strict=True):
         np.testing.assert_allclose(g["logprobs"].data, w["logprobs"].data, rtol=1e-5, atol=1e-6)
         assert not np.allclose(g["logprobs"].data, first["logprobs"].data)  # the step happened
-    sc.holder.close()

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import tinker
 from sqlalchemy import select
 from tinker import types
 
@@ -87,11 +87,11 @@ def _wait_pending(server: RunningServer, n: int) -> None:
 
 
 def test_two_tenants_forward_backward_share_one_engine_call(
-    api: RunningServer, caplog: pytest.LogCaptureFixture
+    api: RunningServer, caplog: pytest.LogCaptureFixture, open_service_client: Callable[..., Any]
 ) -> None:
     with worker_thread(api.settings):
         clients = [
-            tinker.ServiceClient(base_url=api.url, api_key=key)
+            open_service_client(api.url, key)
             .create_lora_training_client(BASE, rank=4, seed=i)
             .result(timeout=TIMEOUT)
             for i, key in enumerate((API_KEY, OTHER_KEY))
@@ -123,7 +123,7 @@ def test_two_tenants_forward_backward_share_one_engine_call(
             f.result(timeout=TIMEOUT)
         assert _fused_steps(caplog.records) == [2]
         stepped = [tc.forward([_datum(i)], "cross_entropy") for i, tc in enumerate(clients)]
-        service = tinker.ServiceClient(base_url=api.url, api_key=API_KEY)
+        service = open_service_client(api.url, API_KEY)
         for i, got in enumerate(stepped):
             ref = service.create_lora_training_client(BASE, rank=4, seed=i).result(TIMEOUT)
             ref.forward_backward([_datum(i)], "cross_entropy").result(TIMEOUT)

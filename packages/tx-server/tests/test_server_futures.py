@@ -11,8 +11,9 @@ import json
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -83,7 +84,9 @@ def test_completion_from_another_thread_wakes_the_poll_in_milliseconds(tmp_path:
         db.dispose()
 
 
-def test_long_poll_ends_with_408_and_the_sdk_keeps_polling(tmp_path: Path) -> None:
+def test_long_poll_ends_with_408_and_the_sdk_keeps_polling(
+    tmp_path: Path, open_service_client: Callable[..., Any]
+) -> None:
     with run_server(make_settings(tmp_path, long_poll_seconds=0.5)) as server:
         db = Database(server.settings.database_url)
         request_id = _submit(FutureStore(db, wake_bus_for(db)), 1)
@@ -99,7 +102,7 @@ def test_long_poll_ends_with_408_and_the_sdk_keeps_polling(tmp_path: Path) -> No
             1.3, worker.complete, (request_id, b'{"metrics": {}}', "application/json")
         )
         timer.start()
-        sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        sc = open_service_client(server.url, API_KEY)
         result = _sdk_future(sc, tinker.types.OptimStepResponse, request_id, "OptimStep")
         assert result == tinker.types.OptimStepResponse(metrics={})
         polls = [c for c in server.recorder.calls if c.endswith("retrieve_future")]
@@ -110,7 +113,7 @@ def test_long_poll_ends_with_408_and_the_sdk_keeps_polling(tmp_path: Path) -> No
 
 
 def test_failed_future_is_200_error_body_and_sdk_request_failed_error(
-    server: RunningServer, store: FutureStore
+    server: RunningServer, store: FutureStore, open_service_client: Callable[..., Any]
 ) -> None:
     request_id = _submit(store, 1)
     server.queue().fail(request_id, "target_tokens length 3 != input length 4", "user")
@@ -120,7 +123,7 @@ def test_failed_future_is_200_error_body_and_sdk_request_failed_error(
         "error": "target_tokens length 3 != input length 4",
         "category": "user",
     }
-    sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    sc = open_service_client(server.url, API_KEY)
     with pytest.raises(tinker.RequestFailedError) as info:
         _sdk_future(sc, tinker.types.OptimStepResponse, request_id, "OptimStep")
     assert info.value.category == tinker.types.RequestErrorCategory.User
@@ -128,7 +131,7 @@ def test_failed_future_is_200_error_body_and_sdk_request_failed_error(
 
 
 def test_protobuf_results_are_returned_as_protobuf(
-    server: RunningServer, store: FutureStore
+    server: RunningServer, store: FutureStore, open_service_client: Callable[..., Any]
 ) -> None:
     request_id = _submit(store, 1, RequestType.FORWARD_BACKWARD)
     output = tinker_public_pb2.ForwardBackwardOutput(
@@ -138,7 +141,7 @@ def test_protobuf_results_are_returned_as_protobuf(
     response = _poll(server.url, request_id)
     assert response.headers["content-type"] == PROTOBUF
     assert response.content == output.SerializeToString()
-    sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    sc = open_service_client(server.url, API_KEY)
     decoded = _sdk_future(sc, tinker.types.ForwardBackwardOutput, request_id, "ForwardBackward")
     assert decoded.metrics == {"loss:sum": 1.25}  # type: ignore[attr-defined]
     sc.close("success").result(timeout=30)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import io
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -96,10 +97,10 @@ def _files_on_disk(server: RunningServer, tinker_path: str) -> dict[str, bytes]:
 
 
 def test_published_checkpoint_is_readable_by_another_tenant_until_unpublished(
-    live: RunningServer,
+    live: RunningServer, open_service_client: Callable[..., Any]
 ) -> None:
-    sc_a = tinker.ServiceClient(base_url=live.url, api_key=API_KEY)
-    sc_b = tinker.ServiceClient(base_url=live.url, api_key=KEY_B)
+    sc_a = open_service_client(live.url, API_KEY)
+    sc_b = open_service_client(live.url, KEY_B)
     rest_a = tinker.RestClient(base_url=live.url, api_key=API_KEY)
     rest_b = tinker.RestClient(base_url=live.url, api_key=KEY_B)
     tc = _trained(sc_a)
@@ -139,12 +140,12 @@ def test_published_checkpoint_is_readable_by_another_tenant_until_unpublished(
         sc_b.create_training_client_from_state(state).result(timeout=60)
     assert _greedy(sc_a.create_sampling_client(model_path=sampler_path).result()) == own_tokens
     assert all(not c.public for c in rest_a.list_checkpoints(tc.model_id).result().checkpoints)
-    sc_a.holder.close()
-    sc_b.holder.close()
 
 
-def test_ttl_on_save_expires_lists_and_deletes(live: RunningServer) -> None:
-    sc = tinker.ServiceClient(base_url=live.url, api_key=API_KEY)
+def test_ttl_on_save_expires_lists_and_deletes(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = open_service_client(live.url, API_KEY)
     rest = tinker.RestClient(base_url=live.url, api_key=API_KEY)
     tc = sc.create_lora_training_client(BASE, rank=4).result(timeout=120)
     before = datetime.now(UTC)
@@ -169,11 +170,12 @@ def test_ttl_on_save_expires_lists_and_deletes(live: RunningServer) -> None:
         rest.get_weights_info_by_tinker_path(short).result(timeout=30)
     with pytest.raises(tinker.BadRequestError, match="ttl_seconds"):
         rest.set_checkpoint_ttl_from_tinker_path(kept, 11 * 365 * 24 * 3600).result(timeout=30)
-    sc.holder.close()
 
 
-def test_set_ttl_then_remove_then_expire(live: RunningServer) -> None:
-    sc = tinker.ServiceClient(base_url=live.url, api_key=API_KEY)
+def test_set_ttl_then_remove_then_expire(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = open_service_client(live.url, API_KEY)
     rest = tinker.RestClient(base_url=live.url, api_key=API_KEY)
     rest_b = tinker.RestClient(base_url=live.url, api_key=KEY_B)
     tc = sc.create_lora_training_client(BASE, rank=4).result(timeout=120)
@@ -198,4 +200,3 @@ def test_set_ttl_then_remove_then_expire(live: RunningServer) -> None:
         time.sleep(0.25)
     assert not on_disk.exists()
     assert rest.list_checkpoints(tc.model_id).result(timeout=30).checkpoints == []
-    sc.holder.close()

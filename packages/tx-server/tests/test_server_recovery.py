@@ -17,8 +17,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -91,9 +92,11 @@ def slot_of(server: RunningServer, model_id: str) -> int | None:
         db.dispose()
 
 
-def test_a_restarted_worker_continues_each_run_exactly(tmp_path: Path) -> None:
+def test_a_restarted_worker_continues_each_run_exactly(
+    tmp_path: Path, open_service_client: Callable[..., Any]
+) -> None:
     with api_only(tmp_path) as server:
-        sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        sc = open_service_client(server.url, API_KEY)
         with worker_thread(server.settings):
             tc = sc.create_lora_training_client(BASE, rank=4, seed=3).result(timeout=120)
             train_step(tc, 0)
@@ -138,10 +141,12 @@ def test_a_restarted_worker_continues_each_run_exactly(tmp_path: Path) -> None:
         sc.holder.close()
 
 
-def test_steps_whose_snapshots_never_reached_the_disk_are_replayed(tmp_path: Path) -> None:
+def test_steps_whose_snapshots_never_reached_the_disk_are_replayed(
+    tmp_path: Path, open_service_client: Callable[..., Any]
+) -> None:
     """Snapshots are written after the step completes; a restore replays what they missed."""
     with api_only(tmp_path) as server:
-        sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        sc = open_service_client(server.url, API_KEY)
         with worker_thread(server.settings):
             tc = sc.create_lora_training_client(BASE, rank=4, seed=5).result(timeout=120)
             for shift in range(3):
@@ -172,12 +177,14 @@ def test_steps_whose_snapshots_never_reached_the_disk_are_replayed(tmp_path: Pat
 
 
 @pytest.mark.filterwarnings("ignore:DEPRECATED. TrainingClient.load_state:FutureWarning")
-def test_a_request_waiting_for_the_worker_is_long_polled(tmp_path: Path) -> None:
+def test_a_request_waiting_for_the_worker_is_long_polled(
+    tmp_path: Path, open_service_client: Callable[..., Any]
+) -> None:
     """§10.7 scaled down: while no worker runs, the SDK's poll of a pending request is held for
     ``long_poll_seconds`` each time (a handful of polls, not a storm), and the result arrives
     promptly once a worker completes it; an unknown request id is 404."""
     with api_only(tmp_path, long_poll_seconds=2.0) as server:
-        sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        sc = open_service_client(server.url, API_KEY)
         with worker_thread(server.settings):
             tc = sc.create_lora_training_client(BASE, rank=4, seed=3).result(timeout=120)
             expected = logprobs(tc)
@@ -211,9 +218,11 @@ def test_a_request_waiting_for_the_worker_is_long_polled(tmp_path: Path) -> None
         sc.holder.close()
 
 
-def test_an_unseeded_run_is_recreated_identically_and_load_state_survives(tmp_path: Path) -> None:
+def test_an_unseeded_run_is_recreated_identically_and_load_state_survives(
+    tmp_path: Path, open_service_client: Callable[..., Any]
+) -> None:
     with api_only(tmp_path) as server:
-        sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        sc = open_service_client(server.url, API_KEY)
         with worker_thread(server.settings):
             fresh = sc.create_lora_training_client(BASE, rank=4).result(timeout=120)
             before = logprobs(fresh)
@@ -235,13 +244,15 @@ def test_an_unseeded_run_is_recreated_identically_and_load_state_survives(tmp_pa
         sc.holder.close()
 
 
-def test_fail_running_fails_only_running_requests(tmp_path: Path) -> None:
+def test_fail_running_fails_only_running_requests(
+    tmp_path: Path, open_service_client: Callable[..., Any]
+) -> None:
     with api_only(tmp_path) as server:
-        sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        sc = open_service_client(server.url, API_KEY)
         queue = WorkQueue(Database(server.settings.database_url))
         future = sc.create_lora_training_client(BASE, rank=4, seed=0)
         (claimed,) = claim_when_submitted(queue, limit=1)
-        waiting = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        waiting = open_service_client(server.url, API_KEY)
         other = waiting.create_lora_training_client(BASE, rank=4, seed=0)
         deadline = time.monotonic() + 60
         while len(futures_by_id(queue)) < 2:

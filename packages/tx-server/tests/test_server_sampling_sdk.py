@@ -8,7 +8,8 @@ worker in a thread. The oracle for sampled logprobs is the trainer's own ``forwa
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,8 +36,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         yield server
 
 
-def _service(server: RunningServer) -> tinker.ServiceClient:
-    return tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+def _service(
+    open_service_client: Callable[..., Any], server: RunningServer
+) -> tinker.ServiceClient:
+    """An SDK client of ``server``, finished by the fixture when the test ends."""
+    client: tinker.ServiceClient = open_service_client(server.url, API_KEY)
+    return client
 
 
 def _datum(tokens: list[int]) -> types.Datum:
@@ -67,8 +72,10 @@ def _sample(
     return client.sample(prompt=PROMPT, num_samples=n, sampling_params=params).result(timeout=120)
 
 
-def test_snapshot_sampler_returns_wellformed_sequences(live: RunningServer) -> None:
-    sc = _service(live)
+def test_snapshot_sampler_returns_wellformed_sequences(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = _service(open_service_client, live)
     tc = sc.create_lora_training_client(BASE, rank=8, seed=1).result(timeout=120)
     sampling = tc.save_weights_and_get_sampling_client().result(timeout=120)
     params = types.SamplingParams(max_tokens=8, temperature=0.0)
@@ -85,11 +92,12 @@ def test_snapshot_sampler_returns_wellformed_sequences(live: RunningServer) -> N
     ids = {seq.sequence_id for seq in resp.sequences}
     assert len(ids) == 2
     assert None not in ids
-    sc.holder.close()
 
 
-def test_memorised_sequence_is_sampled_and_snapshot_stays_frozen(live: RunningServer) -> None:
-    sc = _service(live)
+def test_memorised_sequence_is_sampled_and_snapshot_stays_frozen(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = _service(open_service_client, live)
     tc = sc.create_lora_training_client(BASE, rank=16, seed=2).result(timeout=120)
     for _ in range(6):  # until every target token has p > 0.6, so it is the argmax
         _train(tc, TOKENS, steps=10, lr=5e-3)
@@ -116,11 +124,12 @@ def test_memorised_sequence_is_sampled_and_snapshot_stays_frozen(live: RunningSe
     seq = _sample(reopened, params).sequences[0]
     expected = _forward_logprobs(tc, TOKENS[:3] + list(seq.tokens))[-4:]
     np.testing.assert_allclose(seq.logprobs, expected, atol=1e-4)
-    sc.holder.close()
 
 
-def test_sampled_and_prompt_logprobs_match_forward(live: RunningServer) -> None:
-    sc = _service(live)
+def test_sampled_and_prompt_logprobs_match_forward(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = _service(open_service_client, live)
     tc = sc.create_lora_training_client(BASE, rank=8, seed=3).result(timeout=120)
     _train(tc, TOKENS, steps=3, lr=1e-2)
     sampling = tc.save_weights_and_get_sampling_client().result(timeout=120)
@@ -136,11 +145,12 @@ def test_sampled_and_prompt_logprobs_match_forward(live: RunningServer) -> None:
     assert len(scored) == len(TOKENS)
     reference = _forward_logprobs(tc, TOKENS)
     np.testing.assert_allclose(np.asarray(scored[1:], np.float64), reference, atol=1e-4)
-    sc.holder.close()
 
 
-def test_base_model_sampler_equals_fresh_adapter(live: RunningServer) -> None:
-    sc = _service(live)
+def test_base_model_sampler_equals_fresh_adapter(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = _service(open_service_client, live)
     base = sc.create_sampling_client(base_model=BASE).result(timeout=120)
     assert base.get_base_model() == BASE
     fresh = sc.create_lora_training_client(BASE, rank=4, seed=4).result(timeout=120)
@@ -150,11 +160,12 @@ def test_base_model_sampler_equals_fresh_adapter(live: RunningServer) -> None:
     # A new LoRA adapter starts with B = 0: it is the base model, scored by forward.
     expected = _forward_logprobs(fresh, TOKENS[:3] + list(seq.tokens))[-5:]
     np.testing.assert_allclose(seq.logprobs, expected, atol=1e-4)
-    sc.holder.close()
 
 
-def test_bad_sample_requests_fail_as_user_errors(live: RunningServer) -> None:
-    sc = _service(live)
+def test_bad_sample_requests_fail_as_user_errors(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = _service(open_service_client, live)
     base = sc.create_sampling_client(base_model=BASE).result(timeout=120)
     vocab = json.loads((resolve_model_dir(BASE) / "config.json").read_text())["vocab_size"]
     cold = types.SamplingParams(max_tokens=4, temperature=-1.0)
@@ -176,13 +187,18 @@ def test_bad_sample_requests_fail_as_user_errors(live: RunningServer) -> None:
     assert bad_targets.value.category == types.RequestErrorCategory.User
     assert "target_prompt_logprobs" in bad_targets.value.message
     assert len(_sample(base, GREEDY).sequences[0].tokens) == len(TOKENS) - 3  # still serving
-    sc.holder.close()
 
 
-def test_sample_and_prompt_scores_of_every_kind(live: RunningServer) -> None:
+def test_sample_and_prompt_scores_of_every_kind(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
     """topk_sample_logprobs, target_prompt_logprobs (dense and CSR), prompt_alt_tokens_k and
     prompt_logprobs_last_n, each checked against the prompt logprobs of the same call."""
-    sampler = _service(live).create_sampling_client(base_model=BASE).result(timeout=120)
+    sampler = (
+        _service(open_service_client, live)
+        .create_sampling_client(base_model=BASE)
+        .result(timeout=120)
+    )
     prompt = types.ModelInput.from_ints(TOKENS[:8])
     n = len(TOKENS[:8])
     params = types.SamplingParams(max_tokens=5, temperature=1.0, seed=3, stop=[])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tinker
@@ -58,8 +60,10 @@ def test_service_client_bootstraps_heartbeats_and_finishes(server: RunningServer
     assert info.value.status_code == 410
 
 
-def test_close_with_error_status_is_recorded_first_wins(server: RunningServer) -> None:
-    sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+def test_close_with_error_status_is_recorded_first_wins(
+    server: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = open_service_client(server.url, API_KEY)
     session_id = sc.holder.get_session_id()
     sc.close("errored", "boom").result(timeout=30)
     row = _session_row(server, session_id)

@@ -36,6 +36,16 @@ def test_environment_with_nested_engine_settings(monkeypatch: pytest.MonkeyPatch
     assert "tml-a" not in repr(s)  # keys are secrets
 
 
+def test_compilation_cache_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path moves the cache; an empty value turns it off (it used to mean the current dir)."""
+    monkeypatch.delenv("TX_COMPILATION_CACHE_DIR", raising=False)
+    assert Settings().compilation_cache_dir == default_data_dir() / "jax-cache"
+    monkeypatch.setenv("TX_COMPILATION_CACHE_DIR", "/tmp/tx-cache")
+    assert Settings().compilation_cache_dir == Path("/tmp/tx-cache")
+    monkeypatch.setenv("TX_COMPILATION_CACHE_DIR", "")
+    assert Settings().compilation_cache_dir is None
+
+
 def test_bad_values_name_the_field() -> None:
     with pytest.raises(ValidationError, match="database_url"):
         Settings(database_url="mysql://x")

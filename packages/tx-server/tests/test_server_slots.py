@@ -8,9 +8,10 @@ queue it (a barrier ``unload_model`` row of the model), since the route only ack
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -44,8 +45,10 @@ def finish(server: RunningServer, sc: tinker.ServiceClient, *runs: tinker.Traini
         wait_for_slot(server, tc.model_id, None)
 
 
-def service(server: RunningServer) -> tinker.ServiceClient:
-    return tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+def service(open_service_client: Callable[..., Any], server: RunningServer) -> tinker.ServiceClient:
+    """An SDK client of ``server``, finished by the fixture if the test does not get to it."""
+    client: tinker.ServiceClient = open_service_client(server.url, API_KEY)
+    return client
 
 
 def datum() -> types.Datum:
@@ -114,9 +117,9 @@ def expect_user_error(future: object, *words: str) -> None:
 
 
 def test_unload_frees_the_slot_and_later_requests_fail_as_user_errors(
-    live: RunningServer,
+    live: RunningServer, open_service_client: Callable[..., Any]
 ) -> None:
-    sc = service(live)
+    sc = service(open_service_client, live)
     first, second = create(sc), create(sc)
     expect_user_error(
         sc.create_lora_training_client(BASE, rank=4), "max_lora_adapters=2", "live training"
@@ -132,8 +135,10 @@ def test_unload_frees_the_slot_and_later_requests_fail_as_user_errors(
     finish(live, sc, second, third)
 
 
-def test_finishing_a_session_frees_its_runs_slots(live: RunningServer) -> None:
-    ending, staying = service(live), service(live)
+def test_finishing_a_session_frees_its_runs_slots(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    ending, staying = service(open_service_client, live), service(open_service_client, live)
     gone = [create(ending), create(ending)]
     expect_user_error(staying.create_lora_training_client(BASE, rank=4), "max_lora_adapters")
     ending.close("success").result(timeout=60)
@@ -171,9 +176,9 @@ def optim_step_outcome(server: RunningServer, model_id: str) -> dict[str, str]:
 
 
 def test_sampler_slots_are_evicted_for_training_and_reloaded_from_disk(
-    live: RunningServer,
+    live: RunningServer, open_service_client: Callable[..., Any]
 ) -> None:
-    sc = service(live)
+    sc = service(open_service_client, live)
     tc = create(sc)
     path = tc.save_weights_for_sampler("snap").result(timeout=120).path
     sampler = sc.create_sampling_client(model_path=path).result(timeout=120)

@@ -8,7 +8,8 @@ mode is covered in ``test_server_training_process.py``); everything else is real
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -42,8 +43,12 @@ def _datum(tokens: list[int] = TOKENS, weights: list[float] | None = None) -> ty
     )
 
 
-def _service(server: RunningServer) -> tinker.ServiceClient:
-    return tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+def _service(
+    open_service_client: Callable[..., Any], server: RunningServer
+) -> tinker.ServiceClient:
+    """An SDK client of ``server``, finished by the fixture when the test ends."""
+    client: tinker.ServiceClient = open_service_client(server.url, API_KEY)
+    return client
 
 
 def _logprobs(out: types.ForwardBackwardOutput) -> list[np.ndarray]:
@@ -56,8 +61,10 @@ def _step(tc: tinker.TrainingClient, lr: float = 2e-2) -> float:
     return float(out.metrics["loss:sum"])
 
 
-def test_sft_loss_falls_and_outputs_are_consistent(live: RunningServer) -> None:
-    sc = _service(live)
+def test_sft_loss_falls_and_outputs_are_consistent(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = _service(open_service_client, live)
     tc = sc.create_lora_training_client(BASE, rank=8, seed=1).result(timeout=120)
     assert tc.model_id == f"{sc.holder.get_session_id()}:train:0"
     info = tc.get_info()
@@ -77,11 +84,12 @@ def test_sft_loss_falls_and_outputs_are_consistent(live: RunningServer) -> None:
     tc.optim_step(types.AdamParams(learning_rate=2e-2)).result(timeout=120)
     losses = [_step(tc) for _ in range(15)]
     assert losses[-1] < 0.5 * losses[0], losses
-    sc.holder.close()
 
 
-def test_pipelined_steps_match_sequential(live: RunningServer) -> None:
-    sc = _service(live)
+def test_pipelined_steps_match_sequential(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = _service(open_service_client, live)
     seq = sc.create_lora_training_client(BASE, rank=8, seed=7).result(timeout=120)
     pipe = sc.create_lora_training_client(BASE, rank=8, seed=7).result(timeout=120)
     assert pipe.model_id.endswith(":train:1")
@@ -95,11 +103,12 @@ def test_pipelined_steps_match_sequential(live: RunningServer) -> None:
         f.result(timeout=120)
     final = [tc.forward([_datum()], "cross_entropy").result(timeout=120) for tc in (seq, pipe)]
     assert final[0].metrics["loss:sum"] == pytest.approx(final[1].metrics["loss:sum"], rel=1e-5)
-    sc.holder.close()
 
 
-def test_save_state_restores_weights_and_optimizer(live: RunningServer) -> None:
-    sc = _service(live)
+def test_save_state_restores_weights_and_optimizer(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = _service(open_service_client, live)
     tc = sc.create_lora_training_client(BASE, rank=4, seed=3, user_metadata={"k": "v"}).result(
         timeout=120
     )
@@ -145,11 +154,12 @@ def test_save_state_restores_weights_and_optimizer(live: RunningServer) -> None:
     rest.delete_checkpoint_from_tinker_path(path).result(timeout=30)
     listed = rest.list_checkpoints(tc.model_id).result(timeout=30).checkpoints
     assert [c.checkpoint_id for c in listed] == ["sampler_weights/s1"]
-    sc.holder.close()
 
 
-def test_bad_requests_fail_as_user_errors_and_server_keeps_serving(live: RunningServer) -> None:
-    sc = _service(live)
+def test_bad_requests_fail_as_user_errors_and_server_keeps_serving(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = _service(open_service_client, live)
     for kwargs in ({"base_model": "no/such-model", "rank": 8}, {"base_model": BASE, "rank": 32}):
         with pytest.raises(tinker.RequestFailedError) as err:
             sc.create_lora_training_client(**kwargs).result(timeout=120)
@@ -167,11 +177,12 @@ def test_bad_requests_fail_as_user_errors_and_server_keeps_serving(live: Running
     assert "weights" in str(bad_shape.value)
     ok = tc.forward_backward([_datum()], "cross_entropy").result(timeout=120)
     assert ok.metrics["loss:sum"] > 0
-    sc.holder.close()
 
 
-def test_other_tenants_model_is_not_found(live: RunningServer) -> None:
-    sc = _service(live)
+def test_other_tenants_model_is_not_found(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    sc = _service(open_service_client, live)
     tc = sc.create_lora_training_client(BASE, rank=2, seed=0).result(timeout=120)
     other = {"X-API-Key": "tml-someone-else-entirely-0002"}
     response = httpx.post(
@@ -184,7 +195,6 @@ def test_other_tenants_model_is_not_found(live: RunningServer) -> None:
         headers={"X-API-Key": API_KEY},
     )
     assert mine.json()["model_data"]["tokenizer_id"] == BASE
-    sc.holder.close()
 
 
 def test_undecodable_forward_backward_is_a_user_failure(live: RunningServer) -> None:
@@ -203,11 +213,13 @@ def test_undecodable_forward_backward_is_a_user_failure(live: RunningServer) -> 
     assert "decoded" in res.json()["error"]
 
 
-def test_zstd_forward_body_is_accepted(live: RunningServer) -> None:
+def test_zstd_forward_body_is_accepted(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
     from tx_types import Datum, ForwardBackwardInput, ModelInput, TensorData
     from tx_types.proto import decode_forward_backward_output, encode_forward_backward_request
 
-    sc = _service(live)
+    sc = _service(open_service_client, live)
     tc = sc.create_lora_training_client(BASE, rank=2, seed=0).result(timeout=120)
     expected = tc.forward([_datum()], "cross_entropy").result(timeout=120)
     datum = Datum(
@@ -236,4 +248,3 @@ def test_zstd_forward_body_is_accepted(live: RunningServer) -> None:
     np.testing.assert_allclose(
         out.loss_fn_outputs[0]["logprobs"].data, _logprobs(expected)[0], rtol=1e-6
     )
-    sc.holder.close()
