@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     compilation_cache_dir: Path | None = Field(
         default_factory=lambda: default_data_dir() / "jax-cache",
         description="The worker's persistent XLA compilation cache (a restart skips compiling "
-        "what it compiled before); None disables it.",
+        "what it compiled before); None (or an empty TX_COMPILATION_CACHE_DIR) disables it.",
     )
     api_keys: list[SecretStr] = Field(
         default_factory=list,
@@ -138,6 +138,12 @@ class Settings(BaseSettings):
     log_level: str = "info"
     engine: EngineSettings = Field(default_factory=EngineSettings)
     client: ClientFlags = Field(default_factory=ClientFlags)
+
+    @field_validator("compilation_cache_dir", mode="before")
+    @classmethod
+    def _empty_means_off(cls, value: Any) -> Any:
+        # An empty environment value would otherwise become Path("."): the current directory.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("database_url")
     @classmethod
