@@ -113,3 +113,28 @@ def test_single_row_budget_serves_requests_one_after_another(
     assert got.prompt_logprobs is not None
     assert ref.prompt_logprobs is not None
     np.testing.assert_allclose(got.prompt_logprobs[1:], ref.prompt_logprobs[1:], atol=1e-6)  # type: ignore[arg-type]
+
+
+def test_requests_with_one_prompt_share_a_prefill(engine: TrainingEngine, alone: Sampler) -> None:
+    # An RL group as the cookbook sends it: one request per rollout, same prompt and adapter.
+    group = [
+        SampleRequestArrays(PROMPT, max_tokens=4 + s, seed=s, stop=[], adapter=1) for s in range(4)
+    ]
+    base = SampleRequestArrays(PROMPT, max_tokens=5, seed=7, stop=[])  # other weights
+    scored = SampleRequestArrays(  # owes prompt scores: keeps its own prefill row
+        PROMPT, max_tokens=5, seed=8, stop=[], adapter=1, prompt_logprobs=True
+    )
+    shared = Sampler(engine, max_cache_tokens=1024, max_batch=8)
+    got = shared.sample([*group, base, scored])
+    assert shared.prefilled_prompts == 3
+    for req, res in zip([*group, base, scored], got, strict=True):
+        ref = alone.sample([req])[0]
+        (a,), (b,) = res.sequences, ref.sequences
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    assert got[-1].prompt_logprobs is not None
+    np.testing.assert_allclose(
+        got[-1].prompt_logprobs[1:],  # type: ignore[arg-type]
+        alone.sample([scored])[0].prompt_logprobs[1:],  # type: ignore[index]
+        atol=1e-6,
+    )

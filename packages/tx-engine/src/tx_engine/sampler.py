@@ -14,8 +14,10 @@ How a call is run:
    request does not shrink everyone's batch); a run has ``B`` decode rows with
    ``B × S <= max_cache_tokens`` and ``B <= max_batch``.
 3. Each run is **continuously batched** (:mod:`tx_engine.sampling.continuous`): waiting
-   samples are prefilled into rows as soon as rows finish (each request prefilled once per
-   admission and copied to its samples), so a short row never waits for the longest one.
+   samples are prefilled into rows as soon as rows finish, so a short row never waits for the
+   longest one. A prompt is prefilled once per admission and its KV rows copied to every
+   sample: the samples of one request, and those of other requests with the same prompt and
+   adapter (an RL group sent as one request per rollout).
 4. Shapes are bucketed so warm-up covers everything: ``B``, admission rows and top-k sizes to
    powers of two, prompt length to a power of two ≥ ``min_prompt_bucket``, ``S`` to the power
    of two ≥ ``T + max_new - 1``. max_tokens, temperature, top-k, top-p, seeds, positions and
@@ -125,8 +127,9 @@ class Sampler:
     ``max_cache_tokens``: KV-cache budget in token slots (rows × cache length) of one run;
     this bounds sampler memory. ``decode_fn``: token ids → text, needed for stop strings.
     ``eos_token_ids``: default stop set; None reads ``config.json`` and
-    ``generation_config.json`` of the engine's model directory. ``decode_steps`` and
-    ``cache_shifts`` count the decode steps and cache shifts dispatched so far (all calls).
+    ``generation_config.json`` of the engine's model directory. ``decode_steps``,
+    ``cache_shifts`` and ``prefilled_prompts`` count the decode steps, cache shifts and
+    prompts prefilled so far (all calls).
     """
 
     def __init__(
@@ -153,7 +156,7 @@ class Sampler:
         self.max_cache_tokens = max_cache_tokens
         self.min_prompt_bucket = min_prompt_bucket
         self.decode_fn = decode_fn
-        self.decode_steps = self.cache_shifts = 0
+        self.decode_steps = self.cache_shifts = self.prefilled_prompts = 0
         hf = engine.model_config.hf_config
         context = int(hf.get("max_position_embeddings") or max_cache_tokens)
         self.max_sequence_tokens = min(context, max_cache_tokens)
@@ -187,6 +190,7 @@ class Sampler:
             run.run()
             self.decode_steps += run.decode_steps
             self.cache_shifts += run.cache_shifts
+            self.prefilled_prompts += run.prefilled_prompts
         results = [_result(job, req) for job, req in zip(jobs, requests, strict=True)]
         for row in all_rows:
             assert row.state.stop_reason is not None

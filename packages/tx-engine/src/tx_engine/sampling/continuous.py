@@ -116,7 +116,7 @@ class ContinuousRun:
         self.sent = [0] * batch  # tokens dispatched for the row's current owner
         self.start = [0] * batch  # the owner's first prompt slot
         self.index = 0  # host mirror of the cache's shared write index
-        self.decode_steps = self.cache_shifts = 0
+        self.decode_steps = self.cache_shifts = self.prefilled_prompts = 0
         e = engine
         # One LoRA rank bucket for the whole run (the largest rank among its jobs' adapters):
         # rank-8 tenants decode at rank 8, and admitting a job never switches programs.
@@ -192,11 +192,13 @@ class ContinuousRun:
             self.cache_shifts += 1
             for b in live:
                 self.start[b] -= delta
-        order = list(dict.fromkeys(r.job for r in chosen))
+        first: dict[tuple[Any, ...], int] = {}
+        serves = [first.setdefault(self._prefill_key(r.job), r.job) for r in chosen]
+        order = list(dict.fromkeys(serves))  # the jobs whose prompts are prefilled
         n_p, n_r = pow2(len(order)), pow2(len(chosen))
         src, dst = np.zeros(n_r, np.int32), np.full(n_r, self.batch, np.int32)
         for r, (row, b) in enumerate(zip(chosen, free, strict=False)):
-            src[r], dst[r] = order.index(row.job), b
+            src[r], dst[r] = order.index(serves[r]), b
             self.owner[b], self.sent[b] = row, 1
             self.start[b] = self.index - len(self.jobs[row.job].prompt)
         scoring, targets, alt, scored = self._scoring(order, n_p, t)
@@ -206,12 +208,27 @@ class ContinuousRun:
             jnp.asarray(self.index, jnp.int32), self.cache, targets, alt,
             scoring=scoring, sample_topk=self.sample_topk,
         )  # fmt: skip
+        self.prefilled_prompts += len(order)
         self.cache, self.tokens = out.cache, out.next_tokens_b
         arrays = (out.tokens_r, out.logprobs_r, out.topk_ids_rk, out.topk_logprobs_rk)
         scores = out.scores if scored else None
         pending.append(_Pending(arrays, list(enumerate(chosen)), scores, scored, t))
         self._refresh_rows()
         return True
+
+    def _prefill_key(self, ji: int) -> tuple[Any, ...]:
+        """Jobs with equal keys share one prefill row in an admission.
+
+        An RL group arrives as separate requests with one prompt (the cookbook samples each
+        rollout of a group with its own ``sample`` call), so the same prompt on the same
+        adapter is prefilled once and its KV rows copied to every sample, as for
+        ``num_samples``. A job that still owes prompt scores keeps its own row: scores and
+        their inputs (targets, alt draws) are laid out per prefill row.
+        """
+        job = self.jobs[ji]
+        if job.scoring.any and not job.scores_sent:
+            return ("job", ji)
+        return ("prompt", job.slot, job.prompt.tobytes())
 
     def _prompts(self, order: list[int], n_p: int, t: int) -> tuple[np.ndarray, ...]:
         """Left-padded ``[P, T]`` tokens, positions, mask and ``[P]`` adapters."""
