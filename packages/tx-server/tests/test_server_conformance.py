@@ -11,7 +11,6 @@ asks for one-datum chunks, chunk order and the optimizer barrier (§10.5).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import httpx
 import numpy as np
@@ -57,14 +56,6 @@ def _step(tc: tinker.TrainingClient, lr: float = 2e-2) -> None:
     tc.optim_step(types.AdamParams(learning_rate=lr)).result(timeout=TIMEOUT)
 
 
-def _service(
-    open_service_client: Callable[..., Any], server: RunningServer
-) -> tinker.ServiceClient:
-    """An SDK client of ``server``, finished by the fixture when the test ends."""
-    client: tinker.ServiceClient = open_service_client(server.url, API_KEY)
-    return client
-
-
 def _raw_fwdbwd_body(model_id: str, seq_id: int) -> bytes:
     datum = tx_types.Datum(
         model_input=tx_types.ModelInput.from_ints(TOKENS[:-1]),
@@ -75,10 +66,10 @@ def _raw_fwdbwd_body(model_id: str, seq_id: int) -> bytes:
 
 
 def test_resubmitted_body_returns_the_original_request_and_runs_once(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
     """§10.6: a re-POST with the same (model_id, seq_id) is the same request, executed once."""
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     once, twice = (
         sc.create_lora_training_client(BASE, rank=4, seed=11).result(timeout=TIMEOUT)
         for _ in range(2)
@@ -100,10 +91,10 @@ def test_resubmitted_body_returns_the_original_request_and_runs_once(
 
 @pytest.mark.filterwarnings("ignore:DEPRECATED. TrainingClient.load_state:FutureWarning")
 def test_internal_fault_is_a_server_error_and_the_server_keeps_serving(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
     """§10.8: a checkpoint damaged on disk behind the server's back is a ``server`` failure."""
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     tc = sc.create_lora_training_client(BASE, rank=4, seed=5).result(timeout=TIMEOUT)
     _step(tc)
     path = tc.save_state("to-break").result(timeout=TIMEOUT).path
@@ -120,10 +111,10 @@ def test_internal_fault_is_a_server_error_and_the_server_keeps_serving(
 
 
 def test_weights_only_restore_resets_the_optimizer_moments(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
     """§10.9: ``create_training_client_from_state`` keeps weights but starts fresh moments."""
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     src = sc.create_lora_training_client(BASE, rank=4, seed=8).result(timeout=TIMEOUT)
     for _ in range(3):
         _step(src)
@@ -141,10 +132,10 @@ def test_weights_only_restore_resets_the_optimizer_moments(
 
 
 def test_rest_pagination_and_lookup_by_path(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
     """§10.14: ``cursor.total_count`` with offset/limit, and run lookup by tinker path."""
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     made = [
         sc.create_lora_training_client(BASE, rank=2, seed=i, user_metadata={"i": str(i)})
         .result(timeout=TIMEOUT)
@@ -168,10 +159,10 @@ def test_rest_pagination_and_lookup_by_path(
 
 
 def test_context_manager_finishes_the_session(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
     """§10.15: leaving ``with ServiceClient()`` calls ``/finish``; later heartbeats get 410."""
-    with _service(open_service_client, live) as sc:
+    with sdk_service(live) as sc:
         tc = sc.create_lora_training_client(BASE, rank=2, seed=1).result(timeout=TIMEOUT)
         session_id = sc.holder.get_session_id()
         _step(tc)
@@ -209,10 +200,10 @@ def _varied_data() -> list[types.Datum]:
 
 
 def test_chunked_batch_keeps_order_and_steps_after_all_chunks(
-    chunked: RunningServer, open_service_client: Callable[..., Any]
+    chunked: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
     """§10.5: 4 one-datum chunks + an immediate optim_step == the same work done unchunked."""
-    sc = _service(open_service_client, chunked)
+    sc = sdk_service(chunked)
     piped, reference = (
         sc.create_lora_training_client(BASE, rank=4, seed=21).result(timeout=TIMEOUT)
         for _ in range(2)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import tinker
 from tinker import types
 
 from tx_server.settings import EngineSettings
-from tx_server.testing import API_KEY, RunningServer, run_hub_model_server
+from tx_server.testing import RunningServer, run_hub_model_server
 from tx_server.worker.engines import resolve_model_dir
 
 BASE = "Qwen/Qwen3-8B"
@@ -34,14 +33,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     root = tmp_path_factory.mktemp("sampling")
     with run_hub_model_server(root, base_models=[BASE], engine=engine) as server:
         yield server
-
-
-def _service(
-    open_service_client: Callable[..., Any], server: RunningServer
-) -> tinker.ServiceClient:
-    """An SDK client of ``server``, finished by the fixture when the test ends."""
-    client: tinker.ServiceClient = open_service_client(server.url, API_KEY)
-    return client
 
 
 def _datum(tokens: list[int]) -> types.Datum:
@@ -73,9 +64,9 @@ def _sample(
 
 
 def test_snapshot_sampler_returns_wellformed_sequences(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     tc = sc.create_lora_training_client(BASE, rank=8, seed=1).result(timeout=120)
     sampling = tc.save_weights_and_get_sampling_client().result(timeout=120)
     params = types.SamplingParams(max_tokens=8, temperature=0.0)
@@ -95,9 +86,9 @@ def test_snapshot_sampler_returns_wellformed_sequences(
 
 
 def test_memorised_sequence_is_sampled_and_snapshot_stays_frozen(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     tc = sc.create_lora_training_client(BASE, rank=16, seed=2).result(timeout=120)
     for _ in range(6):  # until every target token has p > 0.6, so it is the argmax
         _train(tc, TOKENS, steps=10, lr=5e-3)
@@ -127,9 +118,9 @@ def test_memorised_sequence_is_sampled_and_snapshot_stays_frozen(
 
 
 def test_sampled_and_prompt_logprobs_match_forward(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     tc = sc.create_lora_training_client(BASE, rank=8, seed=3).result(timeout=120)
     _train(tc, TOKENS, steps=3, lr=1e-2)
     sampling = tc.save_weights_and_get_sampling_client().result(timeout=120)
@@ -148,9 +139,9 @@ def test_sampled_and_prompt_logprobs_match_forward(
 
 
 def test_base_model_sampler_equals_fresh_adapter(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     base = sc.create_sampling_client(base_model=BASE).result(timeout=120)
     assert base.get_base_model() == BASE
     fresh = sc.create_lora_training_client(BASE, rank=4, seed=4).result(timeout=120)
@@ -163,9 +154,9 @@ def test_base_model_sampler_equals_fresh_adapter(
 
 
 def test_bad_sample_requests_fail_as_user_errors(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     base = sc.create_sampling_client(base_model=BASE).result(timeout=120)
     vocab = json.loads((resolve_model_dir(BASE) / "config.json").read_text())["vocab_size"]
     cold = types.SamplingParams(max_tokens=4, temperature=-1.0)
@@ -190,15 +181,11 @@ def test_bad_sample_requests_fail_as_user_errors(
 
 
 def test_sample_and_prompt_scores_of_every_kind(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
     """topk_sample_logprobs, target_prompt_logprobs (dense and CSR), prompt_alt_tokens_k and
     prompt_logprobs_last_n, each checked against the prompt logprobs of the same call."""
-    sampler = (
-        _service(open_service_client, live)
-        .create_sampling_client(base_model=BASE)
-        .result(timeout=120)
-    )
+    sampler = sdk_service(live).create_sampling_client(base_model=BASE).result(timeout=120)
     prompt = types.ModelInput.from_ints(TOKENS[:8])
     n = len(TOKENS[:8])
     params = types.SamplingParams(max_tokens=5, temperature=1.0, seed=3, stop=[])

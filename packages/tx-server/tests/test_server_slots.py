@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -43,12 +42,6 @@ def finish(server: RunningServer, sc: tinker.ServiceClient, *runs: tinker.Traini
     sc.close("success").result(timeout=60)
     for tc in runs:
         wait_for_slot(server, tc.model_id, None)
-
-
-def service(open_service_client: Callable[..., Any], server: RunningServer) -> tinker.ServiceClient:
-    """An SDK client of ``server``, finished by the fixture if the test does not get to it."""
-    client: tinker.ServiceClient = open_service_client(server.url, API_KEY)
-    return client
 
 
 def datum() -> types.Datum:
@@ -117,9 +110,9 @@ def expect_user_error(future: object, *words: str) -> None:
 
 
 def test_unload_frees_the_slot_and_later_requests_fail_as_user_errors(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
-    sc = service(open_service_client, live)
+    sc = sdk_service(live)
     first, second = create(sc), create(sc)
     expect_user_error(
         sc.create_lora_training_client(BASE, rank=4), "max_lora_adapters=2", "live training"
@@ -136,9 +129,9 @@ def test_unload_frees_the_slot_and_later_requests_fail_as_user_errors(
 
 
 def test_finishing_a_session_frees_its_runs_slots(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
-    ending, staying = service(open_service_client, live), service(open_service_client, live)
+    ending, staying = sdk_service(live), sdk_service(live)
     gone = [create(ending), create(ending)]
     expect_user_error(staying.create_lora_training_client(BASE, rank=4), "max_lora_adapters")
     ending.close("success").result(timeout=60)
@@ -176,9 +169,9 @@ def optim_step_outcome(server: RunningServer, model_id: str) -> dict[str, str]:
 
 
 def test_sampler_slots_are_evicted_for_training_and_reloaded_from_disk(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
-    sc = service(open_service_client, live)
+    sc = sdk_service(live)
     tc = create(sc)
     path = tc.save_weights_for_sampler("snap").result(timeout=120).path
     sampler = sc.create_sampling_client(model_path=path).result(timeout=120)

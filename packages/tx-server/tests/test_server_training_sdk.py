@@ -9,7 +9,6 @@ mode is covered in ``test_server_training_process.py``); everything else is real
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import httpx
 import numpy as np
@@ -43,14 +42,6 @@ def _datum(tokens: list[int] = TOKENS, weights: list[float] | None = None) -> ty
     )
 
 
-def _service(
-    open_service_client: Callable[..., Any], server: RunningServer
-) -> tinker.ServiceClient:
-    """An SDK client of ``server``, finished by the fixture when the test ends."""
-    client: tinker.ServiceClient = open_service_client(server.url, API_KEY)
-    return client
-
-
 def _logprobs(out: types.ForwardBackwardOutput) -> list[np.ndarray]:
     return [np.asarray(o["logprobs"].data, np.float64) for o in out.loss_fn_outputs]
 
@@ -62,9 +53,9 @@ def _step(tc: tinker.TrainingClient, lr: float = 2e-2) -> float:
 
 
 def test_sft_loss_falls_and_outputs_are_consistent(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     tc = sc.create_lora_training_client(BASE, rank=8, seed=1).result(timeout=120)
     assert tc.model_id == f"{sc.holder.get_session_id()}:train:0"
     info = tc.get_info()
@@ -87,9 +78,9 @@ def test_sft_loss_falls_and_outputs_are_consistent(
 
 
 def test_pipelined_steps_match_sequential(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     seq = sc.create_lora_training_client(BASE, rank=8, seed=7).result(timeout=120)
     pipe = sc.create_lora_training_client(BASE, rank=8, seed=7).result(timeout=120)
     assert pipe.model_id.endswith(":train:1")
@@ -106,9 +97,9 @@ def test_pipelined_steps_match_sequential(
 
 
 def test_save_state_restores_weights_and_optimizer(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     tc = sc.create_lora_training_client(BASE, rank=4, seed=3, user_metadata={"k": "v"}).result(
         timeout=120
     )
@@ -157,9 +148,9 @@ def test_save_state_restores_weights_and_optimizer(
 
 
 def test_bad_requests_fail_as_user_errors_and_server_keeps_serving(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     for kwargs in ({"base_model": "no/such-model", "rank": 8}, {"base_model": BASE, "rank": 32}):
         with pytest.raises(tinker.RequestFailedError) as err:
             sc.create_lora_training_client(**kwargs).result(timeout=120)
@@ -180,9 +171,9 @@ def test_bad_requests_fail_as_user_errors_and_server_keeps_serving(
 
 
 def test_other_tenants_model_is_not_found(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     tc = sc.create_lora_training_client(BASE, rank=2, seed=0).result(timeout=120)
     other = {"X-API-Key": "tml-someone-else-entirely-0002"}
     response = httpx.post(
@@ -214,12 +205,12 @@ def test_undecodable_forward_backward_is_a_user_failure(live: RunningServer) -> 
 
 
 def test_zstd_forward_body_is_accepted(
-    live: RunningServer, open_service_client: Callable[..., Any]
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
     from tx_types import Datum, ForwardBackwardInput, ModelInput, TensorData
     from tx_types.proto import decode_forward_backward_output, encode_forward_backward_request
 
-    sc = _service(open_service_client, live)
+    sc = sdk_service(live)
     tc = sc.create_lora_training_client(BASE, rank=2, seed=0).result(timeout=120)
     expected = tc.forward([_datum()], "cross_entropy").result(timeout=120)
     datum = Datum(

@@ -19,6 +19,8 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tx_engine.compile_cache import cache_dir_from, default_cache_dir
+
 __all__ = ["ClientFlags", "EngineSettings", "Settings", "default_data_dir"]
 
 
@@ -91,7 +93,7 @@ class Settings(BaseSettings):
     )
     checkpoint_root: Path = Field(default_factory=lambda: default_data_dir() / "checkpoints")
     compilation_cache_dir: Path | None = Field(
-        default_factory=lambda: default_data_dir() / "jax-cache",
+        default_factory=default_cache_dir,
         description="The worker's persistent XLA compilation cache (a restart skips compiling "
         "what it compiled before); None (or an empty TX_COMPILATION_CACHE_DIR) disables it.",
     )
@@ -143,7 +145,8 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_means_off(cls, value: Any) -> Any:
         # An empty environment value would otherwise become Path("."): the current directory.
-        return None if isinstance(value, str) and not value.strip() else value
+        # Only strings: an explicit None (tests, `tx serve` flags) already means off.
+        return cache_dir_from(value) if isinstance(value, str) else value
 
     @field_validator("database_url")
     @classmethod

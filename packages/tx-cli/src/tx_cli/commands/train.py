@@ -19,6 +19,8 @@ from typing import Annotated, Any
 
 import typer
 
+from tx_engine.compile_cache import cache_dir_from, enable_compilation_cache
+
 DEFAULT_OPTIMIZER_ARGS = '{"learning_rate": 1e-5, "weight_decay": 0.1}'
 MAX_LENGTH = 2048  # longest training sequence in tokens; longer ones are truncated
 CACHE_DIR_ENV = "TX_COMPILATION_CACHE_DIR"
@@ -193,8 +195,6 @@ def _train(
     )
     cache_dir = compilation_cache_dir()
     if cache_dir is not None:
-        from tx_engine.compile_cache import enable_compilation_cache
-
         enable_compilation_cache(cache_dir)
     trainer = _trainer(opts, model_dir, settings)
     config = {**settings.meta, "optimizer": settings.optimizer, **opt_args}
@@ -211,14 +211,9 @@ def compilation_cache_dir() -> Path | None:
     Why: each run of the same model and batch shapes compiled the same programs again (tens of
     seconds on CPU for the small presets, before the first step). ``TX_COMPILATION_CACHE_DIR``
     moves it, as it does for the server, and an empty value turns it off; the default is
-    ``jax-cache`` in the user data directory (``tx_server.settings.default_data_dir``).
+    ``jax-cache`` in the user data directory (``tx_engine.compile_cache.default_cache_dir``).
     """
-    value = os.environ.get(CACHE_DIR_ENV)
-    if value is None:
-        import platformdirs
-
-        return Path(platformdirs.user_data_dir("tx", appauthor=False)) / "jax-cache"
-    return Path(value).expanduser() if value.strip() else None
+    return cache_dir_from(os.environ.get(CACHE_DIR_ENV))
 
 
 def _trainer(opts: dict[str, Any], model_dir: Path, settings: Any) -> Any:
