@@ -10,6 +10,9 @@ For each model preset the script builds the kit's checkpoint, starts ``python -m
   real (unpadded) tokens, after one warm-up step that pays for compilation;
 * **sample tok/s** — generated tokens per second of ``sample(num_samples=S, max_tokens=M)``
   (tokens of one request over the median request time);
+* **group sample tok/s** — the same, sent as an RL group is by the cookbook: ``S`` concurrent
+  requests of one sample each (distinct seeds) instead of one request of ``S`` samples; the
+  worker batches them into one sampler call, where they share the prompt's prefill;
 * **round trips** — p50/p99 of a plain HTTP call (``RestClient.get_server_capabilities``: API
   only) and of two trivial *queued futures* (API → queue → worker → long-poll wake-up →
   result): a 1-token ``forward`` (the floor of every training call) and an ``optim_step`` with
@@ -186,6 +189,21 @@ def single_tenant(sc: Any, url: str, model: str, plan: Plan) -> dict[str, float]
     result["sample_tok_s"] = sampled[0] / plan.sample_reps / statistics.median(spent)
     progress(f"sample {result['sample_tok_s']:.0f} tok/s")
 
+    def sample_group() -> None:  # the cookbook's RL group: one request per rollout, one prompt
+        futures = [
+            sampler.sample(
+                prompt, num_samples=1, sampling_params=params.model_copy(update={"seed": i})
+            )
+            for i in range(plan.samples)
+        ]
+        sampled[0] += sum(len(f.result().sequences[0].tokens) for f in futures)
+
+    sample_group()  # warm-up
+    sampled[0] = 0
+    spent = timed(sample_group, plan.sample_reps)
+    result["group_sample_tok_s"] = sampled[0] / plan.sample_reps / statistics.median(spent)
+    progress(f"group sample {result['group_sample_tok_s']:.0f} tok/s")
+
     tiny = [batch(Plan(1, 1, 0, 0, 0, 0, 0, 0, 0), 2)[0]]
     timed(lambda: tc.forward(tiny, "cross_entropy").result(), 2)
     result["fwd_rt_p50_ms"], result["fwd_rt_p99_ms"] = percentiles(
@@ -358,6 +376,7 @@ def bench_preset(preset: str, plan: Plan) -> dict[str, float]:
 ROWS = [
     ("train_tok_s", "train tok/s (fwd_bwd+optim, {batch}x{seq})", "{:.0f}"),
     ("sample_tok_s", "sample tok/s ({samples} samples x {max_tokens} tok)", "{:.0f}"),
+    ("group_sample_tok_s", "sample tok/s ({samples} requests x 1 sample, one prompt)", "{:.0f}"),
     ("fwd_rt_p50_ms", "queued future rt p50 ms (forward, 1 token)", "{:.1f}"),
     ("fwd_rt_p99_ms", "queued future rt p99 ms (forward, 1 token)", "{:.1f}"),
     ("future_rt_p50_ms", "queued future rt p50 ms (optim_step lr=0)", "{:.1f}"),

@@ -13,8 +13,11 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 import tinker
+from sqlalchemy import select
 from tinker import types
 
+from tx_server.db.database import Database
+from tx_server.db.models import FutureRow
 from tx_server.settings import EngineSettings
 from tx_server.testing import RunningServer, run_hub_model_server
 from tx_server.worker.engines import resolve_model_dir
@@ -31,7 +34,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         max_lora_rank=16, max_lora_adapters=12, max_seq_len=64, sample_tokens_per_batch=512
     )
     root = tmp_path_factory.mktemp("sampling")
-    with run_hub_model_server(root, base_models=[BASE], engine=engine) as server:
+    # A wide gather window, so the group test below does not depend on this machine's speed.
+    with run_hub_model_server(
+        root, base_models=[BASE], engine=engine, sample_gather_seconds=0.1
+    ) as server:
         yield server
 
 
@@ -245,3 +251,29 @@ def test_sample_and_prompt_scores_of_every_kind(
     np.testing.assert_allclose(np.asarray(got.data, np.float64), prompt_lp, atol=1e-5)
     assert last.prompt_logprobs[: n - 3] == [None] * (n - 3)
     np.testing.assert_allclose(np.asarray(last.prompt_logprobs[n - 3 :]), prompt_lp[-3:], atol=1e-5)
+
+
+def test_concurrent_requests_of_a_group_run_as_one_batch(
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
+) -> None:
+    """An RL group as the cookbook sends it (one request per rollout, all at once) is claimed
+    as one batch, and each rollout gets the tokens its request gets alone."""
+    sc = sdk_service(live)
+    tc = sc.create_lora_training_client(BASE, rank=8, seed=3).result(timeout=120)
+    sampling = tc.save_weights_and_get_sampling_client().result(timeout=120)
+    params = [types.SamplingParams(max_tokens=6, seed=s, stop=[]) for s in range(4)]
+    futures = [sampling.sample(PROMPT, num_samples=1, sampling_params=p) for p in params]
+    together = [f.result(timeout=120) for f in futures]
+    db = Database(live.settings.database_url)
+    with db.core_read() as conn:
+        rows = conn.execute(
+            select(FutureRow.started_at, FutureRow.finished_at)
+            .where(FutureRow.request_type == "sample")
+            .order_by(FutureRow.id.desc())
+            .limit(4)
+        ).all()
+    # One batch: every request was claimed before any finished (the worker claims, then runs).
+    assert max(r.started_at for r in rows) < min(r.finished_at for r in rows)
+    db.dispose()
+    for p, got in zip(params, together, strict=True):
+        assert got.sequences[0].tokens == _sample(sampling, p).sequences[0].tokens

@@ -136,6 +136,14 @@ class Settings(BaseSettings):
         description="HMAC key of archive download URLs; unset: random per process (set it when "
         "several API processes serve one database, or links must survive a restart).",
     )
+    sample_gather_seconds: float = Field(
+        default=0.005,
+        ge=0,
+        le=1,
+        description="After claiming sampling requests, the worker keeps claiming what is "
+        "submitted within this many seconds of the last submission (at most 4 such gaps), so "
+        "an RL group sent as one request per rollout runs as one batch; 0 turns it off.",
+    )
     base_models: list[str] = Field(default_factory=list)
     log_level: str = "info"
     engine: EngineSettings = Field(default_factory=EngineSettings)
