@@ -46,6 +46,19 @@ def test_compilation_cache_dir_from_the_environment(monkeypatch: pytest.MonkeyPa
     assert Settings().compilation_cache_dir is None
 
 
+def test_compilation_cache_dir_agrees_with_tx_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tx serve` and `tx train` share one cache: the server's copy of the rule (its API process
+    may not import tx_engine) reads every value as tx_engine.compile_cache does."""
+    from tx_engine.compile_cache import cache_dir_from
+
+    for value in (None, "", "  ", "/tmp/tx-cache"):
+        if value is None:
+            monkeypatch.delenv("TX_COMPILATION_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TX_COMPILATION_CACHE_DIR", value)
+        assert Settings().compilation_cache_dir == cache_dir_from(value), repr(value)
+
+
 def test_bad_values_name_the_field() -> None:
     with pytest.raises(ValidationError, match="database_url"):
         Settings(database_url="mysql://x")

@@ -9,10 +9,10 @@ The cache is jax's own (keyed by the program's HLO, the jax/XLA versions and the
 changed model, config or jax version simply misses. It is process-global: the first directory
 set wins for the life of the process.
 
-Where the cache lives is decided here too (:func:`default_cache_dir`, :func:`cache_dir_from`),
-so `tx serve` and `tx train` share one directory and one reading of ``TX_COMPILATION_CACHE_DIR``.
-Those two need no jax (the API process computes its settings and must never import jax), so
-jax is imported only when a cache is actually enabled.
+Where the cache lives is decided here too (:func:`default_cache_dir`, :func:`cache_dir_from`)
+for `tx train`; `tx serve`'s settings keep a copy of the rule, because the API process must not
+import tx_engine, and a tx-server test checks that both read every value alike. Choosing a
+directory needs no jax, so jax is imported only when a cache is actually enabled.
 """
 
 from __future__ import annotations

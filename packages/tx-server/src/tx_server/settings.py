@@ -19,8 +19,6 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tx_engine.compile_cache import cache_dir_from, default_cache_dir
-
 __all__ = ["ClientFlags", "EngineSettings", "Settings", "default_data_dir"]
 
 
@@ -93,7 +91,7 @@ class Settings(BaseSettings):
     )
     checkpoint_root: Path = Field(default_factory=lambda: default_data_dir() / "checkpoints")
     compilation_cache_dir: Path | None = Field(
-        default_factory=default_cache_dir,
+        default_factory=lambda: default_data_dir() / "jax-cache",
         description="The worker's persistent XLA compilation cache (a restart skips compiling "
         "what it compiled before); None (or an empty TX_COMPILATION_CACHE_DIR) disables it.",
     )
@@ -153,8 +151,10 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_means_off(cls, value: Any) -> Any:
         # An empty environment value would otherwise become Path("."): the current directory.
-        # Only strings: an explicit None (tests, `tx serve` flags) already means off.
-        return cache_dir_from(value) if isinstance(value, str) else value
+        # The same rule and default as tx_engine.compile_cache.cache_dir_from, which `tx train`
+        # uses; written again here because the API process must not import tx_engine
+        # (test_server_process), and a test checks that the two agree.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("database_url")
     @classmethod
