@@ -12,7 +12,8 @@ For each model preset the script builds the kit's checkpoint, starts ``python -m
   (tokens of one request over the median request time);
 * **group sample tok/s** — the same, sent as an RL group is by the cookbook: ``S`` concurrent
   requests of one sample each (distinct seeds) instead of one request of ``S`` samples; the
-  worker batches them into one sampler call, where they share the prompt's prefill;
+  worker gathers those that arrive within ``TX_SAMPLE_GATHER_SECONDS`` of each other into one
+  sampler call, where they share the prompt's prefill;
 * **round trips** — p50/p99 of a plain HTTP call (``RestClient.get_server_capabilities``: API
   only) and of two trivial *queued futures* (API → queue → worker → long-poll wake-up →
   result): a 1-token ``forward`` (the floor of every training call) and an ``optim_step`` with
