@@ -15,7 +15,8 @@ import pytest
 from tx_engine import step as programs
 from tx_engine.config import EngineConfig
 from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, TrainingEngine
-from tx_engine.sampler import Sampler, SampleRequestArrays
+from tx_engine.errors import AdapterError
+from tx_engine.sampler import Sampler, SampleRequestArrays, SampleResult
 
 CONFIG = EngineConfig(max_lora_adapters=1, max_lora_rank=8, batch_buckets=(4,))
 PROMPT = np.array([11, 250, 37, 1999, 5, 88, 640, 12, 3, 901], np.int32)
@@ -138,3 +139,40 @@ def test_requests_with_one_prompt_share_a_prefill(engine: TrainingEngine, alone:
         alone.sample([scored])[0].prompt_logprobs[1:],  # type: ignore[index]
         atol=1e-6,
     )
+
+
+def test_each_request_is_handed_out_when_its_own_rows_end(alone: Sampler) -> None:
+    requests = [
+        SampleRequestArrays(PROMPT, max_tokens=16, seed=1, stop=[]),
+        SampleRequestArrays(PROMPT[:5], 3, max_tokens=2, seed=2, stop=[], prompt_logprobs=True),
+        SampleRequestArrays(PROMPT, max_tokens=6, seed=3, stop=[], adapter=1),
+        # a longer cache bucket: a second run, after the first one's requests were handed out
+        SampleRequestArrays(np.tile(PROMPT, 4), max_tokens=3, seed=4, stop=[]),
+    ]
+    calls: list[list[int]] = []
+    handed: dict[int, SampleResult] = {}
+
+    def on_ready(pairs: list[tuple[int, SampleResult]]) -> None:
+        calls.append([i for i, _ in pairs])
+        for i, result in pairs:
+            assert i not in handed, f"request {i} handed out twice"
+            handed[i] = result
+
+    got = alone.sample(requests, on_ready=on_ready)
+    assert calls == [[1], [2], [0], [3]]  # in the order they end, not the order given
+    assert all(handed[i] is result for i, result in enumerate(got))
+    assert len(got[1].sequences) == 3
+    assert got[1].prompt_logprobs is not None
+    for req, res in zip(requests, got, strict=True):  # as if sampled alone
+        np.testing.assert_array_equal(
+            res.sequences[0].tokens, alone.sample([req])[0].sequences[0].tokens
+        )
+
+
+def test_a_bad_request_is_refused_before_any_result_is_handed_out(alone: Sampler) -> None:
+    good = SampleRequestArrays(PROMPT, max_tokens=2, seed=1, stop=[])
+    bad = SampleRequestArrays(PROMPT, max_tokens=2, seed=1, stop=[], adapter=99)
+    handed: list[tuple[int, SampleResult]] = []
+    with pytest.raises(AdapterError, match=r"requests\[1\]\.adapter"):
+        alone.sample([good, bad], on_ready=handed.extend)
+    assert handed == []

@@ -253,6 +253,34 @@ def test_sample_and_prompt_scores_of_every_kind(
     np.testing.assert_allclose(np.asarray(last.prompt_logprobs[n - 3 :]), prompt_lp[-3:], atol=1e-5)
 
 
+def test_a_short_request_is_answered_before_a_long_one_of_its_batch(
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
+) -> None:
+    """Two tenants' requests in one batch (one decode run): the short one's future completes
+    when its own tokens are done, not when the long one's are."""
+    sc = sdk_service(live)
+    long_params = types.SamplingParams(max_tokens=45, seed=1, stop=[])
+    short_params = types.SamplingParams(max_tokens=20, seed=2, stop=[])
+    base = sc.create_sampling_client(base_model=BASE).result()
+    _sample(base, short_params)  # compile outside the measured batch
+    futures = [
+        base.sample(PROMPT, num_samples=1, sampling_params=p) for p in (long_params, short_params)
+    ]
+    long_seq, short_seq = (f.result(timeout=120).sequences[0] for f in futures)
+    assert (len(long_seq.tokens), len(short_seq.tokens)) == (45, 20)
+    db = Database(live.settings.database_url)
+    with db.core_read() as conn:
+        long_row, short_row = conn.execute(
+            select(FutureRow.started_at, FutureRow.finished_at)
+            .where(FutureRow.request_type == "sample")
+            .order_by(FutureRow.id.desc())
+            .limit(2)
+        ).all()[::-1]
+    db.dispose()
+    assert max(long_row.started_at, short_row.started_at) < short_row.finished_at  # one batch
+    assert short_row.finished_at < long_row.finished_at
+
+
 def test_concurrent_requests_of_a_group_run_as_one_batch(
     live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:

@@ -17,7 +17,9 @@ How a call is run:
    samples are prefilled into rows as soon as rows finish, so a short row never waits for the
    longest one. A prompt is prefilled once per admission and its KV rows copied to every
    sample: the samples of one request, and those of other requests with the same prompt and
-   adapter (an RL group sent as one request per rollout).
+   adapter (an RL group sent as one request per rollout). A request's result is complete as
+   soon as its last row ends, and ``sample(..., on_ready=...)`` hands it out then, not when
+   the whole call is done.
 4. Shapes are bucketed so warm-up covers everything: ``B``, admission rows and top-k sizes to
    powers of two, prompt length to a power of two ≥ ``min_prompt_bucket``, ``S`` to the power
    of two ≥ ``T + max_new - 1``. max_tokens, temperature, top-k, top-p, seeds, positions and
@@ -42,7 +44,7 @@ that limit".
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +58,11 @@ from tx_engine.sampling.continuous import ContinuousRun, Job, Row, pow2
 from tx_engine.sampling.params import ALT_DRAWS_SAMPLE_INDEX
 from tx_engine.sampling.stopping import DecodeFn, StopReason
 
-__all__ = ["SampleRequestArrays", "SampleResult", "SampledSequence", "Sampler"]
+__all__ = ["ResultsReady", "SampleRequestArrays", "SampleResult", "SampledSequence", "Sampler"]
 
 StopParam = str | Sequence[str] | Sequence[int] | None
 TopK = list[tuple[int, float]]
+ResultsReady = Callable[[list[tuple[int, "SampleResult"]]], None]
 
 
 @dataclass(frozen=True)
@@ -167,43 +170,59 @@ class Sampler:
         )
 
     # ----------------------------------------------------------------- public
-    def sample(self, requests: Sequence[SampleRequestArrays]) -> list[SampleResult]:
-        """Generate every request's samples; results are in request order."""
+    def sample(
+        self, requests: Sequence[SampleRequestArrays], on_ready: ResultsReady | None = None
+    ) -> list[SampleResult]:
+        """Generate every request's samples; results are in request order.
+
+        ``on_ready``, if given, receives ``(request index, result)`` pairs as requests finish
+        (every pair once, several at a time when they end together), so a server can answer a
+        short request while longer ones of the same call still decode. Everything is
+        validated before anything runs, so a bad request raises before any result is handed
+        out.
+        """
         jobs = [self._prepare(i, r) for i, r in enumerate(requests)]
         runs: dict[int, list[Row]] = {}
-        all_rows: list[Row] = []
+        rows_of: list[list[Row]] = [[] for _ in jobs]
         for i, (job, req) in enumerate(zip(jobs, requests, strict=True)):
             criteria = self._criteria(i, req)
             s = self.bucket_shape(len(job.prompt), job.max_new)[1]
             for sampling in self._sampling_rows(i, req):
                 row = Row(i, sampling, criteria.new_state(job.max_new))
                 runs.setdefault(s, []).append(row)
-                all_rows.append(row)
+                rows_of[i].append(row)
             if req.prompt_alt_tokens_k:
                 first = runs[s][-1].sampling
                 job.alt_row = SamplingRow(
                     first.temperature, first.top_k, first.top_p, first.seed, ALT_DRAWS_SAMPLE_INDEX
                 )
+        results: list[SampleResult | None] = [None] * len(jobs)
+        rows_left = [len(rows) for rows in rows_of]
+
+        def rows_done(ended: list[Row]) -> None:
+            ready = []
+            for row in ended:
+                rows_left[row.job] -= 1
+                if rows_left[row.job] == 0:
+                    j = row.job
+                    results[j] = result = _result(jobs[j], requests[j], rows_of[j])
+                    ready.append((j, result))
+            if ready and on_ready is not None:
+                on_ready(ready)
+
         for s, rows in sorted(runs.items()):
             batch = min(self.max_batch, pow2(len(rows)), _floor_pow2(self.max_cache_tokens // s))
-            run = ContinuousRun(self.engine, jobs, rows, batch=batch, cache_len=s)
+            run = ContinuousRun(
+                self.engine, jobs, rows, batch=batch, cache_len=s, on_rows_done=rows_done
+            )
             run.run()
             self.decode_steps += run.decode_steps
             self.cache_shifts += run.cache_shifts
             self.prefilled_prompts += run.prefilled_prompts
-        results = [_result(job, req) for job, req in zip(jobs, requests, strict=True)]
-        for row in all_rows:
-            assert row.state.stop_reason is not None
-            topk = row.topk if jobs[row.job].sample_topk else None
-            results[row.job].sequences.append(
-                SampledSequence(
-                    np.asarray(row.state.tokens, np.int32),
-                    np.asarray(row.logprobs, np.float32),
-                    row.state.stop_reason,
-                    topk,
-                )
-            )
-        return results
+        finished = [r for r in results if r is not None]
+        if len(finished) != len(jobs):
+            raise RuntimeError("sampler: a run ended with unfinished rows")
+        return finished
 
     def bucket_shape(self, longest: int, max_new: int) -> tuple[int, int]:
         """``(T, S)``: bucketed prompt length and cache length for a prompt of ``longest``
@@ -308,8 +327,17 @@ def _targets(where: str, value: Any, prompt_len: int, vocab: int) -> np.ndarray 
     return arr.astype(np.int32)
 
 
-def _result(job: Job, req: SampleRequestArrays) -> SampleResult:
-    """The request's prompt scores in result form (sequences are appended by the caller)."""
+def _result(job: Job, req: SampleRequestArrays, sample_rows: list[Row]) -> SampleResult:
+    """A finished request's result: its rows' sequences (sample order) and prompt scores."""
+    sequences = [
+        SampledSequence(
+            np.asarray(row.state.tokens, np.int32),
+            np.asarray(row.logprobs, np.float32),
+            _stop_reason(row),
+            row.topk if job.sample_topk else None,
+        )
+        for row in sample_rows
+    ]
     got = job.scores or {}
     n = len(job.prompt)
     first = 1 if req.prompt_logprobs_last_n is None else max(1, n - req.prompt_logprobs_last_n)
@@ -328,10 +356,15 @@ def _result(job: Job, req: SampleRequestArrays) -> SampleResult:
         k = np.shape(req.target_prompt_logprobs)[1]
         target = got.get("target", np.zeros((n - 1, k), np.float32))[:, :k].astype(np.float32)
     return SampleResult(
-        [], lp, topk, target,
+        sequences, lp, topk, target,
         got["alt_ids"].astype(np.int32) if "alt_ids" in got else None,
         got["alt_logprobs"].astype(np.float32) if "alt_logprobs" in got else None,
     )  # fmt: skip
+
+
+def _stop_reason(row: Row) -> StopReason:
+    assert row.state.stop_reason is not None, "a row is finished only once it has a reason"
+    return row.state.stop_reason
 
 
 def _model_eos_ids(hf_config: Any, model_dir: Any) -> tuple[int, ...]:

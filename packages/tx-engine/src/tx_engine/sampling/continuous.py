@@ -30,6 +30,7 @@ arrays, so a run compiles nothing new inside its buckets.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,8 +97,16 @@ class _Pending:
     t: int = 0
 
 
+RowsDone = Callable[[list[Row]], None]
+
+
 class ContinuousRun:
-    """Generates every row of ``rows`` (all fitting ``cache_len``) on ``batch`` decode rows."""
+    """Generates every row of ``rows`` (all fitting ``cache_len``) on ``batch`` decode rows.
+
+    ``on_rows_done`` is called after each fetch with the rows that ended in it (their job's
+    prompt scores are stored by then), so a caller can hand out a request's result while
+    longer rows of the same run are still decoding.
+    """
 
     def __init__(
         self,
@@ -107,8 +116,10 @@ class ContinuousRun:
         *,
         batch: int,
         cache_len: int,
+        on_rows_done: RowsDone | None = None,
     ) -> None:
         self.engine, self.jobs, self.queue = engine, jobs, deque(rows)
+        self.on_rows_done = on_rows_done
         self.batch, self.cache_len = batch, cache_len
         k = max((jobs[r.job].sample_topk for r in rows), default=0)
         self.sample_topk = min(pow2(k), engine.vocab_size) if k else 0
@@ -309,6 +320,7 @@ class ContinuousRun:
     def _collect(self, item: _Pending) -> None:
         """Fetch one dispatch's outputs and feed them to the rows it served."""
         tokens, logprobs, ids, lps = jax.device_get(item.arrays)
+        ended: list[Row] = []
         for i, row in item.rows:
             if row.state.done:  # stopped on an earlier token; this one was speculative
                 continue
@@ -316,9 +328,12 @@ class ContinuousRun:
             k = self.jobs[row.job].sample_topk
             if k:
                 row.topk.append(list(zip(ids[i, :k].tolist(), lps[i, :k].tolist(), strict=True)))
-            row.state.push(int(tokens[i]))
+            if row.state.push(int(tokens[i])):
+                ended.append(row)
         if item.scores is not None:
             self._store_scores(item)
+        if ended and self.on_rows_done is not None:
+            self.on_rows_done(ended)
 
     def _store_scores(self, item: _Pending) -> None:
         """Each scored job's columns of the prompt scores, as ``[len(prompt)-1, ...]`` arrays."""

@@ -16,7 +16,9 @@ versa; neither can starve the other.
 
 All sample requests of a claim — of every tenant and sampler on one base model — go into one
 :meth:`Sampler.sample` call. If the engine refuses the batch as bad input, each request is rerun
-alone, so one tenant's bad request fails only that request.
+alone, so one tenant's bad request fails only that request. Each request is answered as soon as
+its own samples are done (``on_ready``), so a short request does not wait for the longest one
+it was batched with; a failure later in the call fails only the requests not answered yet.
 """
 
 from __future__ import annotations
@@ -99,25 +101,40 @@ class SamplingRunner:
         return _Job(req, body, base_model, convert.sample_request_arrays(body, slot))
 
     def _run_group(self, sampler: Sampler, jobs: list[_Job]) -> None:
-        done: list[tuple[str, bytes, str]] = []
+        answered: set[str] = set()
+
+        def answer(ready: Sequence[tuple[_Job, SampleResult]]) -> None:
+            done = [
+                (job.request.request_id, _encode(job, result), PROTOBUF) for job, result in ready
+            ]
+            self.queue.complete_many(done)
+            answered.update(request_id for request_id, _, _ in done)
+
+        def sample(group: Sequence[_Job]) -> list[SampleResult]:
+            return sampler.sample(
+                [j.arrays for j in group],
+                on_ready=lambda pairs: answer([(group[i], result) for i, result in pairs]),
+            )
+
+        def fail(job: _Job, exc: BaseException) -> None:
+            if job.request.request_id not in answered:  # a later failure keeps given answers
+                self._fail(job.request, exc)
 
         def complete(job: _Job, result: SampleResult) -> None:
-            body = encode_sample_response(convert.sample_response(job.body, result))
-            done.append((job.request.request_id, body, PROTOBUF))
+            if job.request.request_id not in answered:
+                answer([(job, result)])
 
-        run_fused(
-            jobs,
-            lambda group: sampler.sample([j.arrays for j in group]),
-            lambda job, exc: self._fail(job.request, exc),
-            complete,
-        )
-        self.queue.complete_many(done)
+        run_fused(jobs, sample, fail, complete)
 
     def _fail(self, req: ClaimedRequest, exc: BaseException) -> None:
         category: WireCategory = category_of(exc)
         if category == "server":
             log.error("sample request %s failed", req.request_id, exc_info=exc)
         self.queue.fail(req.request_id, str(exc) or type(exc).__name__, category)
+
+
+def _encode(job: _Job, result: SampleResult) -> bytes:
+    return encode_sample_response(convert.sample_response(job.body, result))
 
 
 def _decoder(model_dir: Path) -> Callable[[Sequence[int]], str] | None:
