@@ -100,17 +100,26 @@ def test_forms_and_ranks_match_oracle_outputs_and_grads(tokens: int) -> None:
         (_, y), grads = grad_fn(layer)
         np.testing.assert_allclose(y, oracle(vals, np.asarray(x), idx), rtol=1e-5, atol=1e-5)
         results[rank] = (np.asarray(y), grads)
-    np.testing.assert_allclose(results[8][0], results[16][0], atol=1e-6)
+    # Equal up to float32 rounding: the two contractions add the same terms (zeros above rank 8
+    # included) in a different order, differently on CPUs with other vector widths (AVX-512:
+    # measured ≤ 1.3e-6 of the largest entry), so the bound scales with the largest entry.
+    _assert_close_to_scale(results[8][0], results[16][0])
     for g8, g16 in zip(
         jax.tree.leaves(results[8][1]), jax.tree.leaves(results[16][1]), strict=True
     ):
         assert g8.shape == g16.shape
         assert g8.shape[-2:] in ((6, 16), (16, 5))  # the full max rank
-        np.testing.assert_allclose(g8, g16, rtol=1e-6, atol=1e-6)
+        _assert_close_to_scale(g8, g16)
         rank_axis = -1 if g8.shape[-1] == 16 else -2
         assert not np.any(np.take(np.asarray(g8), np.arange(8, 16), axis=rank_axis))
     with pytest.raises(AdapterError, match="active rank"):
         set_active_rank(layer, 17)
+
+
+def _assert_close_to_scale(got: Any, want: Any) -> None:
+    """Equal within 1e-5 of ``want``'s largest magnitude (float32 reordering error)."""
+    want = np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
 
 
 def test_concat_keeps_a_non_finite_slot_to_its_own_rows() -> None:

@@ -83,8 +83,11 @@ def _assert_same(a: tuple[list[Any], list[np.ndarray]], b: Any) -> None:
         assert ga.metrics["loss:sum"] == pytest.approx(gb.metrics["loss:sum"], rel=1e-5)
         for da, db in zip(ga.outputs, gb.outputs, strict=True):
             np.testing.assert_allclose(da.logprobs, db.logprobs, rtol=1e-5, atol=1e-5)
+    # Gradients are sums over tokens; micro-batching reorders them, so float32 rounding scales
+    # with each array's largest entries (measured: ≤ 2.3e-6 of max|g|, on an AVX-512 CPU),
+    # and small entries of a large array can miss a per-element 1e-4 relative bound.
     for x, y in zip(a[1], b[1], strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(y).max())))
     assert max(float(np.abs(x).max()) for x in a[1]) > 0
 
 
