@@ -202,9 +202,9 @@ class Sampler:
         def rows_done(ended: list[Row]) -> None:
             ready = []
             for row in ended:
-                rows_left[row.job] -= 1
-                if rows_left[row.job] == 0:
-                    j = row.job
+                j = row.job
+                rows_left[j] -= 1
+                if rows_left[j] == 0:
                     results[j] = result = _result(jobs[j], requests[j], rows_of[j])
                     ready.append((j, result))
             if ready and on_ready is not None:

@@ -96,8 +96,8 @@ def gather_followers(
     ~10 ms for 4 requests on a 2-core host, up to 80 ms for 8, which a 5 ms gap still splits).
     Woken by the first, the worker would run it alone and the rest as a second batch: two
     decode loops instead of one, no shared prefill, and a compile for every new way of
-    splitting the group. A lone request pays one ``gap``. Order stays safe: a model with a request of the first
-    claim still running gives nothing to these claims (``claim_pending``).
+    splitting the group. A lone request pays one ``gap``. Order stays safe: a model with a
+    request of the first claim still running gives nothing to these claims (``claim_pending``).
     """
     more: list[ClaimedRequest] = []
     deadline = time.monotonic() + GATHER_GAPS * gap
