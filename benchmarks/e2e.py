@@ -19,6 +19,11 @@ For each model preset the script builds the kit's checkpoint, starts ``python -m
   result): a 1-token ``forward`` (the floor of every training call) and an ``optim_step`` with
   ``learning_rate=0`` (which also pays the worker's per-step recovery snapshot);
 * **logprobs-128 latency** — p50 of ``compute_logprobs`` on a 128-token prompt;
+* **training while another tenant samples** — p50 of one ``forward_backward`` + ``optim_step``
+  of a tenant stepping back to back, alone and while a second tenant's request for ``S`` long
+  rollouts (``R`` tokens) decodes; and that request's time alone and with the training beside
+  it. The worker runs such training between decode steps, up to half the time
+  (``TX_TRAINING_SHARE_WHILE_SAMPLING``);
 * **tenants ×N** — aggregate train tok/s of N processes, each its own API key (tenant),
   service client and LoRA adapter, stepping concurrently, for N = 1, 2, 4;
 * **engine reference** — the same train and sample workloads on ``TrainingEngine`` /
@@ -71,10 +76,11 @@ class Plan:
     rt_reps: int
     lp_reps: int
     tenant_steps: int
+    rollout_tokens: int
 
 
-QUICK = Plan(4, 64, 3, 4, 16, 3, 30, 3, 2)
-FULL = Plan(8, 128, 6, 8, 32, 5, 100, 5, 3)
+QUICK = Plan(4, 64, 3, 4, 16, 3, 30, 3, 2, 256)
+FULL = Plan(8, 128, 6, 8, 32, 5, 100, 5, 3, 512)
 
 
 @contextlib.contextmanager
@@ -205,7 +211,7 @@ def single_tenant(sc: Any, url: str, model: str, plan: Plan) -> dict[str, float]
     result["group_sample_tok_s"] = sampled[0] / plan.sample_reps / statistics.median(spent)
     progress(f"group sample {result['group_sample_tok_s']:.0f} tok/s")
 
-    tiny = [batch(Plan(1, 1, 0, 0, 0, 0, 0, 0, 0), 2)[0]]
+    tiny = [batch(Plan(1, 1, 0, 0, 0, 0, 0, 0, 0, 0), 2)[0]]
     timed(lambda: tc.forward(tiny, "cross_entropy").result(), 2)
     result["fwd_rt_p50_ms"], result["fwd_rt_p99_ms"] = percentiles(
         timed(lambda: tc.forward(tiny, "cross_entropy").result(), plan.rt_reps)
@@ -225,6 +231,43 @@ def single_tenant(sc: Any, url: str, model: str, plan: Plan) -> dict[str, float]
     lp = timed(lambda: sampler.compute_logprobs(long_prompt).result(), plan.lp_reps)
     result["logprobs128_p50_ms"] = statistics.median(lp) * 1e3
     progress(f"round trips and logprobs done: {result}")
+    return result
+
+
+def training_while_sampling(url: str, model: str, plan: Plan) -> dict[str, float]:
+    """Train-step latency of one tenant alone and during another tenant's long sample request,
+    and that request's time alone and with the training beside it."""
+    with (
+        tinker.ServiceClient(base_url=url, api_key=f"{KEY}-trainer") as trainer,
+        tinker.ServiceClient(base_url=url, api_key=f"{KEY}-sampler") as other,
+    ):
+        tc = trainer.create_lora_training_client(model, rank=RANK, seed=0).result()
+        data = batch(plan, 3)
+        sampler = other.create_sampling_client(base_model=model).result()
+        prompt = types.ModelInput.from_ints(list(range(100, 132)))
+        params = types.SamplingParams(max_tokens=plan.rollout_tokens, seed=0, stop=[])
+
+        def sample() -> Any:
+            return sampler.sample(prompt, num_samples=plan.samples, sampling_params=params)
+
+        step = [0.0]
+
+        def train_step() -> None:
+            step[0] = train_steps(tc, data, 1)
+
+        timed(train_step, 2)  # warm-up: compiles
+        result = {"step_alone_p50_ms": statistics.median(timed(train_step, 5)) * 1e3}
+        sample().result()  # warm-up
+        result["rollouts_alone_s"] = statistics.median(timed(lambda: sample().result(), 2))
+        start = time.perf_counter()
+        pending = sample()
+        during: list[float] = []
+        while not pending.future().done():
+            during.append(train_steps(tc, data, 1))
+        pending.result()
+        result["rollouts_with_training_s"] = time.perf_counter() - start
+        result["step_during_p50_ms"] = statistics.median(during) * 1e3 if during else float("nan")
+    progress(f"training while sampling: {result}")
     return result
 
 
@@ -364,6 +407,7 @@ def bench_preset(preset: str, plan: Plan) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="tx-bench-e2e-") as tmp, serve(model, Path(tmp)) as url:
         with tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
             result = single_tenant(sc, url, model, plan)
+        result |= training_while_sampling(url, model, plan)
         for n in (1, 2, 4):
             result[f"tenants{n}_tok_s"] = tenants(url, model, plan, n)
             progress(f"{n} tenants {result[f'tenants{n}_tok_s']:.0f} tok/s")
@@ -385,6 +429,14 @@ ROWS = [
     ("http_rt_p50_ms", "plain HTTP rt p50 ms (get_server_capabilities)", "{:.1f}"),
     ("http_rt_p99_ms", "plain HTTP rt p99 ms (get_server_capabilities)", "{:.1f}"),
     ("logprobs128_p50_ms", "compute_logprobs 128 tok p50 ms", "{:.1f}"),
+    ("step_alone_p50_ms", "train step p50 ms, alone", "{:.0f}"),
+    (
+        "step_during_p50_ms",
+        "train step p50 ms, while another tenant samples {samples}x{rollout_tokens} tok",
+        "{:.0f}",
+    ),
+    ("rollouts_alone_s", "that sample request s, alone", "{:.2f}"),
+    ("rollouts_with_training_s", "that sample request s, with the training beside it", "{:.2f}"),
     ("tenants1_tok_s", "1 tenant  aggregate train tok/s", "{:.0f}"),
     ("tenants2_tok_s", "2 tenants aggregate train tok/s", "{:.0f}"),
     ("tenants4_tok_s", "4 tenants aggregate train tok/s", "{:.0f}"),

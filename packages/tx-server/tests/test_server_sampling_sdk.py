@@ -270,13 +270,17 @@ def test_a_short_request_is_answered_before_a_long_one_of_its_batch(
     assert (len(long_seq.tokens), len(short_seq.tokens)) == (45, 20)
     db = Database(live.settings.database_url)
     with db.core_read() as conn:
-        long_row, short_row = conn.execute(
-            select(FutureRow.started_at, FutureRow.finished_at)
+        rows = conn.execute(
+            select(FutureRow.payload, FutureRow.started_at, FutureRow.finished_at)
             .where(FutureRow.request_type == "sample")
             .order_by(FutureRow.id.desc())
             .limit(2)
-        ).all()[::-1]
+        ).all()
     db.dispose()
+    # The SDK sends the two concurrently, so either may be stored first: tell them apart by
+    # their max_tokens.
+    by_tokens = {json.loads(r.payload)["request"]["sampling_params"]["max_tokens"]: r for r in rows}
+    long_row, short_row = by_tokens[45], by_tokens[20]
     assert max(long_row.started_at, short_row.started_at) < short_row.finished_at  # one batch
     assert short_row.finished_at < long_row.finished_at
 

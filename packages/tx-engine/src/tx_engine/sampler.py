@@ -19,7 +19,8 @@ How a call is run:
    sample: the samples of one request, and those of other requests with the same prompt and
    adapter (an RL group sent as one request per rollout). A request's result is complete as
    soon as its last row ends, and ``sample(..., on_ready=...)`` hands it out then, not when
-   the whole call is done.
+   the whole call is done. ``sample(..., interruption=...)`` lets other work on the engine
+   (training steps) run between two decode steps of a long call.
 4. Shapes are bucketed so warm-up covers everything: ``B``, admission rows and top-k sizes to
    powers of two, prompt length to a power of two ≥ ``min_prompt_bucket``, ``S`` to the power
    of two ≥ ``T + max_new - 1``. max_tokens, temperature, top-k, top-p, seeds, positions and
@@ -54,11 +55,18 @@ from tx_engine import step as programs
 from tx_engine.engine import TrainingEngine
 from tx_engine.errors import AdapterError, InputError
 from tx_engine.sampling import SamplingRow, StopCriteria
-from tx_engine.sampling.continuous import ContinuousRun, Job, Row, pow2
+from tx_engine.sampling.continuous import ContinuousRun, Interruption, Job, Row, pow2
 from tx_engine.sampling.params import ALT_DRAWS_SAMPLE_INDEX
 from tx_engine.sampling.stopping import DecodeFn, StopReason
 
-__all__ = ["ResultsReady", "SampleRequestArrays", "SampleResult", "SampledSequence", "Sampler"]
+__all__ = [
+    "Interruption",
+    "ResultsReady",
+    "SampleRequestArrays",
+    "SampleResult",
+    "SampledSequence",
+    "Sampler",
+]
 
 StopParam = str | Sequence[str] | Sequence[int] | None
 TopK = list[tuple[int, float]]
@@ -131,8 +139,8 @@ class Sampler:
     this bounds sampler memory. ``decode_fn``: token ids → text, needed for stop strings.
     ``eos_token_ids``: default stop set; None reads ``config.json`` and
     ``generation_config.json`` of the engine's model directory. ``decode_steps``,
-    ``cache_shifts`` and ``prefilled_prompts`` count the decode steps, cache shifts and
-    prompts prefilled so far (all calls).
+    ``cache_shifts``, ``prefilled_prompts`` and ``interruptions`` count the decode steps, cache
+    shifts, prompts prefilled and interruptions run so far (all calls).
     """
 
     def __init__(
@@ -159,7 +167,7 @@ class Sampler:
         self.max_cache_tokens = max_cache_tokens
         self.min_prompt_bucket = min_prompt_bucket
         self.decode_fn = decode_fn
-        self.decode_steps = self.cache_shifts = self.prefilled_prompts = 0
+        self.decode_steps = self.cache_shifts = self.prefilled_prompts = self.interruptions = 0
         hf = engine.model_config.hf_config
         context = int(hf.get("max_position_embeddings") or max_cache_tokens)
         self.max_sequence_tokens = min(context, max_cache_tokens)
@@ -171,7 +179,10 @@ class Sampler:
 
     # ----------------------------------------------------------------- public
     def sample(
-        self, requests: Sequence[SampleRequestArrays], on_ready: ResultsReady | None = None
+        self,
+        requests: Sequence[SampleRequestArrays],
+        on_ready: ResultsReady | None = None,
+        interruption: Interruption | None = None,
     ) -> list[SampleResult]:
         """Generate every request's samples; results are in request order.
 
@@ -179,7 +190,9 @@ class Sampler:
         (every pair once, several at a time when they end together), so a server can answer a
         short request while longer ones of the same call still decode. Everything is
         validated before anything runs, so a bad request raises before any result is handed
-        out.
+        out. ``interruption``, if given, is asked before each decode step whether other work
+        should run now (:mod:`tx_engine.sampling.continuous`); that work must leave the
+        adapter slots of ``requests`` alone.
         """
         jobs = [self._prepare(i, r) for i, r in enumerate(requests)]
         runs: dict[int, list[Row]] = {}
@@ -213,12 +226,19 @@ class Sampler:
         for s, rows in sorted(runs.items()):
             batch = min(self.max_batch, pow2(len(rows)), _floor_pow2(self.max_cache_tokens // s))
             run = ContinuousRun(
-                self.engine, jobs, rows, batch=batch, cache_len=s, on_rows_done=rows_done
+                self.engine,
+                jobs,
+                rows,
+                batch=batch,
+                cache_len=s,
+                on_rows_done=rows_done,
+                interruption=interruption,
             )
             run.run()
             self.decode_steps += run.decode_steps
             self.cache_shifts += run.cache_shifts
             self.prefilled_prompts += run.prefilled_prompts
+            self.interruptions += run.interruptions
         finished = [r for r in results if r is not None]
         if len(finished) != len(jobs):
             raise RuntimeError("sampler: a run ended with unfinished rows")

@@ -142,6 +142,15 @@ class Settings(BaseSettings):
         "submitted within this many seconds of the last submission (at most 4 such gaps), so "
         "an RL group sent as one request per rollout runs as one batch; 0 turns it off.",
     )
+    training_share_while_sampling: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Training that arrives while a sampling batch decodes runs between two of "
+        "its decode steps, taking at most this share of the time while both wait (after a "
+        "break of t s the batch decodes t*(1-share)/share s); 0 makes training wait for the "
+        "whole batch.",
+    )
     base_models: list[str] = Field(default_factory=list)
     log_level: str = "info"
     engine: EngineSettings = Field(default_factory=EngineSettings)

@@ -25,6 +25,13 @@ that stopped, or was refilled, between dispatch and fetch never receives a stale
 Shapes are bucketed (``B``, ``S`` fixed per run; admission ``P``/``R`` rows to powers of two,
 prompt bucket ``T``) and all per-row values (positions, steps, sampling values, adapters) are
 arrays, so a run compiles nothing new inside its buckets.
+
+Interruptions: a run of long rows decodes for seconds or minutes. An :class:`Interruption`
+lets other work on the same engine (the server: training steps that arrived meanwhile) run
+between two decode steps instead of after the whole run. The run first fetches its step in
+flight, then calls the interruption, then re-reads the engine's state: an optimizer step
+donates the LoRA buffers the run held, so the old arrays are gone. The interruption may change
+any adapter slot except those the run samples from; the KV cache is the run's own.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +51,7 @@ from tx_engine.sampling.flat_state import FlatState
 from tx_engine.sampling.params import RowSamplingParams, SamplingRow
 from tx_engine.sampling.stopping import StopState
 
-__all__ = ["ContinuousRun", "Job", "Row", "pow2"]
+__all__ = ["ContinuousRun", "Interruption", "Job", "Row", "pow2"]
 
 _GREEDY = SamplingRow(temperature=0.0)  # what idle rows decode with: cheap, output ignored
 
@@ -100,12 +107,22 @@ class _Pending:
 RowsDone = Callable[[list[Row]], None]
 
 
+class Interruption(Protocol):
+    """Other work that a run lets in between two of its decode steps."""
+
+    def due(self) -> bool:
+        """Whether to run it now; asked before every decode step, so it must be cheap."""
+
+    def run(self) -> None:
+        """Run it. It may step, load or free any adapter slot but the run's own."""
+
+
 class ContinuousRun:
     """Generates every row of ``rows`` (all fitting ``cache_len``) on ``batch`` decode rows.
 
     ``on_rows_done`` is called after each fetch with the rows that ended in it (their job's
     prompt scores are stored by then), so a caller can hand out a request's result while
-    longer rows of the same run are still decoding.
+    longer rows of the same run are still decoding. ``interruption``: see the module docstring.
     """
 
     def __init__(
@@ -117,9 +134,10 @@ class ContinuousRun:
         batch: int,
         cache_len: int,
         on_rows_done: RowsDone | None = None,
+        interruption: Interruption | None = None,
     ) -> None:
         self.engine, self.jobs, self.queue = engine, jobs, deque(rows)
-        self.on_rows_done = on_rows_done
+        self.on_rows_done, self.interruption = on_rows_done, interruption
         self.batch, self.cache_len = batch, cache_len
         k = max((jobs[r.job].sample_topk for r in rows), default=0)
         self.sample_topk = min(pow2(k), engine.vocab_size) if k else 0
@@ -127,13 +145,11 @@ class ContinuousRun:
         self.sent = [0] * batch  # tokens dispatched for the row's current owner
         self.start = [0] * batch  # the owner's first prompt slot
         self.index = 0  # host mirror of the cache's shared write index
-        self.decode_steps = self.cache_shifts = self.prefilled_prompts = 0
-        e = engine
+        self.decode_steps = self.cache_shifts = self.prefilled_prompts = self.interruptions = 0
         # One LoRA rank bucket for the whole run (the largest rank among its jobs' adapters):
         # rank-8 tenants decode at rank 8, and admitting a job never switches programs.
         self.graphdef = engine.graphdef_for_slots({jobs[r.job].slot for r in rows})
-        # Flattened once: re-flattening the nnx states cost ~1 ms per dispatch (flat_state.py).
-        self.lora, self.rest = FlatState.of(e._lora), FlatState.of(e._rest)
+        self._read_state()
         self.cache = programs.empty_cache(
             self.graphdef, self.lora, self.rest, batch=batch, cache_len=cache_len
         )
@@ -144,6 +160,8 @@ class ContinuousRun:
         """Admit, decode and collect until the queue is empty and every row is done."""
         pending: deque[_Pending] = deque()
         while True:
+            if self.interruption is not None and self.decode_steps and self.interruption.due():
+                self._interrupt(pending)
             admitted = bool(self.queue) and self._admit(pending)
             live = [b for b in range(self.batch) if not self._free(b)]
             if live:
@@ -154,6 +172,20 @@ class ContinuousRun:
                 return
             if not (live or admitted or pending):
                 raise RuntimeError("sampler: the queue head cannot be admitted on an empty cache")
+
+    def _read_state(self) -> None:
+        # Flattened once per read: re-flattening the nnx states cost ~1 ms per dispatch
+        # (flat_state.py).
+        self.lora, self.rest = FlatState.of(self.engine._lora), FlatState.of(self.engine._rest)
+
+    def _interrupt(self, pending: deque[_Pending]) -> None:
+        """Fetch what is in flight, run the interruption, re-read the state it replaced."""
+        while pending:
+            self._collect(pending.popleft())
+        assert self.interruption is not None
+        self.interruption.run()
+        self.interruptions += 1
+        self._read_state()
 
     # ----------------------------------------------------------------- admission
     def _free(self, b: int) -> bool:

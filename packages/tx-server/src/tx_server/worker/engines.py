@@ -124,8 +124,9 @@ class EngineHost:
                     limit = self.settings.engine.max_lora_adapters
                     raise BadRequestError(
                         f"no free adapter slot for {base_model!r}: all {limit} slots "
-                        f"(max_lora_adapters={limit}) hold live training runs; unload_model or "
-                        "finish a session to free one, or raise max_lora_adapters"
+                        f"(max_lora_adapters={limit}) hold live training runs or samplers in use "
+                        "right now; unload_model or finish a session to free one, or raise "
+                        "max_lora_adapters"
                     ) from None
 
     def add(

@@ -7,7 +7,8 @@ of one model between two barriers commute. So all passes of a round — of every
 run in one engine call per (base model, forward-only?) pair, results split back per request. If a fused call is refused
 as bad input, each request is rerun alone so one tenant's bad batch fails only that tenant.
 Sample requests of the claim are then run as one batch per base model
-(:mod:`tx_server.worker.sampling`, which also explains how training and sampling alternate).
+(:mod:`tx_server.worker.sampling`, which also explains how training and sampling alternate);
+training submitted meanwhile runs between their decode steps (:mod:`tx_server.worker.interleave`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from tx_server import convert
 from tx_server.errors import WireCategory, category_of
 from tx_server.futures import JSON, PROTOBUF, RequestType
 from tx_server.settings import Settings
+from tx_server.wake import SyncSubscription
 from tx_server.work_queue import ClaimedRequest, WorkQueue
 from tx_server.worker.engines import EngineHost, LoadedModel
 from tx_server.worker.fused import Collect, collect_all, run_fused_later
 from tx_server.worker.handlers import BarrierHandlers
+from tx_server.worker.interleave import TrainingBreaks
 from tx_server.worker.optim_steps import dispatch_optim_steps, prepare_optim_step
 from tx_server.worker.passes import decode_pass
 from tx_server.worker.rounds import plan_rounds
@@ -33,7 +36,7 @@ from tx_server.worker.sampling import SamplingRunner
 from tx_types.proto import ProtoDecodeError
 from tx_types.proto import encode_forward_backward_output as encode_output
 
-__all__ = ["HANDLED_TYPES", "Executor"]
+__all__ = ["HANDLED_TYPES", "TRAINING_TYPES", "Executor"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,9 @@ HANDLED_TYPES = frozenset(
     }
 )
 """What this worker claims (every type it has a handler for)."""
+TRAINING_TYPES = HANDLED_TYPES - {RequestType.SAMPLE}
+"""What may run between the decode steps of a sampling batch."""
+_BREAK_CLAIM_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -94,19 +100,38 @@ class Executor:
         except Exception:  # a failed sweep only delays freeing; the next one retries
             log.exception("sweeping released adapter slots failed")
 
-    def run(self, claimed: Sequence[ClaimedRequest]) -> None:
+    def run(self, claimed: Sequence[ClaimedRequest], work: SyncSubscription | None = None) -> None:
         """Execute ``claimed`` (one claim's worth) and complete or fail every request.
 
         The claim's training requests run in rounds (:func:`plan_rounds`), its samples after.
+        With the worker's ``work`` subscription, training submitted while the samples decode
+        runs between their decode steps (:class:`TrainingBreaks`).
         """
         training = [r for r in claimed if r.request_type != RequestType.SAMPLE]
+        self._run_training(training)
+        samples = [r for r in claimed if r.request_type == RequestType.SAMPLE]
+        if not samples:
+            return
+        breaks = None
+        if work is not None:
+            breaks = TrainingBreaks(
+                work,
+                claim=lambda: self.queue.claim_pending(
+                    _BREAK_CLAIM_LIMIT, request_types=TRAINING_TYPES, through_barriers=True
+                ),
+                execute=self._run_training,
+                share=self.settings.training_share_while_sampling,
+                wanted=bool(training),
+            )
+        self.sampling.run(samples, breaks)
+        if breaks is not None:
+            breaks.raise_failure()
+
+    def _run_training(self, training: Sequence[ClaimedRequest]) -> None:
         pending: list[Collect] = []
         for requests in plan_rounds(training):
             pending = self._run_round(requests, pending)
         collect_all(pending)
-        samples = [r for r in claimed if r.request_type == RequestType.SAMPLE]
-        if samples:
-            self.sampling.run(samples)
 
     def _run_round(
         self, requests: Sequence[ClaimedRequest], earlier: Sequence[Collect]

@@ -7,7 +7,8 @@ holds none yet; live training runs are restored into slots on first use
 the work subscription until a submission wakes it (the 1 s timeout re-checks the stop flag,
 covers a lost wake-up, and lets the worker free the slots of finished sessions while idle).
 A claim with sampling requests first gathers what is submitted right after it
-(:func:`gather_followers`), so a group of concurrent sample requests runs as one batch.
+(:func:`gather_followers`), so a group of concurrent sample requests runs as one batch; while
+it decodes, the work subscription lets training in between its steps (:mod:`.interleave`).
 Runs changed since their last recovery snapshot are cut once no submission has come for
 ``IDLE_GRACE_SECONDS`` (:mod:`tx_server.worker.snapshots`).
 """
@@ -67,7 +68,7 @@ def run_worker(
                     )
                 host.snapshots.set_worker_busy(bool(claimed))  # they are written while idle
                 if claimed:
-                    executor.run(claimed)
+                    executor.run(claimed, work)
                     continue
                 if host.snapshots_due:  # cut them once no request came for a moment
                     if not work.wait(timeout=IDLE_GRACE_SECONDS):

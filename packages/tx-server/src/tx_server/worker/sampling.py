@@ -10,9 +10,10 @@ later steps never touch the sampler's copy.
 How sampling and training share the one worker: the queue hands out requests in arrival
 order, of every type, up to the claim limit, and :class:`~tx_server.worker.executor.Executor`
 runs one claim as one fused training batch per engine and then one sampling batch per engine
-(this module). The next claim again takes whatever arrived first. So the two alternate: a long
-stream of sampling requests delays a training step by at most one sampling batch and vice
-versa; neither can starve the other.
+(this module). The next claim again takes whatever arrived first. So the two alternate, and
+training submitted while a sampling batch decodes does not wait for all of it: it runs between
+two decode steps, up to a share of the time (:mod:`tx_server.worker.interleave`). Neither can
+starve the other.
 
 All sample requests of a claim — of every tenant and sampler on one base model — go into one
 :meth:`Sampler.sample` call. If the engine refuses the batch as bad input, each request is rerun
@@ -29,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tx_engine.sampler import Sampler, SampleRequestArrays, SampleResult
+from tx_engine.sampler import Interruption, Sampler, SampleRequestArrays, SampleResult
 from tx_server import convert
 from tx_server.errors import WireCategory, category_of
 from tx_server.futures import PROTOBUF
@@ -63,8 +64,13 @@ class SamplingRunner:
         self.queue = queue
         self._samplers: dict[str, Sampler] = {}
 
-    def run(self, claimed: Sequence[ClaimedRequest]) -> None:
-        """Execute every sample request of one claim: one engine call per base model."""
+    def run(
+        self, claimed: Sequence[ClaimedRequest], interruption: Interruption | None = None
+    ) -> None:
+        """Execute every sample request of one claim: one engine call per base model.
+
+        ``interruption`` may run between decode steps; the sampler slots read are pinned.
+        """
         groups: dict[str, list[_Job]] = {}
         busy: set[int] = set()
         for req in claimed:
@@ -74,8 +80,9 @@ class SamplingRunner:
                 self._fail(req, exc)
                 continue
             groups.setdefault(job.base_model, []).append(job)
-        for base_model, jobs in groups.items():
-            self._run_group(self.sampler(base_model), jobs)
+        with self.host.samplers.pinned(busy):
+            for base_model, jobs in groups.items():
+                self._run_group(self.sampler(base_model), jobs, interruption)
 
     def sampler(self, base_model: str) -> Sampler:
         """The sampler of a served base model's engine, built on first use."""
@@ -100,7 +107,9 @@ class SamplingRunner:
             busy.add(slot)
         return _Job(req, body, base_model, convert.sample_request_arrays(body, slot))
 
-    def _run_group(self, sampler: Sampler, jobs: list[_Job]) -> None:
+    def _run_group(
+        self, sampler: Sampler, jobs: list[_Job], interruption: Interruption | None
+    ) -> None:
         answered: set[str] = set()
 
         def answer(ready: Sequence[tuple[_Job, SampleResult]]) -> None:
@@ -114,6 +123,7 @@ class SamplingRunner:
             return sampler.sample(
                 [j.arrays for j in group],
                 on_ready=lambda pairs: answer([(group[i], result) for i, result in pairs]),
+                interruption=interruption,
             )
 
         def fail(job: _Job, exc: BaseException) -> None:

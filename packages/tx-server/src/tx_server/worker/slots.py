@@ -4,11 +4,15 @@ Why a cache that training may evict: a sampler's weights are files on disk (a sa
 checkpoint), so dropping them costs only a reload, while a training run's slot holds state that
 exists nowhere else in full (pending gradients). When a slot is needed — for another sampler or
 for a training run — the least recently used sampler slot not in use by the current claim goes.
+Slots a sampling call reads are :meth:`SamplerSlots.pinned` while it runs: training that runs
+between its decode steps (:mod:`tx_server.worker.interleave`) may allocate slots, never those.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 from tx_engine.engine import TrainingEngine
@@ -27,10 +31,22 @@ class SamplerSlots:
 
     def __init__(self) -> None:
         self._slots: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
+        self._pinned: set[int] = set()
+
+    @contextlib.contextmanager
+    def pinned(self, slots: set[int]) -> Iterator[None]:
+        """Keep ``slots`` loaded (never evicted or reloaded) until the block ends."""
+        before = self._pinned
+        self._pinned = before | slots
+        try:
+            yield
+        finally:
+            self._pinned = before
 
     def slot(self, base_model: str, engine: TrainingEngine, path: str, busy: set[int]) -> int:
         """The slot holding ``path``'s weights, loading them (weights only) on first use."""
         key = (base_model, path)
+        busy = busy | self._pinned
         stamp = _stamp(path)
         if key in self._slots:
             slot, loaded_stamp = self._slots[key]
@@ -50,7 +66,9 @@ class SamplerSlots:
         return slot
 
     def evict(self, base_model: str, engine: TrainingEngine, busy: set[int]) -> bool:
-        """Free the least recently used sampler slot of ``base_model`` not in ``busy``."""
+        """Free the least recently used sampler slot of ``base_model`` not in ``busy`` (nor
+        pinned)."""
+        busy = busy | self._pinned
         for key, (slot, _stamp) in self._slots.items():
             if key[0] == base_model and slot not in busy:
                 engine.free_adapter(slot)

@@ -1,0 +1,119 @@
+"""Training between decode steps: a sampling call may let optimizer steps, adapter creation and
+freeing run on its engine mid-call, and neither the samples nor the training change.
+
+Two engines built alike: one trains adapter 2 alone; the other samples adapter 1 and the base
+model while the same training runs as interruptions between its decode steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tx_engine.config import EngineConfig
+from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, TrainingEngine
+from tx_engine.sampler import Sampler, SampleRequestArrays
+
+CONFIG = EngineConfig(max_lora_adapters=3, max_lora_rank=8, batch_buckets=(4,))
+PROMPT = np.array([11, 250, 37, 1999, 5, 88, 640, 12, 3, 901], np.int32)
+STEPS = 4
+
+
+def _datum(seed: int) -> DatumArrays:
+    seq = np.random.default_rng(seed).integers(5, 2000, 12)
+    return DatumArrays(seq[:-1].astype(np.int32), {"target_tokens": seq[1:].astype(np.int64)})
+
+
+def _engine(model_dir: Path) -> TrainingEngine:
+    """Adapter 1 trained once (the one sampled), adapter 2 fresh (the one trained meanwhile)."""
+    eng = TrainingEngine(model_dir, CONFIG)
+    sampled = eng.create_adapter(rank=8, seed=1)
+    eng.forward_backward([AdapterBatch(sampled, [_datum(1)])])
+    eng.optim_step(sampled, AdamParams(learning_rate=1e-2))
+    eng.create_adapter(rank=4, seed=2)
+    return eng
+
+
+def _train_step(eng: TrainingEngine, i: int) -> float:
+    out = eng.forward_backward([AdapterBatch(2, [_datum(100 + i)])])
+    eng.optim_step(2, AdamParams(learning_rate=1e-2, weight_decay=0.1))
+    return float(out[0].metrics["loss:sum"])
+
+
+class _TrainEveryThirdStep:
+    """Due before every third decode step; each run is one training step of adapter 2, and the
+    second run also creates and frees a third adapter (a slot load and reset mid-call)."""
+
+    def __init__(self, eng: TrainingEngine) -> None:
+        self.eng, self.asked, self.losses = eng, 0, []
+
+    def due(self) -> bool:
+        self.asked += 1
+        return self.asked % 3 == 0 and len(self.losses) < STEPS
+
+    def run(self) -> None:
+        self.losses.append(_train_step(self.eng, len(self.losses)))
+        if len(self.losses) == 2:
+            self.eng.free_adapter(self.eng.create_adapter(rank=8, seed=3))
+
+
+@pytest.fixture(scope="module")
+def requests() -> list[SampleRequestArrays]:
+    return [
+        SampleRequestArrays(PROMPT, 2, max_tokens=24, seed=1, stop=[], adapter=1),
+        SampleRequestArrays(PROMPT[:6], max_tokens=8, seed=2, temperature=0.7, stop=[]),
+        SampleRequestArrays(PROMPT[2:], max_tokens=20, temperature=0.0, stop=[], adapter=1),
+    ]
+
+
+def test_training_between_decode_steps_changes_neither_samples_nor_steps(
+    tiny_qwen3_dir: Path, requests: list[SampleRequestArrays]
+) -> None:
+    ref = _engine(tiny_qwen3_dir)
+    expected = Sampler(ref, max_cache_tokens=256, max_batch=4).sample(requests)
+    expected_losses = [_train_step(ref, i) for i in range(STEPS)]
+
+    mixed = _engine(tiny_qwen3_dir)
+    sampler = Sampler(mixed, max_cache_tokens=256, max_batch=4)
+    training = _TrainEveryThirdStep(mixed)
+    got = sampler.sample(requests, interruption=training)
+
+    assert sampler.interruptions == STEPS, "every training step ran inside the sampling call"
+    assert training.asked > 3 * STEPS, "decoding went on after the last interruption"
+    for res, want in zip(got, expected, strict=True):
+        for a, b in zip(res.sequences, want.sequences, strict=True):
+            np.testing.assert_array_equal(a.tokens, b.tokens)
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(training.losses, expected_losses, rtol=1e-6)
+    after, want_after = mixed.adapter_state(2), ref.adapter_state(2)
+    assert after.step == want_after.step == STEPS
+    assert after.moments is not None
+    assert want_after.moments is not None
+    for name, tree in (("factors", after.factors), ("moments", after.moments)):
+        want = getattr(want_after, name)
+        assert tree.keys() == want.keys()
+        for key, value in want.items():
+            np.testing.assert_allclose(tree[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def test_a_call_without_due_interruptions_never_runs_one(
+    tiny_qwen3_dir: Path, requests: list[SampleRequestArrays]
+) -> None:
+    class Never:
+        asked = 0
+
+        def due(self) -> bool:
+            self.asked += 1
+            return False
+
+        def run(self) -> None:
+            raise AssertionError("not due, never run")
+
+    eng = _engine(tiny_qwen3_dir)
+    sampler = Sampler(eng, max_cache_tokens=256, max_batch=4)
+    never = Never()
+    sampler.sample(requests, interruption=never)
+    assert never.asked >= sampler.decode_steps - 1 > 0  # asked before every step but the first
+    assert sampler.interruptions == 0

@@ -1,0 +1,229 @@
+"""Training submitted while a long sampling batch decodes runs between its decode steps.
+
+The live test: the unmodified tinker SDK 0.38.0 against uvicorn on 127.0.0.1 and the worker
+in a thread, serving the kit's tiny Qwen3 as ``Qwen/Qwen3-8B``. One client samples 600 tokens
+from the base model; once that request is decoding, a second tenant submits
+``forward_backward`` and ``optim_step``. Both must finish before the sample does, with the
+loss they have without sampling, and the sample must be the one it is alone. The unit tests
+pin the policy of :class:`~tx_server.worker.interleave.TrainingBreaks` with a manual clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import tinker
+from sqlalchemy import select
+from tinker import types
+
+from tx_server.db.database import Database
+from tx_server.db.models import FutureRow, FutureStatus
+from tx_server.settings import EngineSettings
+from tx_server.testing import RunningServer, run_hub_model_server
+from tx_server.work_queue import ClaimedRequest
+from tx_server.worker.interleave import TrainingBreaks
+from tx_server.worker.slots import SamplerSlots
+
+BASE = "Qwen/Qwen3-8B"
+LONG = types.SamplingParams(max_tokens=600, seed=7, stop=[])
+PROMPT = types.ModelInput.from_ints([5, 17, 42, 9, 101])
+TOKENS = [5, 17, 42, 9, 101, 77, 3, 250, 64, 12, 33, 8]
+DATUM = types.Datum(
+    model_input=types.ModelInput.from_ints(TOKENS[:-1]),
+    loss_fn_inputs={
+        "target_tokens": types.TensorData(data=TOKENS[1:], dtype="int64"),
+        "weights": types.TensorData(data=[1.0] * (len(TOKENS) - 1), dtype="float32"),
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    engine = EngineSettings(
+        max_lora_rank=8, max_lora_adapters=4, max_seq_len=64, sample_tokens_per_batch=2048
+    )
+    root = tmp_path_factory.mktemp("interleave")
+    with run_hub_model_server(root, base_models=[BASE], engine=engine) as server:
+        yield server
+
+
+def _rows(server: RunningServer, request_types: Sequence[str]) -> list[FutureRow]:
+    db = Database(server.settings.database_url)
+    try:
+        with db.core_read() as conn:
+            return list(
+                conn.execute(
+                    select(FutureRow.request_type, FutureRow.status, FutureRow.finished_at)
+                    .where(FutureRow.request_type.in_(request_types))
+                    .order_by(FutureRow.id)
+                ).all()
+            )
+    finally:
+        db.dispose()
+
+
+def _wait_until_running(server: RunningServer, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(r.status == FutureStatus.RUNNING for r in _rows(server, ["sample"])):
+        assert time.monotonic() < deadline, "the sample request was never claimed"
+        time.sleep(0.005)
+
+
+def test_training_runs_between_the_decode_steps_of_a_long_sample(
+    live: RunningServer,
+    sdk_service: Callable[[RunningServer], tinker.ServiceClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sc = sdk_service(live)
+    sampler = sc.create_sampling_client(base_model=BASE).result(timeout=120)
+    tc = sc.create_lora_training_client(BASE, rank=8, seed=1).result(timeout=120)
+    alone = sampler.sample(PROMPT, 1, LONG).result(timeout=120).sequences[0]  # and compiles
+    loss_before = tc.forward([DATUM], "cross_entropy").result(timeout=120).metrics["loss:sum"]
+    tc.forward_backward([DATUM], "cross_entropy").result(timeout=120)  # compiles the step
+    tc.optim_step(types.AdamParams(learning_rate=0.0)).result(timeout=120)
+
+    caplog.set_level(logging.INFO, logger="tx_server.worker.interleave")
+    long_future = sampler.sample(PROMPT, 1, LONG)
+    _wait_until_running(live)
+    time.sleep(0.1)  # past the worker's gather window: the batch is decoding now
+    fb = tc.forward_backward([DATUM], "cross_entropy")
+    step = tc.optim_step(types.AdamParams(learning_rate=1e-2))
+    fb_loss = fb.result(timeout=120).metrics["loss:sum"]
+    step.result(timeout=120)
+    during = long_future.result(timeout=120).sequences[0]
+
+    sample_row = _rows(live, ["sample"])[-1]
+    training = _rows(live, ["forward_backward", "optim_step"])[-2:]
+    assert sorted(r.request_type for r in training) == ["forward_backward", "optim_step"]
+    assert all(r.finished_at < sample_row.finished_at for r in training), (
+        "training waited for the whole sample"
+    )
+    assert any("between decode steps" in r.getMessage() for r in caplog.records)
+    assert during.tokens == alone.tokens
+    assert len(during.tokens) == LONG.max_tokens
+    assert fb_loss == pytest.approx(loss_before, rel=1e-6)
+    loss_after = tc.forward([DATUM], "cross_entropy").result(timeout=120).metrics["loss:sum"]
+    assert loss_after < loss_before  # the step between decode steps was applied
+
+
+class _Work:
+    """The work subscription's non-blocking read: the messages published since the last."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def wait(self, timeout: float) -> list[str]:
+        assert timeout == 0.0, "a break check never blocks the decode loop"
+        out, self.messages = self.messages, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _breaks(share: float = 0.5, run_seconds: float = 0.0) -> tuple[TrainingBreaks, _Work, _Clock]:
+    """Breaks whose every run claims one request and takes ``run_seconds`` of the clock."""
+    work, clock = _Work(), _Clock()
+    claimed = [
+        ClaimedRequest(
+            "req-1", "optim_step", "tenant", None, "model-a", 1, 1, None, True, b"{}", "json",
+            datetime.now(UTC),
+        )
+    ]  # fmt: skip
+
+    def execute(requests: Sequence[ClaimedRequest]) -> None:
+        assert requests == claimed
+        clock.now += run_seconds
+
+    breaks = TrainingBreaks(work, lambda: claimed, execute, share=share, clock=clock)
+    return breaks, work, clock
+
+
+def test_a_break_is_due_only_after_a_model_request_is_submitted() -> None:
+    breaks, work, _ = _breaks()
+    assert not breaks.due()
+    work.messages = [""]  # a sampling request: nothing to run between steps
+    assert not breaks.due()
+    work.messages = ["model-a"]
+    assert breaks.due()
+    assert breaks.due(), "still wanted until a break runs"
+    breaks.run()
+    assert not breaks.due()
+
+
+@pytest.mark.parametrize(("share", "decode_after"), [(0.5, 3.0), (0.25, 9.0), (1.0, 0.0)])
+def test_after_a_break_the_batch_decodes_for_its_share_of_the_time(
+    share: float, decode_after: float
+) -> None:
+    breaks, work, clock = _breaks(share=share, run_seconds=3.0)
+    clock.now += 60.0  # a minute of sampling alone builds up no credit for training
+    work.messages = ["model-a"]
+    assert breaks.due()
+    breaks.run()  # takes 3 s
+    assert breaks.breaks == 1
+    work.messages = ["model-a"]
+    if decode_after:
+        clock.now += decode_after - 0.01
+        assert not breaks.due()
+    clock.now += 0.01
+    assert breaks.due()
+
+
+def test_share_zero_never_breaks_and_failures_surface_after_the_batch() -> None:
+    off, work, _ = _breaks(share=0.0)
+    work.messages = ["model-a"]
+    assert not off.due()
+
+    def boom() -> list[ClaimedRequest]:
+        raise RuntimeError("database is gone")
+
+    failing = TrainingBreaks(_Work(), boom, lambda _: None, share=0.5)
+    failing.run()
+    assert not failing.due(), "no break after a failed one"
+    with pytest.raises(RuntimeError, match="database is gone"):
+        failing.raise_failure()
+
+
+def test_pinned_sampler_slots_are_never_evicted(tmp_path: Path) -> None:
+    """While a sampling call reads a slot, a training run's allocation evicts another sampler
+    or, with none left, fails; the pinned weights stay loaded."""
+    from tx_engine.config import EngineConfig
+    from tx_engine.engine import TrainingEngine
+    from tx_engine.errors import NoFreeSlotError
+    from tx_engine.testing import ensure_model
+
+    engine = TrainingEngine(
+        ensure_model("tiny-qwen3", tmp_path / "models"),
+        EngineConfig(max_lora_adapters=2, max_lora_rank=4),
+    )
+    paths = []
+    for seed in (1, 2):
+        slot = engine.create_adapter(rank=4, seed=seed)
+        engine.save_adapter(slot, tmp_path / f"sampler{seed}", include_optimizer=False)
+        engine.free_adapter(slot)
+        paths.append(str(tmp_path / f"sampler{seed}"))
+    slots = SamplerSlots()
+    first = slots.slot("base", engine, paths[0], busy=set())
+    slots.slot("base", engine, paths[1], busy=set())  # the engine is full now
+    with slots.pinned({first}):
+        assert slots.evict("base", engine, busy=set())  # the unpinned one goes
+        assert slots.held("base") == [paths[0]]
+        assert not slots.evict("base", engine, busy=set())
+        engine.create_adapter(rank=4, seed=3)  # takes the freed slot
+        with pytest.raises(NoFreeSlotError):
+            engine.create_adapter(rank=4, seed=4)
+    assert slots.slot("base", engine, paths[0], busy=set()) == first  # still loaded
+    assert slots.evict("base", engine, busy=set()), "unpinned after the block"
