@@ -14,6 +14,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,18 +117,32 @@ def test_listen_notify_wakes_polls_and_the_worker(pg_url: str, tmp_path: Path) -
         db = Database(pg_url)
         store, queue = FutureStore(db, wake_bus_for(db)), WorkQueue(Database(pg_url))
         with queue.subscribe_work() as work:
-            request_id = store.submit(
-                tenant_of_key(API_KEY),
-                Submission(
-                    RequestType.FORWARD_BACKWARD,
-                    b"\x08\x01",
-                    "application/x-protobuf",
-                    model_id="m",
-                    seq_id=1,
-                ),
-            )
-            assert work.wait(timeout=5.0) == ["m"]
-        assert [c.request_id for c in queue.claim_pending()] == [request_id]
+            started = time.perf_counter()
+            assert work.wait(timeout=0.0) == []  # a sampling batch's check: never blocks
+            assert time.perf_counter() - started < 0.5
+
+            def submit(model_id: str) -> str:
+                return store.submit(
+                    tenant_of_key(API_KEY),
+                    Submission(
+                        RequestType.FORWARD_BACKWARD,
+                        b"\x08\x01",
+                        "application/x-protobuf",
+                        model_id=model_id,
+                        seq_id=1,
+                    ),
+                )
+
+            request_id = submit("m")
+            assert work.wait(timeout=5.0) == ["m"]  # the idle worker's blocking wait
+            other_id = submit("n")
+            deadline = time.monotonic() + 10
+            while not (got := work.wait(timeout=0.0)):  # non-blocking reads see it too
+                assert time.monotonic() < deadline, "the notification never arrived"
+                time.sleep(0.001)
+            assert got == ["n"]
+        claimed = [c.request_id for c in queue.claim_pending()]
+        assert claimed == [request_id, other_id]
         queue.complete(request_id, b"\x01\x02", "application/x-protobuf")
         response = httpx.post(
             f"{server.url}/api/v1/retrieve_future",

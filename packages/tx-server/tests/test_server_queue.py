@@ -15,7 +15,7 @@ from tx_server.db.database import Database
 from tx_server.db.models import FutureRow, FutureStatus, utcnow
 from tx_server.errors import NotFoundError, ServerFaultError
 from tx_server.futures import JSON, FutureStore, RequestType, Submission
-from tx_server.wake import wake_bus_for
+from tx_server.wake import SyncSubscription, wake_bus_for
 from tx_server.work_queue import WorkQueue, prune_finished
 
 T = RequestType
@@ -159,6 +159,27 @@ def test_submission_wakes_a_waiting_worker(store: FutureStore, queue: WorkQueue)
     assert messages == ["M"]
     assert elapsed < 2.0
     assert queue.claim_pending()[0].model_id == "M"
+
+
+def test_a_non_blocking_read_returns_at_once_and_sees_later_submissions(
+    store: FutureStore, queue: WorkQueue
+) -> None:
+    """``wait(timeout=0.0)`` is what a sampling batch asks before every decode step."""
+    with queue.subscribe_work() as work:
+        started = time.perf_counter()
+        assert work.wait(timeout=0.0) == []
+        assert time.perf_counter() - started < 0.1
+        _put(store, "M", 1, T.FORWARD_BACKWARD)
+        assert _poll(work) == ["M"]
+
+
+def _poll(work: SyncSubscription, seconds: float = 10.0) -> list[str]:
+    """Non-blocking reads until one returns messages (delivery is asynchronous)."""
+    deadline = time.monotonic() + seconds
+    while not (messages := work.wait(timeout=0.0)):
+        assert time.monotonic() < deadline, "the submission never arrived"
+        time.sleep(0.001)
+    return messages
 
 
 def test_pruning_deletes_only_old_finished_futures(
