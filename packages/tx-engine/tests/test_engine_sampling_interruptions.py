@@ -1,8 +1,11 @@
-"""Training between decode steps: a sampling call may let optimizer steps, adapter creation and
-freeing run on its engine mid-call, and neither the samples nor the training change.
+"""Interruptions of a sampling call, between its decode steps.
 
-Two engines built alike: one trains adapter 2 alone; the other samples adapter 1 and the base
-model while the same training runs as interruptions between its decode steps.
+Training: optimizer steps, adapter creation and freeing run on the engine mid-call, and neither
+the samples nor the training change. Two engines built alike: one trains adapter 2 alone; the
+other samples adapter 1 and the base model while the same training runs as interruptions.
+
+Joins: requests added mid-call take rows as they free up (or a later run, when they do not fit
+the running batch) and get the samples they get alone.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import pytest
 
 from tx_engine.config import EngineConfig
 from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, TrainingEngine
+from tx_engine.errors import InputError
 from tx_engine.sampler import Sampler, SampleRequestArrays
 
 CONFIG = EngineConfig(max_lora_adapters=3, max_lora_rank=8, batch_buckets=(4,))
@@ -117,3 +121,47 @@ def test_a_call_without_due_interruptions_never_runs_one(
     sampler.sample(requests, interruption=never)
     assert never.asked >= sampler.decode_steps - 1 > 0  # asked before every step but the first
     assert sampler.interruptions == 0
+
+
+class _JoinWhenARowFrees:
+    """Joins ``later`` (and one bad request, refused) the first time a row is free."""
+
+    def __init__(self, sampler: Sampler, later: list[SampleRequestArrays]) -> None:
+        self.sampler, self.later, self.indices = sampler, later, []
+
+    def due(self) -> bool:
+        return not self.indices and self.sampler.free_rows > 0
+
+    def run(self) -> None:
+        with pytest.raises(InputError, match="max_tokens"):
+            self.sampler.join(SampleRequestArrays(PROMPT, max_tokens=0))
+        self.indices = [self.sampler.join(r) for r in self.later]
+
+
+def test_requests_join_a_running_call_and_get_what_they_get_alone(tiny_qwen3_dir: Path) -> None:
+    eng = _engine(tiny_qwen3_dir)
+    sampler = Sampler(eng, max_cache_tokens=256, max_batch=4)  # cache 64: 2 rows here
+    first = [
+        SampleRequestArrays(PROMPT, max_tokens=24, seed=1, stop=[], adapter=1),
+        SampleRequestArrays(PROMPT[:4], max_tokens=3, seed=2, stop=[]),
+    ]
+    later = [
+        SampleRequestArrays(PROMPT[2:], 2, max_tokens=6, seed=3, stop=[], adapter=1),
+        SampleRequestArrays(PROMPT, max_tokens=100, seed=4, stop=[]),  # cache 128: a later run
+    ]
+    alone = [sampler.sample([r])[0] for r in first + later]
+    with pytest.raises(RuntimeError, match="only valid"):
+        sampler.join(later[0])
+
+    joins = _JoinWhenARowFrees(sampler, later)
+    handed: list[list[int]] = []
+    got = sampler.sample(first, on_ready=lambda pairs: handed.append([i for i, _ in pairs]), interruption=joins)  # fmt: skip
+
+    assert joins.indices == [2, 3]
+    assert handed == [[1], [2], [0], [3]], "the joined request ended inside the running batch"
+    assert len(got) == 4
+    for res, want in zip(got, alone, strict=True):
+        assert len(res.sequences) == len(want.sequences)
+        for a, b in zip(res.sequences, want.sequences, strict=True):
+            np.testing.assert_array_equal(a.tokens, b.tokens)
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)

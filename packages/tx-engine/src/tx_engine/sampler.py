@@ -20,7 +20,8 @@ How a call is run:
    adapter (an RL group sent as one request per rollout). A request's result is complete as
    soon as its last row ends, and ``sample(..., on_ready=...)`` hands it out then, not when
    the whole call is done. ``sample(..., interruption=...)`` lets other work on the engine
-   (training steps) run between two decode steps of a long call.
+   (training steps) run between two decode steps of a long call, and lets requests that
+   arrive meanwhile :meth:`Sampler.join` the running batch, taking rows as they free up.
 4. Shapes are bucketed so warm-up covers everything: ``B``, admission rows and top-k sizes to
    powers of two, prompt length to a power of two ≥ ``min_prompt_bucket``, ``S`` to the power
    of two ≥ ``T + max_new - 1``. max_tokens, temperature, top-k, top-p, seeds, positions and
@@ -132,6 +133,32 @@ class SampleResult:
     prompt_alt_logprobs: np.ndarray | None = None
 
 
+class _Call:
+    """One :meth:`Sampler.sample` call's requests, rows and results (joins extend them)."""
+
+    def __init__(self, on_ready: ResultsReady | None) -> None:
+        self.on_ready = on_ready
+        self.requests: list[SampleRequestArrays] = []
+        self.jobs: list[Job] = []
+        self.rows_of: list[list[Row]] = []
+        self.rows_left: list[int] = []
+        self.results: list[SampleResult | None] = []
+        self.runs: dict[int, list[Row]] = {}  # rows not run yet, by cache length
+        self.current: ContinuousRun | None = None
+
+    def rows_done(self, ended: list[Row]) -> None:
+        """Build each request whose last row ended, and hand it out."""
+        ready = []
+        for row in ended:
+            j = row.job
+            self.rows_left[j] -= 1
+            if self.rows_left[j] == 0:
+                self.results[j] = result = _result(self.jobs[j], self.requests[j], self.rows_of[j])
+                ready.append((j, result))
+        if ready and self.on_ready is not None:
+            self.on_ready(ready)
+
+
 class Sampler:
     """Generation for a :class:`TrainingEngine` (see the module docstring).
 
@@ -168,6 +195,7 @@ class Sampler:
         self.min_prompt_bucket = min_prompt_bucket
         self.decode_fn = decode_fn
         self.decode_steps = self.cache_shifts = self.prefilled_prompts = self.interruptions = 0
+        self._call: _Call | None = None  # the sample() call in progress
         hf = engine.model_config.hf_config
         context = int(hf.get("max_position_embeddings") or max_cache_tokens)
         self.max_sequence_tokens = min(context, max_cache_tokens)
@@ -192,57 +220,86 @@ class Sampler:
         validated before anything runs, so a bad request raises before any result is handed
         out. ``interruption``, if given, is asked before each decode step whether other work
         should run now (:mod:`tx_engine.sampling.continuous`); that work must leave the
-        adapter slots of ``requests`` alone.
+        adapter slots of ``requests`` alone, and may add requests with :meth:`join`.
         """
-        jobs = [self._prepare(i, r) for i, r in enumerate(requests)]
-        runs: dict[int, list[Row]] = {}
-        rows_of: list[list[Row]] = [[] for _ in jobs]
-        for i, (job, req) in enumerate(zip(jobs, requests, strict=True)):
-            criteria = self._criteria(i, req)
-            s = self.bucket_shape(len(job.prompt), job.max_new)[1]
-            for sampling in self._sampling_rows(i, req):
-                row = Row(i, sampling, criteria.new_state(job.max_new))
-                runs.setdefault(s, []).append(row)
-                rows_of[i].append(row)
-            if req.prompt_alt_tokens_k:
-                first = runs[s][-1].sampling
-                job.alt_row = SamplingRow(
-                    first.temperature, first.top_k, first.top_p, first.seed, ALT_DRAWS_SAMPLE_INDEX
+        call = _Call(on_ready)
+        for request in requests:  # all validated before anything runs
+            self._add(call, request)
+        previous, self._call = self._call, call
+        try:
+            while call.runs:
+                s = min(call.runs)  # shortest cache first, as joins may add runs
+                rows = call.runs.pop(s)
+                batch = min(
+                    self.max_batch, pow2(len(rows)), _floor_pow2(self.max_cache_tokens // s)
                 )
-        results: list[SampleResult | None] = [None] * len(jobs)
-        rows_left = [len(rows) for rows in rows_of]
-
-        def rows_done(ended: list[Row]) -> None:
-            ready = []
-            for row in ended:
-                j = row.job
-                rows_left[j] -= 1
-                if rows_left[j] == 0:
-                    results[j] = result = _result(jobs[j], requests[j], rows_of[j])
-                    ready.append((j, result))
-            if ready and on_ready is not None:
-                on_ready(ready)
-
-        for s, rows in sorted(runs.items()):
-            batch = min(self.max_batch, pow2(len(rows)), _floor_pow2(self.max_cache_tokens // s))
-            run = ContinuousRun(
-                self.engine,
-                jobs,
-                rows,
-                batch=batch,
-                cache_len=s,
-                on_rows_done=rows_done,
-                interruption=interruption,
-            )
-            run.run()
-            self.decode_steps += run.decode_steps
-            self.cache_shifts += run.cache_shifts
-            self.prefilled_prompts += run.prefilled_prompts
-            self.interruptions += run.interruptions
-        finished = [r for r in results if r is not None]
-        if len(finished) != len(jobs):
+                run = ContinuousRun(
+                    self.engine,
+                    call.jobs,
+                    rows,
+                    batch=batch,
+                    cache_len=s,
+                    on_rows_done=call.rows_done,
+                    interruption=interruption,
+                )
+                call.current = run
+                run.run()
+                call.current = None
+                self.decode_steps += run.decode_steps
+                self.cache_shifts += run.cache_shifts
+                self.prefilled_prompts += run.prefilled_prompts
+                self.interruptions += run.interruptions
+        finally:
+            self._call = previous
+        finished = [r for r in call.results if r is not None]
+        if len(finished) != len(call.jobs):
             raise RuntimeError("sampler: a run ended with unfinished rows")
         return finished
+
+    def join(self, request: SampleRequestArrays) -> int:
+        """Add ``request`` to the :meth:`sample` call in progress; its index in that call.
+
+        Only valid from that call's ``interruption`` (between decode steps). The request is
+        validated here (a bad one raises and changes nothing). Its rows join the running batch
+        when they fit it (cache length, top-k size, adapter rank bucket), else a later run of
+        the same call; they take rows as rows free up (:attr:`free_rows`). Its result goes to
+        the call's ``on_ready`` and is appended to the call's return value.
+        """
+        if self._call is None or self._call.current is None:
+            raise RuntimeError("Sampler.join is only valid between the decode steps of a call")
+        return self._add(self._call, request)
+
+    @property
+    def free_rows(self) -> int:
+        """Decode rows of the running batch that a joining sample would take at once."""
+        call = self._call
+        return 0 if call is None or call.current is None else call.current.free_rows()
+
+    def _add(self, call: _Call, req: SampleRequestArrays) -> int:
+        """Validate ``req`` and queue its rows in ``call``; its index in the call."""
+        i = len(call.jobs)
+        job = self._prepare(i, req)
+        criteria = self._criteria(i, req)
+        rows = [
+            Row(i, sampling, criteria.new_state(job.max_new))
+            for sampling in self._sampling_rows(i, req)
+        ]
+        if req.prompt_alt_tokens_k:
+            last = rows[-1].sampling
+            job.alt_row = SamplingRow(
+                last.temperature, last.top_k, last.top_p, last.seed, ALT_DRAWS_SAMPLE_INDEX
+            )
+        call.jobs.append(job)
+        call.requests.append(req)
+        call.rows_of.append(rows)
+        call.rows_left.append(len(rows))
+        call.results.append(None)
+        s = self.bucket_shape(len(job.prompt), job.max_new)[1]
+        if call.current is not None and call.current.accepts(job, s):
+            call.current.extend(rows)
+        else:
+            call.runs.setdefault(s, []).extend(rows)
+        return i
 
     def bucket_shape(self, longest: int, max_new: int) -> tuple[int, int]:
         """``(T, S)``: bucketed prompt length and cache length for a prompt of ``longest``

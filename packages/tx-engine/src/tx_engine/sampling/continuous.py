@@ -28,7 +28,8 @@ arrays, so a run compiles nothing new inside its buckets.
 
 Interruptions: a run of long rows decodes for seconds or minutes. An :class:`Interruption`
 lets other work on the same engine (the server: training steps that arrived meanwhile) run
-between two decode steps instead of after the whole run. The run first fetches its step in
+between two decode steps instead of after the whole run, and may :meth:`ContinuousRun.extend`
+the queue with samples that arrived meanwhile (those the run :meth:`~ContinuousRun.accepts`). The run first fetches its step in
 flight, then calls the interruption, then re-reads the engine's state: an optimizer step
 donates the LoRA buffers the run held, so the old arrays are gone. The interruption may change
 any adapter slot except those the run samples from; the KV cache is the run's own.
@@ -148,7 +149,8 @@ class ContinuousRun:
         self.decode_steps = self.cache_shifts = self.prefilled_prompts = self.interruptions = 0
         # One LoRA rank bucket for the whole run (the largest rank among its jobs' adapters):
         # rank-8 tenants decode at rank 8, and admitting a job never switches programs.
-        self.graphdef = engine.graphdef_for_slots({jobs[r.job].slot for r in rows})
+        self.slots = {jobs[r.job].slot for r in rows}
+        self.graphdef = engine.graphdef_for_slots(self.slots)
         self._read_state()
         self.cache = programs.empty_cache(
             self.graphdef, self.lora, self.rest, batch=batch, cache_len=cache_len
@@ -172,6 +174,25 @@ class ContinuousRun:
                 return
             if not (live or admitted or pending):
                 raise RuntimeError("sampler: the queue head cannot be admitted on an empty cache")
+
+    def accepts(self, job: Job, cache_len: int) -> bool:
+        """Whether ``job`` (needing ``cache_len``) can join this run without a new program:
+        its cache length, sampled top-k size and adapter rank bucket fit the run's."""
+        k = min(pow2(job.sample_topk), self.engine.vocab_size) if job.sample_topk else 0
+        return (
+            cache_len <= self.cache_len
+            and k <= self.sample_topk
+            and self.engine.graphdef_for_slots(self.slots | {job.slot}) is self.graphdef
+        )
+
+    def extend(self, rows: list[Row]) -> None:
+        """Queue rows of jobs that :meth:`accepts` (appended to the shared ``jobs``)."""
+        self.queue.extend(rows)
+        self.slots |= {self.jobs[r.job].slot for r in rows}
+
+    def free_rows(self) -> int:
+        """Rows free now that no queued row is waiting for."""
+        return max(0, sum(self._free(b) for b in range(self.batch)) - len(self.queue))
 
     def _read_state(self) -> None:
         # Flattened once per read: re-flattening the nnx states cost ~1 ms per dispatch

@@ -8,7 +8,7 @@ run in one engine call per (base model, forward-only?) pair, results split back 
 as bad input, each request is rerun alone so one tenant's bad batch fails only that tenant.
 Sample requests of the claim are then run as one batch per base model
 (:mod:`tx_server.worker.sampling`, which also explains how training and sampling alternate);
-training submitted meanwhile runs between their decode steps (:mod:`tx_server.worker.interleave`).
+what is submitted meanwhile runs between their decode steps (:mod:`tx_server.worker.interleave`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tx_server.work_queue import ClaimedRequest, WorkQueue
 from tx_server.worker.engines import EngineHost, LoadedModel
 from tx_server.worker.fused import Collect, collect_all, run_fused_later
 from tx_server.worker.handlers import BarrierHandlers
-from tx_server.worker.interleave import TrainingBreaks
+from tx_server.worker.interleave import DecodeBreaks
 from tx_server.worker.optim_steps import dispatch_optim_steps, prepare_optim_step
 from tx_server.worker.passes import decode_pass
 from tx_server.worker.rounds import plan_rounds
@@ -105,7 +105,7 @@ class Executor:
 
         The claim's training requests run in rounds (:func:`plan_rounds`), its samples after.
         With the worker's ``work`` subscription, training submitted while the samples decode
-        runs between their decode steps (:class:`TrainingBreaks`).
+        runs between their decode steps, and sample requests join them (:class:`DecodeBreaks`).
         """
         training = [r for r in claimed if r.request_type != RequestType.SAMPLE]
         self._run_training(training)
@@ -114,14 +114,16 @@ class Executor:
             return
         breaks = None
         if work is not None:
-            breaks = TrainingBreaks(
+            breaks = DecodeBreaks(
                 work,
                 claim=lambda: self.queue.claim_pending(
                     _BREAK_CLAIM_LIMIT, request_types=TRAINING_TYPES, through_barriers=True
                 ),
                 execute=self._run_training,
                 share=self.settings.training_share_while_sampling,
-                wanted=bool(training),
+                room=lambda: self.sampling.join_room,
+                join=self.sampling.join_pending,
+                training_wanted=bool(training),
             )
         self.sampling.run(samples, breaks)
         if breaks is not None:

@@ -11,9 +11,9 @@ How sampling and training share the one worker: the queue hands out requests in 
 order, of every type, up to the claim limit, and :class:`~tx_server.worker.executor.Executor`
 runs one claim as one fused training batch per engine and then one sampling batch per engine
 (this module). The next claim again takes whatever arrived first. So the two alternate, and
-training submitted while a sampling batch decodes does not wait for all of it: it runs between
-two decode steps, up to a share of the time (:mod:`tx_server.worker.interleave`). Neither can
-starve the other.
+what is submitted while a sampling batch decodes does not wait for all of it: training runs
+between two decode steps, up to a share of the time, and sample requests join the batch's free
+rows (:mod:`tx_server.worker.interleave`). Neither can starve the other.
 
 All sample requests of a claim — of every tenant and sampler on one base model — go into one
 :meth:`Sampler.sample` call. If the engine refuses the batch as bad input, each request is rerun
@@ -33,7 +33,7 @@ from pathlib import Path
 from tx_engine.sampler import Interruption, Sampler, SampleRequestArrays, SampleResult
 from tx_server import convert
 from tx_server.errors import WireCategory, category_of
-from tx_server.futures import PROTOBUF
+from tx_server.futures import PROTOBUF, RequestType
 from tx_server.settings import Settings
 from tx_server.work_queue import ClaimedRequest, WorkQueue
 from tx_server.worker.engines import EngineHost
@@ -45,6 +45,15 @@ __all__ = ["SamplingRunner"]
 
 log = logging.getLogger(__name__)
 _MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class _Active:
+    """The engine call in progress: its sampler and the jobs of its result indices."""
+
+    sampler: Sampler
+    base_model: str
+    members: list[_Job]
 
 
 @dataclass(frozen=True)
@@ -63,26 +72,63 @@ class SamplingRunner:
         self.host = host
         self.queue = queue
         self._samplers: dict[str, Sampler] = {}
+        self._groups: dict[str, list[_Job]] = {}  # of the claim being run, not started yet
+        self._busy: set[int] = set()  # sampler slots the claim reads (pinned while it runs)
+        self._active: _Active | None = None  # the engine call in progress
 
     def run(
         self, claimed: Sequence[ClaimedRequest], interruption: Interruption | None = None
     ) -> None:
         """Execute every sample request of one claim: one engine call per base model.
 
-        ``interruption`` may run between decode steps; the sampler slots read are pinned.
+        ``interruption`` may run between decode steps, and add requests with
+        :meth:`join_pending`; the sampler slots read are pinned meanwhile.
         """
-        groups: dict[str, list[_Job]] = {}
-        busy: set[int] = set()
+        self._groups, self._busy = {}, set()
         for req in claimed:
+            self._add(req)
+        with self.host.samplers.pinned(self._busy):
+            while self._groups:  # joins may add groups of other base models
+                base_model = next(iter(self._groups))
+                jobs = self._groups.pop(base_model)
+                self._run_group(self.sampler(base_model), jobs, interruption)
+
+    @property
+    def join_room(self) -> int:
+        """How many requests :meth:`join_pending` would start at once (free decode rows)."""
+        return 0 if self._active is None else self._active.sampler.free_rows
+
+    def join_pending(self, limit: int) -> int:
+        """Claim up to ``limit`` pending sample requests into the engine call in progress
+        (between its decode steps); the number claimed.
+
+        A request on the call's base model joins it (:meth:`Sampler.join`); one on another
+        base model runs after it, in this claim. A bad one fails alone.
+        """
+        claimed = self.queue.claim_pending(limit, request_types=(RequestType.SAMPLE,))
+        for req in claimed:
+            job = self._add(req, join=self._active)
+            if job is None or self._active is None or job.base_model != self._active.base_model:
+                continue
             try:
-                job = self._prepare(req, busy)
+                self._active.sampler.join(job.arrays)
             except Exception as exc:
                 self._fail(req, exc)
                 continue
-            groups.setdefault(job.base_model, []).append(job)
-        with self.host.samplers.pinned(busy):
-            for base_model, jobs in groups.items():
-                self._run_group(self.sampler(base_model), jobs, interruption)
+            self._active.members.append(job)
+            log.info("sample request %s joined a running batch", req.request_id)
+        return len(claimed)
+
+    def _add(self, req: ClaimedRequest, join: _Active | None = None) -> _Job | None:
+        """Prepare ``req`` and group it by base model (unless it can ``join`` that call)."""
+        try:
+            job = self._prepare(req, self._busy)
+        except Exception as exc:
+            self._fail(req, exc)
+            return None
+        if join is None or job.base_model != join.base_model:
+            self._groups.setdefault(job.base_model, []).append(job)
+        return job
 
     def sampler(self, base_model: str) -> Sampler:
         """The sampler of a served base model's engine, built on first use."""
@@ -120,11 +166,20 @@ class SamplingRunner:
             answered.update(request_id for request_id, _, _ in done)
 
         def sample(group: Sequence[_Job]) -> list[SampleResult]:
-            return sampler.sample(
-                [j.arrays for j in group],
-                on_ready=lambda pairs: answer([(group[i], result) for i, result in pairs]),
-                interruption=interruption,
-            )
+            active = self._active = _Active(sampler, group[0].base_model, list(group))
+            try:
+                results = sampler.sample(
+                    [j.arrays for j in group],
+                    on_ready=lambda pairs: answer([(active.members[i], r) for i, r in pairs]),
+                    interruption=interruption,
+                )
+            except BaseException as exc:
+                for job in active.members[len(group) :]:  # joined: unknown to run_fused
+                    fail(job, exc)
+                raise
+            finally:
+                self._active = None
+            return results[: len(group)]  # the joined ones were answered by on_ready
 
         def fail(job: _Job, exc: BaseException) -> None:
             if job.request.request_id not in answered:  # a later failure keeps given answers

@@ -31,22 +31,22 @@ class SamplerSlots:
 
     def __init__(self) -> None:
         self._slots: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
-        self._pinned: set[int] = set()
+        self._pinned: list[set[int]] = []
 
     @contextlib.contextmanager
     def pinned(self, slots: set[int]) -> Iterator[None]:
-        """Keep ``slots`` loaded (never evicted or reloaded) until the block ends."""
-        before = self._pinned
-        self._pinned = before | slots
+        """Keep ``slots`` loaded (never evicted or reloaded) until the block ends; the set is
+        read live, so slots added to it inside the block are pinned too."""
+        self._pinned.append(slots)
         try:
             yield
         finally:
-            self._pinned = before
+            assert self._pinned.pop() is slots  # blocks nest
 
     def slot(self, base_model: str, engine: TrainingEngine, path: str, busy: set[int]) -> int:
         """The slot holding ``path``'s weights, loading them (weights only) on first use."""
         key = (base_model, path)
-        busy = busy | self._pinned
+        busy = busy.union(*self._pinned)
         stamp = _stamp(path)
         if key in self._slots:
             slot, loaded_stamp = self._slots[key]
@@ -68,7 +68,7 @@ class SamplerSlots:
     def evict(self, base_model: str, engine: TrainingEngine, busy: set[int]) -> bool:
         """Free the least recently used sampler slot of ``base_model`` not in ``busy`` (nor
         pinned)."""
-        busy = busy | self._pinned
+        busy = busy.union(*self._pinned)
         for key, (slot, _stamp) in self._slots.items():
             if key[0] == base_model and slot not in busy:
                 engine.free_adapter(slot)

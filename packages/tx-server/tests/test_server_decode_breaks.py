@@ -1,15 +1,15 @@
-"""Training submitted while a long sampling batch decodes runs between its decode steps.
+"""What is submitted while a long sampling batch decodes runs between its decode steps.
 
-The live test: the unmodified tinker SDK 0.38.0 against uvicorn on 127.0.0.1 and the worker
-in a thread, serving the kit's tiny Qwen3 as ``Qwen/Qwen3-8B``. One client samples 600 tokens
-from the base model; once that request is decoding, a second tenant submits
-``forward_backward`` and ``optim_step``. Both must finish before the sample does, with the
-loss they have without sampling, and the sample must be the one it is alone. The unit tests
-pin the policy of :class:`~tx_server.worker.interleave.TrainingBreaks` with a manual clock.
+Live tests: the unmodified tinker SDK 0.38.0 against uvicorn on 127.0.0.1 and the worker in a
+thread, serving the kit's tiny Qwen3 as ``Qwen/Qwen3-8B``. A 600-token sample decodes; a
+``forward_backward`` + ``optim_step`` submitted meanwhile, or a short sample request once a
+row of the batch is free, must finish before it, with the results they get alone. The unit
+tests pin the policy of :class:`~tx_server.worker.interleave.DecodeBreaks` with a manual clock.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +26,7 @@ from tx_server.db.models import FutureRow, FutureStatus
 from tx_server.settings import EngineSettings
 from tx_server.testing import RunningServer, run_hub_model_server
 from tx_server.work_queue import ClaimedRequest
-from tx_server.worker.interleave import TrainingBreaks
+from tx_server.worker.interleave import DecodeBreaks
 from tx_server.worker.slots import SamplerSlots
 
 BASE = "Qwen/Qwen3-8B"
@@ -48,7 +48,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         max_lora_rank=8, max_lora_adapters=4, max_seq_len=64, sample_tokens_per_batch=2048
     )
     root = tmp_path_factory.mktemp("interleave")
-    with run_hub_model_server(root, base_models=[BASE], engine=engine) as server:
+    # A wide gather window: requests sent together surely form one batch on any machine.
+    with run_hub_model_server(
+        root, base_models=[BASE], engine=engine, sample_gather_seconds=0.1
+    ) as server:
         yield server
 
 
@@ -90,7 +93,7 @@ def test_training_runs_between_the_decode_steps_of_a_long_sample(
     caplog.set_level(logging.INFO, logger="tx_server.worker.interleave")
     long_future = sampler.sample(PROMPT, 1, LONG)
     _wait_until_running(live)
-    time.sleep(0.1)  # past the worker's gather window: the batch is decoding now
+    time.sleep(0.3)  # past the worker's gather window: the batch is decoding now
     fb = tc.forward_backward([DATUM], "cross_entropy")
     step = tc.optim_step(types.AdamParams(learning_rate=1e-2))
     fb_loss = fb.result(timeout=120).metrics["loss:sum"]
@@ -109,6 +112,43 @@ def test_training_runs_between_the_decode_steps_of_a_long_sample(
     assert fb_loss == pytest.approx(loss_before, rel=1e-6)
     loss_after = tc.forward([DATUM], "cross_entropy").result(timeout=120).metrics["loss:sum"]
     assert loss_after < loss_before  # the step between decode steps was applied
+
+
+def test_a_sample_request_joins_the_free_rows_of_a_running_batch(
+    live: RunningServer,
+    sdk_service: Callable[[RunningServer], tinker.ServiceClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two 600-token requests form one 2-row batch, and one stops early on a stop token; once
+    it is answered, a 30-token request joins the free row and is answered long before the
+    batch ends (the way rollouts that end at EOS free rows for other tenants' requests)."""
+    sampler = sdk_service(live).create_sampling_client(base_model=BASE).result(timeout=120)
+    greedy = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+    stop_token = sampler.sample(PROMPT, 1, greedy).result(timeout=120).sequences[0].tokens[3]
+    stopping = types.SamplingParams(max_tokens=600, temperature=0.0, stop=[stop_token])
+    joining = types.SamplingParams(max_tokens=30, seed=9, stop=[])
+    alone = sampler.sample(PROMPT, 1, joining).result(timeout=120).sequences[0]
+    caplog.set_level(logging.INFO, logger="tx_server.worker.sampling")
+    for _ in range(2):  # the first round compiles the joined request's admission
+        long_future, stop_future = (sampler.sample(PROMPT, 1, p) for p in (LONG, stopping))
+        assert len(stop_future.result(timeout=120).sequences[0].tokens) <= 4
+        joined = sampler.sample(PROMPT, 1, joining).result(timeout=120).sequences[0]
+        long_future.result(timeout=120)
+    db = Database(live.settings.database_url)
+    with db.core_read() as conn:
+        rows = conn.execute(
+            select(FutureRow.payload, FutureRow.started_at, FutureRow.finished_at)
+            .where(FutureRow.request_type == "sample")
+            .order_by(FutureRow.id.desc())
+            .limit(3)
+        ).all()
+    db.dispose()
+    by_seed = {json.loads(r.payload)["request"]["sampling_params"]["seed"]: r for r in rows}
+    joined_row, long_row, stopped_row = by_seed[9], by_seed[LONG.seed], by_seed[None]
+    assert joined_row.started_at > stopped_row.finished_at  # claimed while the batch ran
+    assert joined_row.finished_at < long_row.finished_at, "it waited for the whole batch"
+    assert any("joined a running batch" in r.getMessage() for r in caplog.records)
+    assert joined.tokens == alone.tokens
 
 
 class _Work:
@@ -134,7 +174,7 @@ class _Clock:
         return self.now
 
 
-def _breaks(share: float = 0.5, run_seconds: float = 0.0) -> tuple[TrainingBreaks, _Work, _Clock]:
+def _breaks(share: float = 0.5, run_seconds: float = 0.0) -> tuple[DecodeBreaks, _Work, _Clock]:
     """Breaks whose every run claims one request and takes ``run_seconds`` of the clock."""
     work, clock = _Work(), _Clock()
     claimed = [
@@ -148,7 +188,7 @@ def _breaks(share: float = 0.5, run_seconds: float = 0.0) -> tuple[TrainingBreak
         assert requests == claimed
         clock.now += run_seconds
 
-    breaks = TrainingBreaks(work, lambda: claimed, execute, share=share, clock=clock)
+    breaks = DecodeBreaks(work, lambda: claimed, execute, share=share, clock=clock)
     return breaks, work, clock
 
 
@@ -182,6 +222,31 @@ def test_after_a_break_the_batch_decodes_for_its_share_of_the_time(
     assert breaks.due()
 
 
+def test_a_join_is_due_for_a_sample_submission_while_rows_are_free() -> None:
+    work, room, asked = _Work(), [0], []
+
+    def join(n: int) -> int:
+        asked.append(n)
+        return n if len(asked) == 1 else 1  # all it may take, then fewer: none left
+
+    def no_training() -> list[ClaimedRequest]:
+        raise AssertionError("no model request was submitted")
+
+    breaks = DecodeBreaks(
+        work, no_training, lambda _: None, share=0.5, room=lambda: room[0], join=join
+    )
+    work.messages = [""]
+    assert not breaks.due(), "no free row: nothing to join"
+    room[0] = 2
+    assert breaks.due()
+    breaks.run()
+    assert (asked, breaks.joined) == ([2], 2)
+    assert breaks.due(), "it took all it could: more may wait"
+    breaks.run()
+    assert (asked, breaks.joined) == ([2, 2], 3)
+    assert not breaks.due()
+
+
 def test_share_zero_never_breaks_and_failures_surface_after_the_batch() -> None:
     off, work, _ = _breaks(share=0.0)
     work.messages = ["model-a"]
@@ -190,7 +255,7 @@ def test_share_zero_never_breaks_and_failures_surface_after_the_batch() -> None:
     def boom() -> list[ClaimedRequest]:
         raise RuntimeError("database is gone")
 
-    failing = TrainingBreaks(_Work(), boom, lambda _: None, share=0.5)
+    failing = DecodeBreaks(_Work(), boom, lambda _: None, share=0.5, training_wanted=True)
     failing.run()
     assert not failing.due(), "no break after a failed one"
     with pytest.raises(RuntimeError, match="database is gone"):
@@ -218,7 +283,9 @@ def test_pinned_sampler_slots_are_never_evicted(tmp_path: Path) -> None:
     slots = SamplerSlots()
     first = slots.slot("base", engine, paths[0], busy=set())
     slots.slot("base", engine, paths[1], busy=set())  # the engine is full now
-    with slots.pinned({first}):
+    busy: set[int] = set()
+    with slots.pinned(busy):
+        busy.add(first)  # pinned as it is added (a request joining a running batch)
         assert slots.evict("base", engine, busy=set())  # the unpinned one goes
         assert slots.held("base") == [paths[0]]
         assert not slots.evict("base", engine, busy=set())
