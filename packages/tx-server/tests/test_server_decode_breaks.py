@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tinker
@@ -45,7 +46,7 @@ DATUM = types.Datum(
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     engine = EngineSettings(
-        max_lora_rank=8, max_lora_adapters=4, max_seq_len=64, sample_tokens_per_batch=2048
+        max_lora_rank=8, max_lora_adapters=8, max_seq_len=64, sample_tokens_per_batch=2048
     )
     root = tmp_path_factory.mktemp("interleave")
     # A wide gather window: requests sent together surely form one batch on any machine.
@@ -114,27 +115,23 @@ def test_training_runs_between_the_decode_steps_of_a_long_sample(
     assert loss_after < loss_before  # the step between decode steps was applied
 
 
-def test_a_sample_request_joins_the_free_rows_of_a_running_batch(
-    live: RunningServer,
-    sdk_service: Callable[[RunningServer], tinker.ServiceClient],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Two 600-token requests form one 2-row batch, and one stops early on a stop token; once
-    it is answered, a 30-token request joins the free row and is answered long before the
-    batch ends (the way rollouts that end at EOS free rows for other tenants' requests)."""
-    sampler = sdk_service(live).create_sampling_client(base_model=BASE).result(timeout=120)
+JOINING = types.SamplingParams(max_tokens=30, seed=9, stop=[])
+
+
+def _batch_then_join(
+    server: RunningServer, batch: tinker.SamplingClient, joiner: tinker.SamplingClient
+) -> tuple[list[int], Any, Any]:
+    """Two 600-token requests on ``batch`` form one 2-row batch, and one stops early on a stop
+    token; once it is answered, a ``JOINING`` request is sent on ``joiner``. Its tokens, and
+    the database rows of it and of the long request."""
     greedy = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
-    stop_token = sampler.sample(PROMPT, 1, greedy).result(timeout=120).sequences[0].tokens[3]
+    stop_token = batch.sample(PROMPT, 1, greedy).result(timeout=120).sequences[0].tokens[3]
     stopping = types.SamplingParams(max_tokens=600, temperature=0.0, stop=[stop_token])
-    joining = types.SamplingParams(max_tokens=30, seed=9, stop=[])
-    alone = sampler.sample(PROMPT, 1, joining).result(timeout=120).sequences[0]
-    caplog.set_level(logging.INFO, logger="tx_server.worker.sampling")
-    for _ in range(2):  # the first round compiles the joined request's admission
-        long_future, stop_future = (sampler.sample(PROMPT, 1, p) for p in (LONG, stopping))
-        assert len(stop_future.result(timeout=120).sequences[0].tokens) <= 4
-        joined = sampler.sample(PROMPT, 1, joining).result(timeout=120).sequences[0]
-        long_future.result(timeout=120)
-    db = Database(live.settings.database_url)
+    long_future, stop_future = (batch.sample(PROMPT, 1, p) for p in (LONG, stopping))
+    assert len(stop_future.result(timeout=120).sequences[0].tokens) <= 4
+    joined = joiner.sample(PROMPT, 1, JOINING).result(timeout=120).sequences[0].tokens
+    long_future.result(timeout=120)
+    db = Database(server.settings.database_url)
     with db.core_read() as conn:
         rows = conn.execute(
             select(FutureRow.payload, FutureRow.started_at, FutureRow.finished_at)
@@ -144,11 +141,52 @@ def test_a_sample_request_joins_the_free_rows_of_a_running_batch(
         ).all()
     db.dispose()
     by_seed = {json.loads(r.payload)["request"]["sampling_params"]["seed"]: r for r in rows}
-    joined_row, long_row, stopped_row = by_seed[9], by_seed[LONG.seed], by_seed[None]
+    joined_row, long_row, stopped_row = by_seed[JOINING.seed], by_seed[LONG.seed], by_seed[None]
     assert joined_row.started_at > stopped_row.finished_at  # claimed while the batch ran
+    return list(joined), joined_row, long_row
+
+
+def test_a_sample_request_joins_the_free_rows_of_a_running_batch(
+    live: RunningServer,
+    sdk_service: Callable[[RunningServer], tinker.ServiceClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Once a row of a running batch is free (its rollout stopped), a short request joins it
+    and is answered long before the batch ends, as rollouts that end at EOS free rows for other
+    tenants' requests."""
+    sampler = sdk_service(live).create_sampling_client(base_model=BASE).result(timeout=120)
+    alone = sampler.sample(PROMPT, 1, JOINING).result(timeout=120).sequences[0].tokens
+    caplog.set_level(logging.INFO, logger="tx_server.worker.sampling")
+    _batch_then_join(live, sampler, sampler)  # compiles the joined request's admission
+    joined, joined_row, long_row = _batch_then_join(live, sampler, sampler)
     assert joined_row.finished_at < long_row.finished_at, "it waited for the whole batch"
     assert any("joined a running batch" in r.getMessage() for r in caplog.records)
-    assert joined.tokens == alone.tokens
+    assert joined == alone
+
+
+def test_a_joining_request_loads_its_checkpoint_between_decode_steps(
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
+) -> None:
+    """The batch samples one trained adapter; the joining request another, whose checkpoint is
+    loaded into a slot while the batch decodes. It joins (its rank fits the batch's bucket)
+    and gets exactly the tokens it gets alone: the batch read the engine state again."""
+    sc = sdk_service(live)
+    samplers = []
+    for rank, seed in ((8, 11), (4, 12)):
+        tc = sc.create_lora_training_client(BASE, rank=rank, seed=seed).result(timeout=120)
+        tc.forward_backward([DATUM], "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=5e-2)).result(timeout=120)
+        samplers.append(tc.save_weights_and_get_sampling_client().result(timeout=120))
+    batch, joiner = samplers
+    first, _, _ = _batch_then_join(live, batch, joiner)  # loads the joiner's checkpoint
+    again, joined_row, long_row = _batch_then_join(live, batch, joiner)
+    assert joined_row.finished_at < long_row.finished_at, "it waited for the whole batch"
+    alone = joiner.sample(PROMPT, 1, JOINING).result(timeout=120).sequences[0].tokens
+    base = sc.create_sampling_client(base_model=BASE).result(timeout=120)
+    assert first == again == list(alone)
+    assert list(alone) != list(
+        base.sample(PROMPT, 1, JOINING).result(timeout=120).sequences[0].tokens
+    )
 
 
 class _Work:
