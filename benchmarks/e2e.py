@@ -24,6 +24,10 @@ For each model preset the script builds the kit's checkpoint, starts ``python -m
   rollouts (``R`` tokens) decodes; and that request's time alone and with the training beside
   it. The worker runs such training between decode steps, up to half the time
   (``TX_TRAINING_SHARE_WHILE_SAMPLING``);
+* **joining a running batch** — round trip of a ``max_tokens``-token request of one tenant,
+  alone and sent while another tenant's batch of two ``R``-token requests decodes with a free
+  row (one of the two stopped early on a stop token), beside the time that batch still had to
+  run: the request joins the free row instead of waiting for the batch;
 * **tenants ×N** — aggregate train tok/s of N processes, each its own API key (tenant),
   service client and LoRA adapter, stepping concurrently, for N = 1, 2, 4;
 * **engine reference** — the same train and sample workloads on ``TrainingEngine`` /
@@ -271,6 +275,42 @@ def training_while_sampling(url: str, model: str, plan: Plan) -> dict[str, float
     return result
 
 
+def joining_a_running_batch(url: str, model: str, plan: Plan) -> dict[str, float]:
+    """A short request's round trip alone and while another tenant's batch has a free row."""
+    with (
+        tinker.ServiceClient(base_url=url, api_key=f"{KEY}-batch") as first,
+        tinker.ServiceClient(base_url=url, api_key=f"{KEY}-joiner") as second,
+    ):
+        batch = first.create_sampling_client(base_model=model).result()
+        joiner = second.create_sampling_client(base_model=model).result()
+        prompt = types.ModelInput.from_ints(list(range(100, 132)))
+        short = types.SamplingParams(max_tokens=plan.max_tokens, seed=1, stop=[])
+        greedy = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+        stop_token = batch.sample(prompt, 1, greedy).result().sequences[0].tokens[3]
+        long = types.SamplingParams(max_tokens=plan.rollout_tokens, seed=2, stop=[])
+        stopping = types.SamplingParams(
+            max_tokens=plan.rollout_tokens, temperature=0.0, stop=[stop_token]
+        )
+        alone = timed(lambda: joiner.sample(prompt, 1, short).result(), 3)[1:]
+        joined, left = [], []
+        for _ in range(3):  # the first round compiles the joined admission
+            long_future, stop_future = (batch.sample(prompt, 1, p) for p in (long, stopping))
+            stop_future.result()
+            sent = time.perf_counter()
+            joiner.sample(prompt, 1, short).result()
+            answered = time.perf_counter()
+            long_future.result()
+            joined.append(answered - sent)
+            left.append(time.perf_counter() - sent)
+    result = {
+        "short_alone_ms": statistics.median(alone) * 1e3,
+        "short_joined_ms": statistics.median(joined[1:]) * 1e3,
+        "batch_left_ms": statistics.median(left[1:]) * 1e3,
+    }
+    progress(f"joining a running batch: {result}")
+    return result
+
+
 def tenants(url: str, model: str, plan: Plan, n: int) -> float:
     """Aggregate train tok/s of ``n`` tenants stepping at once, each its own process.
 
@@ -408,6 +448,7 @@ def bench_preset(preset: str, plan: Plan) -> dict[str, float]:
         with tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
             result = single_tenant(sc, url, model, plan)
         result |= training_while_sampling(url, model, plan)
+        result |= joining_a_running_batch(url, model, plan)
         for n in (1, 2, 4):
             result[f"tenants{n}_tok_s"] = tenants(url, model, plan, n)
             progress(f"{n} tenants {result[f'tenants{n}_tok_s']:.0f} tok/s")
@@ -437,6 +478,9 @@ ROWS = [
     ),
     ("rollouts_alone_s", "that sample request s, alone", "{:.2f}"),
     ("rollouts_with_training_s", "that sample request s, with the training beside it", "{:.2f}"),
+    ("short_alone_ms", "sample rt ms, 1 x {max_tokens} tok, alone", "{:.0f}"),
+    ("short_joined_ms", "sample rt ms, same, joining another tenant's batch", "{:.0f}"),
+    ("batch_left_ms", "that batch's time left when the request was sent, ms", "{:.0f}"),
     ("tenants1_tok_s", "1 tenant  aggregate train tok/s", "{:.0f}"),
     ("tenants2_tok_s", "2 tenants aggregate train tok/s", "{:.0f}"),
     ("tenants4_tok_s", "4 tenants aggregate train tok/s", "{:.0f}"),
