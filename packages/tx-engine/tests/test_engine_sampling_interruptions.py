@@ -155,7 +155,9 @@ def test_requests_join_a_running_call_and_get_what_they_get_alone(tiny_qwen3_dir
 
     joins = _JoinWhenARowFrees(sampler, later)
     handed: list[list[int]] = []
-    got = sampler.sample(first, on_ready=lambda pairs: handed.append([i for i, _ in pairs]), interruption=joins)  # fmt: skip
+    got = sampler.sample(
+        first, on_ready=lambda pairs: handed.append([i for i, _ in pairs]), interruption=joins
+    )
 
     assert joins.indices == [2, 3]
     assert handed == [[1], [2], [0], [3]], "the joined request ended inside the running batch"

@@ -28,11 +28,12 @@ arrays, so a run compiles nothing new inside its buckets.
 
 Interruptions: a run of long rows decodes for seconds or minutes. An :class:`Interruption`
 lets other work on the same engine (the server: training steps that arrived meanwhile) run
-between two decode steps instead of after the whole run, and may :meth:`ContinuousRun.extend`
-the queue with samples that arrived meanwhile (those the run :meth:`~ContinuousRun.accepts`). The run first fetches its step in
-flight, then calls the interruption, then re-reads the engine's state: an optimizer step
-donates the LoRA buffers the run held, so the old arrays are gone. The interruption may change
-any adapter slot except those the run samples from; the KV cache is the run's own.
+between two decode steps instead of after the whole run; samples that arrived meanwhile may
+:meth:`~ContinuousRun.extend` the queue then, if the run :meth:`~ContinuousRun.accepts` them.
+The run first fetches its step in flight, then calls the interruption, then re-reads the
+engine's state: an optimizer step donates the LoRA buffers the run held, so the old arrays are
+gone. The interruption may change any adapter slot except those the run samples from; the KV
+cache is the run's own.
 """
 
 from __future__ import annotations
