@@ -319,16 +319,16 @@ def test_pinned_sampler_slots_are_never_evicted(tmp_path: Path) -> None:
         engine.free_adapter(slot)
         paths.append(str(tmp_path / f"sampler{seed}"))
     slots = SamplerSlots()
-    first = slots.slot("base", engine, paths[0], busy=set())
-    slots.slot("base", engine, paths[1], busy=set())  # the engine is full now
+    first = slots.slot("base", engine, paths[0])
+    slots.slot("base", engine, paths[1])  # the engine is full now
     busy: set[int] = set()
     with slots.pinned(busy):
         busy.add(first)  # pinned as it is added (a request joining a running batch)
-        assert slots.evict("base", engine, busy=set())  # the unpinned one goes
+        assert slots.evict("base", engine)  # the unpinned one goes
         assert slots.held("base") == [paths[0]]
-        assert not slots.evict("base", engine, busy=set())
+        assert not slots.evict("base", engine)
         engine.create_adapter(rank=4, seed=3)  # takes the freed slot
         with pytest.raises(NoFreeSlotError):
             engine.create_adapter(rank=4, seed=4)
-    assert slots.slot("base", engine, paths[0], busy=set()) == first  # still loaded
-    assert slots.evict("base", engine, busy=set()), "unpinned after the block"
+    assert slots.slot("base", engine, paths[0]) == first  # still loaded
+    assert slots.evict("base", engine), "unpinned after the block"

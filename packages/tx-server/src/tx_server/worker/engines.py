@@ -120,7 +120,7 @@ class EngineHost:
             try:
                 return make(engine)
             except NoFreeSlotError:
-                if not self.samplers.evict(base_model, engine, busy=set()):
+                if not self.samplers.evict(base_model, engine):
                     limit = self.settings.engine.max_lora_adapters
                     raise BadRequestError(
                         f"no free adapter slot for {base_model!r}: all {limit} slots "

@@ -36,7 +36,7 @@ from tx_server.worker.sampling import SamplingRunner
 from tx_types.proto import ProtoDecodeError
 from tx_types.proto import encode_forward_backward_output as encode_output
 
-__all__ = ["HANDLED_TYPES", "TRAINING_TYPES", "Executor"]
+__all__ = ["HANDLED_TYPES", "Executor"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ HANDLED_TYPES = frozenset(
     }
 )
 """What this worker claims (every type it has a handler for)."""
-TRAINING_TYPES = HANDLED_TYPES - {RequestType.SAMPLE}
+_TRAINING_TYPES = HANDLED_TYPES - {RequestType.SAMPLE}
 """What may run between the decode steps of a sampling batch."""
 _BREAK_CLAIM_LIMIT = 64
 
@@ -117,7 +117,7 @@ class Executor:
             breaks = DecodeBreaks(
                 work,
                 claim=lambda: self.queue.claim_pending(
-                    _BREAK_CLAIM_LIMIT, request_types=TRAINING_TYPES, through_barriers=True
+                    _BREAK_CLAIM_LIMIT, request_types=_TRAINING_TYPES, through_barriers=True
                 ),
                 execute=self._run_training,
                 share=self.settings.training_share_while_sampling,

@@ -8,7 +8,8 @@ the work subscription until a submission wakes it (the 1 s timeout re-checks the
 covers a lost wake-up, and lets the worker free the slots of finished sessions while idle).
 A claim with sampling requests first gathers what is submitted right after it
 (:func:`gather_followers`), so a group of concurrent sample requests runs as one batch; while
-it decodes, the work subscription lets training in between its steps (:mod:`.interleave`).
+it decodes, the work subscription lets training and further sample requests in between its
+steps (:mod:`.interleave`).
 Runs changed since their last recovery snapshot are cut once no submission has come for
 ``IDLE_GRACE_SECONDS`` (:mod:`tx_server.worker.snapshots`).
 """

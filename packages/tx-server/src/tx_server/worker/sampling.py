@@ -73,7 +73,7 @@ class SamplingRunner:
         self.queue = queue
         self._samplers: dict[str, Sampler] = {}
         self._groups: dict[str, list[_Job]] = {}  # of the claim being run, not started yet
-        self._busy: set[int] = set()  # sampler slots the claim reads (pinned while it runs)
+        self._pinned: set[int] = set()  # sampler slots the claim reads
         self._active: _Active | None = None  # the engine call in progress
 
     def run(
@@ -84,10 +84,11 @@ class SamplingRunner:
         ``interruption`` may run between decode steps, and add requests with
         :meth:`join_pending`; the sampler slots read are pinned meanwhile.
         """
-        self._groups, self._busy = {}, set()
-        for req in claimed:
-            self._add(req)
-        with self.host.samplers.pinned(self._busy):
+        self._groups, self._pinned = {}, set()
+        with self.host.samplers.pinned(self._pinned):
+            for req in claimed:
+                if (job := self._prepared(req)) is not None:
+                    self._later(job)
             while self._groups:  # joins may add groups of other base models
                 base_model = next(iter(self._groups))
                 jobs = self._groups.pop(base_model)
@@ -105,30 +106,35 @@ class SamplingRunner:
         A request on the call's base model joins it (:meth:`Sampler.join`); one on another
         base model runs after it, in this claim. A bad one fails alone.
         """
+        active = self._active
         claimed = self.queue.claim_pending(limit, request_types=(RequestType.SAMPLE,))
         for req in claimed:
-            job = self._add(req, join=self._active)
-            if job is None or self._active is None or job.base_model != self._active.base_model:
+            job = self._prepared(req)
+            if job is None:
+                continue
+            if active is None or job.base_model != active.base_model:
+                self._later(job)
                 continue
             try:
-                self._active.sampler.join(job.arrays)
+                active.sampler.join(job.arrays)
             except Exception as exc:
                 self._fail(req, exc)
                 continue
-            self._active.members.append(job)
+            active.members.append(job)
             log.info("sample request %s joined a running batch", req.request_id)
         return len(claimed)
 
-    def _add(self, req: ClaimedRequest, join: _Active | None = None) -> _Job | None:
-        """Prepare ``req`` and group it by base model (unless it can ``join`` that call)."""
+    def _prepared(self, req: ClaimedRequest) -> _Job | None:
+        """``req`` prepared (its sampler checkpoint loaded and pinned), or None if it failed."""
         try:
-            job = self._prepare(req, self._busy)
+            return self._prepare(req)
         except Exception as exc:
             self._fail(req, exc)
             return None
-        if join is None or job.base_model != join.base_model:
-            self._groups.setdefault(job.base_model, []).append(job)
-        return job
+
+    def _later(self, job: _Job) -> None:
+        """Run ``job`` in its base model's engine call of this claim (not started yet)."""
+        self._groups.setdefault(job.base_model, []).append(job)
 
     def sampler(self, base_model: str) -> Sampler:
         """The sampler of a served base model's engine, built on first use."""
@@ -142,15 +148,15 @@ class SamplingRunner:
             )
         return self._samplers[base_model]
 
-    def _prepare(self, req: ClaimedRequest, busy: set[int]) -> _Job:
+    def _prepare(self, req: ClaimedRequest) -> _Job:
         data = json.loads(req.payload)
         body = SampleRequest.model_validate(data["request"])
         base_model = str(data["base_model"])
         engine = self.host.engine(base_model)
         slot = None
         if data.get("storage_path") is not None:
-            slot = self.host.samplers.slot(base_model, engine, str(data["storage_path"]), busy)
-            busy.add(slot)
+            slot = self.host.samplers.slot(base_model, engine, str(data["storage_path"]))
+            self._pinned.add(slot)
         return _Job(req, body, base_model, convert.sample_request_arrays(body, slot))
 
     def _run_group(

@@ -3,9 +3,9 @@
 Why a cache that training may evict: a sampler's weights are files on disk (a sampler
 checkpoint), so dropping them costs only a reload, while a training run's slot holds state that
 exists nowhere else in full (pending gradients). When a slot is needed — for another sampler or
-for a training run — the least recently used sampler slot not in use by the current claim goes.
-Slots a sampling call reads are :meth:`SamplerSlots.pinned` while it runs: training that runs
-between its decode steps (:mod:`tx_server.worker.interleave`) may allocate slots, never those.
+for a training run — the least recently used sampler slot not in use goes. The slots a claim's
+sampling reads are :meth:`SamplerSlots.pinned` while it runs: neither the claim's own loads nor
+training that runs between its decode steps (:mod:`tx_server.worker.interleave`) evict those.
 """
 
 from __future__ import annotations
@@ -43,14 +43,13 @@ class SamplerSlots:
         finally:
             assert self._pinned.pop() is slots  # blocks nest
 
-    def slot(self, base_model: str, engine: TrainingEngine, path: str, busy: set[int]) -> int:
+    def slot(self, base_model: str, engine: TrainingEngine, path: str) -> int:
         """The slot holding ``path``'s weights, loading them (weights only) on first use."""
         key = (base_model, path)
-        busy = busy.union(*self._pinned)
         stamp = _stamp(path)
         if key in self._slots:
             slot, loaded_stamp = self._slots[key]
-            if loaded_stamp == stamp or slot in busy:  # busy: keep one claim consistent
+            if loaded_stamp == stamp or self._is_pinned(slot):  # pinned: keep a claim consistent
                 self._slots.move_to_end(key)
                 return slot
             engine.free_adapter(slot)  # stale: the checkpoint was overwritten since
@@ -60,21 +59,22 @@ class SamplerSlots:
                 slot = engine.load_adapter(path, slot=None, with_optimizer=False)
                 break
             except NoFreeSlotError:
-                if not self.evict(base_model, engine, busy):
+                if not self.evict(base_model, engine):
                     raise
         self._slots[key] = (slot, stamp)
         return slot
 
-    def evict(self, base_model: str, engine: TrainingEngine, busy: set[int]) -> bool:
-        """Free the least recently used sampler slot of ``base_model`` not in ``busy`` (nor
-        pinned)."""
-        busy = busy.union(*self._pinned)
+    def evict(self, base_model: str, engine: TrainingEngine) -> bool:
+        """Free the least recently used sampler slot of ``base_model`` that is not pinned."""
         for key, (slot, _stamp) in self._slots.items():
-            if key[0] == base_model and slot not in busy:
+            if key[0] == base_model and not self._is_pinned(slot):
                 engine.free_adapter(slot)
                 del self._slots[key]
                 return True
         return False
+
+    def _is_pinned(self, slot: int) -> bool:
+        return any(slot in pinned for pinned in self._pinned)
 
     def held(self, base_model: str) -> list[str]:
         """Checkpoint paths cached for ``base_model``, least recently used first."""
