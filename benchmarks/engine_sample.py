@@ -101,7 +101,9 @@ def decode_ms(engine: TrainingEngine, batch: int, cache_len: int, iters: int) ->
     adapters = jnp.zeros(batch, jnp.int32)
     dparams = jax.tree.map(jnp.asarray, params)
 
-    graph = e.graphdef_for_slots({0})  # what the sampler runs: a StaticGraph, hashed once
+    # What a sampling run decodes with: a StaticGraph, hashed once, that keeps the LoRA terms
+    # (behind lora_on) so adapter rows could join.
+    graph = e.graphdef_for_slots({0}, keep_lora=True)
     lora, rest = FlatState.of(e._lora), FlatState.of(e._rest)  # flattened once, as a run does
 
     def step(i: int) -> None:

@@ -36,7 +36,8 @@ def test_rank_bucket_is_the_capped_power_of_two() -> None:
     assert rank_bucket([33], 64) == 64
     assert rank_bucket([9], 12) == 12  # capped at a max rank that is not a power of two
     assert rank_bucket([2], 4) == 4  # a max rank below the smallest bucket
-    assert rank_bucket([], 64) == 8  # base rows only
+    assert rank_bucket([], 64) == 0  # base rows only: no LoRA term
+    assert rank_bucket([0], 64) == 0
     assert rank_bucket([0, 1], 64) == 8
     with pytest.raises(AdapterError, match="max_lora_rank"):
         rank_bucket([65], 64)
@@ -158,6 +159,32 @@ def test_moe_experts_compute_at_the_rank_bucket() -> None:
     assert np.abs(low).max() > 0
 
 
+def test_rank_zero_leaves_the_lora_terms_out() -> None:
+    """Bucket 0 (base rows only): ``x·W`` alone, bit for bit what base rows get with the terms,
+    for dense and expert projections."""
+    layer, vals = make_layer(8, seed=5)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(3, 7, 6)), jnp.float32)
+    base = jnp.zeros(3, jnp.int32)
+    set_active_rank(layer, 8)
+    with_terms = np.asarray(layer(x, base))
+    set_active_rank(layer, 0)
+    np.testing.assert_array_equal(np.asarray(layer(x, base)), with_terms)
+    np.testing.assert_allclose(with_terms, np.asarray(x) @ vals["w"], rtol=1e-5, atol=1e-5)
+    moe = nnx.eval_shape(lambda: SparseMoE(8, 6, 4, 2, norm_topk_prob=True, lora=LoRASpec(3, 4),
+                         dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1)))  # fmt: skip
+    rng = np.random.default_rng(7)
+    for _, var in nnx.to_flat_state(nnx.state(moe)):
+        var.set_value(jnp.asarray(0.5 * rng.standard_normal(var.shape), jnp.float32))
+    for _, mod in lora_modules(moe):  # the base slot: scaling 0, as init_adapter leaves it
+        mod.lora_scaling.set_value(jnp.array([0.0, 1.5, 0.7]))
+    xm = jnp.asarray(rng.standard_normal((3, 4, 8)), jnp.float32)
+    run = nnx.jit(lambda m: m(xm, base))
+    set_active_rank(moe, 4)
+    with_terms = np.asarray(run(moe))
+    set_active_rank(moe, 0)
+    np.testing.assert_array_equal(np.asarray(run(moe)), with_terms)
+
+
 # ---------------------------------------------------------------- the engine
 def sft_groups(slots: list[int], seed: int) -> list[AdapterBatch]:
     rng = np.random.default_rng(seed)
@@ -190,6 +217,17 @@ def test_engine_runs_rank_8_tenants_at_rank_8(tiny_qwen3_dir: Path) -> None:
     gd8 = engine.graphdef_for_slots([0, *slots])
     assert gd8 is engine.graphdef_for_slots(slots[:1])  # cached: one graphdef per bucket
     assert {m.active_rank for _, m in lora_lib.lora_modules(nnx.merge(gd8.graphdef, engine._lora, engine._rest))} == {8}  # fmt: skip
+    # Base rows only: no LoRA terms (bucket 0), the same values bit for bit; a sampling run
+    # that adapters may join keeps them.
+    gd0 = engine.graphdef_for_slots([0])
+    assert {m.active_rank for _, m in lora_lib.lora_modules(nnx.merge(gd0.graphdef, engine._lora, engine._rest))} == {0}  # fmt: skip
+    assert engine.graphdef_for_slots([0], keep_lora=True) is gd8
+    base_rows = batching.validate(sft_groups([None], seed=9), engine.vocab_size, {None: 0})  # type: ignore[list-item]
+    (base_mb,) = batching.plan(base_rows, engine.config)
+    base_batch = jax.tree.map(jnp.asarray, dict(batching.pack(base_mb, engine.config, 0).arrays))
+    without = step.forward(gd0, engine._lora, engine._rest, base_batch, "cross_entropy", 32)
+    with_terms = step.forward(gd8, engine._lora, engine._rest, base_batch, "cross_entropy", 32)
+    np.testing.assert_array_equal(without.logprobs, with_terms.logprobs)
 
     batch = packed(engine, sft_groups(slots, seed=1))
     args = (engine._lora, engine._rest)

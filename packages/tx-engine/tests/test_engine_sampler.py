@@ -249,6 +249,9 @@ def test_no_recompilation_inside_buckets(sampler: Sampler) -> None:
         sampler.sample([req])
 
     run(10, 3, 8, seed=1)  # warm-up: prefill P=1, T=16, B=4, S=32 and its decode step
+    # Each LoRA rank bucket is its own prefill program: base prompts alone are bucket 0 (no
+    # LoRA terms), these adapters bucket 8. Warm that one up too.
+    run(10, 3, 8, seed=1, adapter=1)
     before = dict(programs.TRACE_COUNTS)
     run(7, 4, 5, seed=2, top_k=7, top_p=0.5, temperature=0.7, adapter=2)
     run(16, 3, 16, seed=3, temperature=0.0, adapter=1)

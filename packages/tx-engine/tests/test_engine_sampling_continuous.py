@@ -102,6 +102,29 @@ def test_no_recompilation_across_admissions_and_shifts(engine: TrainingEngine) -
     assert dict(programs.TRACE_COUNTS) == before
 
 
+def test_base_prompts_alone_are_prefilled_without_lora_terms(
+    engine: TrainingEngine, alone: Sampler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admission of base-model prompts only runs the program without LoRA terms (rank
+    bucket 0: a base prefill costs what the base model costs); one with an adapter prompt runs
+    the run's bucket. Outputs equal those of the mixed admission (checked above)."""
+    graphs = []
+    real_admit = programs.admit
+
+    def recording_admit(graphdef: object, *args: object, **kwargs: object) -> object:
+        graphs.append(graphdef)
+        return real_admit(graphdef, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(programs, "admit", recording_admit)
+    base = SampleRequestArrays(PROMPT, max_tokens=3, seed=1, stop=[], prompt_logprobs=True)
+    alone.sample([base])
+    assert graphs == [engine.graphdef_for_slots([0])]
+    graphs.clear()
+    alone.sample([base, replace(base, adapter=1)])
+    assert graphs == [engine.graphdef_for_slots([0, 1])]
+    assert graphs[0] is not engine.graphdef_for_slots([0])
+
+
 def test_single_row_budget_serves_requests_one_after_another(
     engine: TrainingEngine, alone: Sampler
 ) -> None:

@@ -242,16 +242,23 @@ class TrainingEngine(AdapterCheckpoints):
         parts: tuple[Any, ...] = nnx.split(model, lora_lib.LoRAParam, ...)
         self._lora, self._rest = parts[1], parts[2]
 
-    def graphdef_for_slots(self, slots: Iterable[int]) -> step.StaticGraph:
+    def graphdef_for_slots(
+        self, slots: Iterable[int], *, keep_lora: bool = False
+    ) -> step.StaticGraph:
         """The graphdef that computes a batch whose rows use ``slots`` at its rank bucket.
 
         Pass it instead of the full-rank graphdef with this engine's ``lora`` / ``rest`` to any
         program of :mod:`tx_engine.step`: LoRA runs at the power-of-two bucket of the largest
         rank among ``slots`` (0 / base rows count as rank 0), so rank-8 tenants pay for rank 8
-        whatever ``max_lora_rank`` is. One graphdef (one compiled program) per bucket, wrapped
-        once in a :class:`step.StaticGraph` so that dispatching with it hashes nothing.
+        whatever ``max_lora_rank`` is, and a batch of base rows only has no LoRA terms at all.
+        ``keep_lora``: keep them anyway, at the smallest bucket (a sampling run that adapter
+        rows may join later). One graphdef (one compiled program) per bucket, wrapped once in
+        a :class:`step.StaticGraph` so that dispatching with it hashes nothing.
         """
-        return self._static_graph_at(self._rank_for_slots(slots))
+        rank = self._rank_for_slots(slots)
+        if keep_lora and not rank:
+            rank = lora_lib.rank_bucket([1], self.config.max_lora_rank)
+        return self._static_graph_at(rank)
 
     def _rank_for_slots(self, slots: Iterable[int]) -> int:
         ranks = [self._adapters[s].rank for s in {int(s) for s in slots} if s in self._adapters]

@@ -93,6 +93,8 @@ class LoRALinear(nnx.Module):
         ).astype(self.dtype)
         if self.bias is not None:
             y_btf = y_btf + self.bias[...].astype(self.dtype)
+        if not self.lora.active_rank:  # a batch without adapter rows (rank bucket 0)
+            return y_btf
         if lora_on is None:
             return y_btf + self.lora.delta(x_btd, adapter_indices_b)
         out: jax.Array = jax.lax.cond(

@@ -76,6 +76,8 @@ class ExpertProj(nnx.Module):
         f32, dt = jnp.float32, x_nd.dtype  # accumulate in float32 even for bfloat16
         w_edf = self.weight[...].astype(dt)
         y_nf = jax.lax.ragged_dot(x_nd, w_edf, sizes_e, preferred_element_type=f32).astype(dt)
+        if not self.lora.active_rank:  # a batch without adapter rows (rank bucket 0)
+            return y_nf
         a_aedr, b_aerf = self.lora.factors()  # cut to the batch's rank bucket
         n_a, n_e = a_aedr.shape[:2]
         a_gdr = jnp.swapaxes(a_aedr, 0, 1).reshape(n_e * n_a, *a_aedr.shape[2:])

@@ -49,6 +49,7 @@ import numpy as np
 
 from tx_engine import step as programs
 from tx_engine.engine import TrainingEngine
+from tx_engine.layers.lora import BASE_SLOT
 from tx_engine.sampling.flat_state import FlatState
 from tx_engine.sampling.params import RowSamplingParams, SamplingRow
 from tx_engine.sampling.stopping import StopState
@@ -149,9 +150,11 @@ class ContinuousRun:
         self.index = 0  # host mirror of the cache's shared write index
         self.decode_steps = self.cache_shifts = self.prefilled_prompts = self.interruptions = 0
         # One LoRA rank bucket for the whole run (the largest rank among its jobs' adapters):
-        # rank-8 tenants decode at rank 8, and admitting a job never switches programs.
+        # rank-8 tenants decode at rank 8, and admitting a job never switches programs. A run
+        # of base rows keeps the terms (behind decode's lora_on) so adapter rows can join it;
+        # admissions of base prompts only leave them out (rank bucket 0).
         self.slots = {jobs[r.job].slot for r in rows}
-        self.graphdef = engine.graphdef_for_slots(self.slots)
+        self.graphdef = engine.graphdef_for_slots(self.slots, keep_lora=True)
         self._read_state()
         self.cache = programs.empty_cache(
             self.graphdef, self.lora, self.rest, batch=batch, cache_len=cache_len
@@ -183,7 +186,8 @@ class ContinuousRun:
         return (
             cache_len <= self.cache_len
             and k <= self.sample_topk
-            and self.engine.graphdef_for_slots(self.slots | {job.slot}) is self.graphdef
+            and self.engine.graphdef_for_slots(self.slots | {job.slot}, keep_lora=True)
+            is self.graphdef
         )
 
     def extend(self, rows: list[Row]) -> None:
@@ -267,8 +271,10 @@ class ContinuousRun:
             self.owner[b], self.sent[b] = row, 1
             self.start[b] = self.index - len(self.jobs[row.job].prompt)
         scoring, targets, alt, scored = self._scoring(order, n_p, t)
+        base_only = all(self.jobs[j].slot == BASE_SLOT for j in order)
+        graphdef = self.engine.graphdef_for_slots(()) if base_only else self.graphdef
         out = programs.admit(
-            self.graphdef, self.lora, self.rest, self._prompts(order, n_p, t), src, dst,
+            graphdef, self.lora, self.rest, self._prompts(order, n_p, t), src, dst,
             RowSamplingParams.stack([r.sampling for r in chosen], pad_to=n_r), self.tokens,
             jnp.asarray(self.index, jnp.int32), self.cache, targets, alt,
             scoring=scoring, sample_topk=self.sample_topk,
