@@ -164,6 +164,28 @@ def test_a_sample_request_joins_the_free_rows_of_a_running_batch(
     assert joined == alone
 
 
+def test_a_bad_joining_request_fails_alone_and_the_batch_goes_on(
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
+) -> None:
+    """A request with a token id outside the vocabulary, sent while a batch with a free row
+    decodes, fails as a user error naming the field (not its index among the batch's requests)
+    before the batch ends, and the batch's requests still complete."""
+    sampler = sdk_service(live).create_sampling_client(base_model=BASE).result(timeout=120)
+    greedy = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+    stop_token = sampler.sample(PROMPT, 1, greedy).result(timeout=120).sequences[0].tokens[3]
+    stopping = types.SamplingParams(max_tokens=600, temperature=0.0, stop=[stop_token])
+    long_future, stop_future = (sampler.sample(PROMPT, 1, p) for p in (LONG, stopping))
+    stop_future.result(timeout=120)
+    with pytest.raises(tinker.RequestFailedError) as bad:
+        sampler.sample(types.ModelInput.from_ints([5, 10**6]), 1, JOINING).result(timeout=120)
+    assert len(long_future.result(timeout=120).sequences[0].tokens) == LONG.max_tokens
+    assert bad.value.category == types.RequestErrorCategory.User
+    assert "failed: prompt_tokens has ids outside" in bad.value.message, bad.value.message
+    long_row, _, bad_row = _rows(live, ["sample"])[-3:]
+    assert (long_row.status, bad_row.status) == (FutureStatus.COMPLETED, FutureStatus.FAILED)
+    assert bad_row.finished_at < long_row.finished_at, "it waited for the whole batch"
+
+
 def test_a_joining_request_loads_its_checkpoint_between_decode_steps(
     live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:

@@ -183,6 +183,8 @@ def test_bad_sample_requests_fail_as_user_errors(
         future.result(timeout=120)
     assert bad_targets.value.category == types.RequestErrorCategory.User
     assert "target_prompt_logprobs" in bad_targets.value.message
+    for error in (bad_temp, bad_token, bad_targets):  # no index of the engine's batch
+        assert "requests[" not in error.value.message, error.value.message
     assert len(_sample(base, GREEDY).sequences[0].tokens) == len(TOKENS) - 3  # still serving
 
 

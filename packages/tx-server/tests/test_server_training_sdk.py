@@ -161,6 +161,8 @@ def test_bad_requests_fail_as_user_errors_and_server_keeps_serving(
     with pytest.raises(tinker.RequestFailedError) as bad_token:
         tc.forward_backward([too_big], "cross_entropy").result(timeout=120)
     assert bad_token.value.category == "user"
+    # Named within the request (its datum 0), not by its place in the worker's engine call.
+    assert "failed: data[0]" in str(bad_token.value), str(bad_token.value)
     mismatch = _datum(weights=[1.0, 1.0])
     with pytest.raises(tinker.RequestFailedError) as bad_shape:
         tc.forward_backward([mismatch], "cross_entropy").result(timeout=120)

@@ -12,6 +12,7 @@ turns them into JSON responses with a body and a Content-Length.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,7 @@ __all__ = [
     "UnauthorizedError",
     "WireCategory",
     "category_of",
+    "failure_message",
     "spec_for",
 ]
 
@@ -101,3 +103,17 @@ def category_of(error: BaseException) -> WireCategory:
     if category in ("user", "server"):
         return category  # type: ignore[no-any-return]
     return "server"
+
+
+_ENGINE_CALL_INDEX = re.compile(r"^(?:requests|groups)\[\d+\][.:]?\s*")
+
+
+def failure_message(error: BaseException) -> str:
+    """A failed request's message for its owner (what the worker stores on ``fail``).
+
+    The engine names a bad field by the request's place in its call (``requests[2].max_tokens
+    …``, ``groups[0].data[1].target_tokens …``). That place depends on what else the worker
+    batched or joined with the request and means nothing to the client, so it is dropped;
+    the field, and the datum's index within the request, stay.
+    """
+    return _ENGINE_CALL_INDEX.sub("", str(error)) or type(error).__name__
