@@ -18,7 +18,8 @@ For each model preset the script builds the kit's checkpoint, starts ``python -m
   only) and of two trivial *queued futures* (API → queue → worker → long-poll wake-up →
   result): a 1-token ``forward`` (the floor of every training call) and an ``optim_step`` with
   ``learning_rate=0`` (which also pays the worker's per-step recovery snapshot);
-* **logprobs-128 latency** — p50 of ``compute_logprobs`` on a 128-token prompt;
+* **logprobs-128 latency** — p50 of ``compute_logprobs`` on a 128-token prompt, on the
+  trained adapter's sampler and on the base model (what an RL loop's reference KL scores);
 * **training while another tenant samples** — p50 of one ``forward_backward`` + ``optim_step``
   of a tenant stepping back to back, alone and while a second tenant's request for ``S`` long
   rollouts (``R`` tokens) decodes; and that request's time alone and with the training beside
@@ -231,9 +232,11 @@ def single_tenant(sc: Any, url: str, model: str, plan: Plan) -> dict[str, float]
         timed(lambda: rest.get_server_capabilities().result(), plan.rt_reps)
     )
     long_prompt = types.ModelInput.from_ints(list(range(200, 328)))
-    timed(lambda: sampler.compute_logprobs(long_prompt).result(), 1)
-    lp = timed(lambda: sampler.compute_logprobs(long_prompt).result(), plan.lp_reps)
-    result["logprobs128_p50_ms"] = statistics.median(lp) * 1e3
+    base = sc.create_sampling_client(base_model=model)  # e.g. an RL reference model's KL
+    for key, client in (("logprobs128_p50_ms", sampler), ("base_logprobs128_p50_ms", base)):
+        timed(lambda c=client: c.compute_logprobs(long_prompt).result(), 1)
+        lp = timed(lambda c=client: c.compute_logprobs(long_prompt).result(), plan.lp_reps)
+        result[key] = statistics.median(lp) * 1e3
     progress(f"round trips and logprobs done: {result}")
     return result
 
@@ -470,6 +473,7 @@ ROWS = [
     ("http_rt_p50_ms", "plain HTTP rt p50 ms (get_server_capabilities)", "{:.1f}"),
     ("http_rt_p99_ms", "plain HTTP rt p99 ms (get_server_capabilities)", "{:.1f}"),
     ("logprobs128_p50_ms", "compute_logprobs 128 tok p50 ms", "{:.1f}"),
+    ("base_logprobs128_p50_ms", "compute_logprobs 128 tok p50 ms, base model", "{:.1f}"),
     ("step_alone_p50_ms", "train step p50 ms, alone", "{:.0f}"),
     (
         "step_during_p50_ms",
