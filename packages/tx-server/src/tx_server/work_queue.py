@@ -11,7 +11,7 @@ the API. Its loop is::
                 try:
                     queue.complete(req.request_id, result_bytes, PROTOBUF)
                 except Exception as e:
-                    queue.fail(req.request_id, str(e), category_of(e))
+                    queue.fail(req.request_id, failure_message(e), category_of(e))
             work.wait(timeout=1.0)       # woken by each submission; 1 s safety re-check
 
 Ordering (spec §3.8): requests of one model are taken in arrival order. A *barrier*
