@@ -138,17 +138,25 @@ def test_concat_keeps_a_non_finite_slot_to_its_own_rows() -> None:
     assert not np.all(np.isfinite(y[idx == 3]))
 
 
-def test_moe_experts_compute_at_the_rank_bucket() -> None:
-    """Expert LoRA (ragged_dot path) at active rank 2 equals full rank 4 for rank-2 slots."""
+def random_moe(rng: np.random.Generator) -> SparseMoE:
+    """A MoE block (4 experts, top 2, 3 slots at max rank 4) with random weights and factors;
+    slot 0 is the base (scaling 0, as init_adapter leaves it), slots 1 and 2 scale 1.5, 0.7."""
     moe = nnx.eval_shape(lambda: SparseMoE(8, 6, 4, 2, norm_topk_prob=True, lora=LoRASpec(3, 4),
                          dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1)))  # fmt: skip
-    rng = np.random.default_rng(4)
     for _, var in nnx.to_flat_state(nnx.state(moe)):
         var.set_value(jnp.asarray(0.5 * rng.standard_normal(var.shape), jnp.float32))
+    for _, mod in lora_modules(moe):
+        mod.lora_scaling.set_value(jnp.array([0.0, 1.5, 0.7]))
+    return moe
+
+
+def test_moe_experts_compute_at_the_rank_bucket() -> None:
+    """Expert LoRA (ragged_dot path) at active rank 2 equals full rank 4 for rank-2 slots."""
+    rng = np.random.default_rng(4)
+    moe = random_moe(rng)
     for _, mod in lora_modules(moe):  # slots 1, 2 are rank 2: zero columns / rows above
         mod.lora_a.set_value(mod.lora_a[...].at[..., 2:].set(0))
         mod.lora_b.set_value(mod.lora_b[...].at[..., 2:, :].set(0))
-        mod.lora_scaling.set_value(jnp.array([0.0, 1.5, 0.7]))
     x = jnp.asarray(rng.standard_normal((3, 4, 8)), jnp.float32)
     idx = jnp.array([2, 0, 1])
     run = nnx.jit(lambda m: m(x, idx))  # one compile per rank beats op-by-op dispatch
@@ -170,13 +178,8 @@ def test_rank_zero_leaves_the_lora_terms_out() -> None:
     set_active_rank(layer, 0)
     np.testing.assert_array_equal(np.asarray(layer(x, base)), with_terms)
     np.testing.assert_allclose(with_terms, np.asarray(x) @ vals["w"], rtol=1e-5, atol=1e-5)
-    moe = nnx.eval_shape(lambda: SparseMoE(8, 6, 4, 2, norm_topk_prob=True, lora=LoRASpec(3, 4),
-                         dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1)))  # fmt: skip
     rng = np.random.default_rng(7)
-    for _, var in nnx.to_flat_state(nnx.state(moe)):
-        var.set_value(jnp.asarray(0.5 * rng.standard_normal(var.shape), jnp.float32))
-    for _, mod in lora_modules(moe):  # the base slot: scaling 0, as init_adapter leaves it
-        mod.lora_scaling.set_value(jnp.array([0.0, 1.5, 0.7]))
+    moe = random_moe(rng)
     xm = jnp.asarray(rng.standard_normal((3, 4, 8)), jnp.float32)
     run = nnx.jit(lambda m: m(xm, base))
     set_active_rank(moe, 4)
@@ -198,9 +201,13 @@ def sft_groups(slots: list[int], seed: int) -> list[AdapterBatch]:
     return groups
 
 
-def packed(engine: TrainingEngine, groups: list[AdapterBatch]) -> dict[str, Any]:
-    """The one micro-batch the engine would build for ``groups`` (same packing code)."""
-    rows = batching.validate(groups, engine.vocab_size, {s: s for s in engine.adapters})
+def packed(
+    engine: TrainingEngine, groups: list[AdapterBatch], index: dict[Any, int] | None = None
+) -> dict[str, Any]:
+    """The one micro-batch the engine would build for ``groups`` (same packing code);
+    ``index`` maps group slots to adapter slots (default: the allocated adapters)."""
+    index = {s: s for s in engine.adapters} if index is None else index
+    rows = batching.validate(groups, engine.vocab_size, index)
     (mb_rows,) = batching.plan(rows, engine.config)
     arrays = batching.pack(mb_rows, engine.config, lora_lib.BASE_SLOT).arrays
     return jax.tree.map(jnp.asarray, dict(arrays))
@@ -222,9 +229,7 @@ def test_engine_runs_rank_8_tenants_at_rank_8(tiny_qwen3_dir: Path) -> None:
     gd0 = engine.graphdef_for_slots([0])
     assert {m.active_rank for _, m in lora_lib.lora_modules(nnx.merge(gd0.graphdef, engine._lora, engine._rest))} == {0}  # fmt: skip
     assert engine.graphdef_for_slots([0], keep_lora=True) is gd8
-    base_rows = batching.validate(sft_groups([None], seed=9), engine.vocab_size, {None: 0})  # type: ignore[list-item]
-    (base_mb,) = batching.plan(base_rows, engine.config)
-    base_batch = jax.tree.map(jnp.asarray, dict(batching.pack(base_mb, engine.config, 0).arrays))
+    base_batch = packed(engine, sft_groups([None], seed=9), {None: 0})  # type: ignore[list-item]
     without = step.forward(gd0, engine._lora, engine._rest, base_batch, "cross_entropy", 32)
     with_terms = step.forward(gd8, engine._lora, engine._rest, base_batch, "cross_entropy", 32)
     np.testing.assert_array_equal(without.logprobs, with_terms.logprobs)
