@@ -42,7 +42,7 @@ from tx_engine.config import EngineConfig
 from tx_engine.engine import TrainingEngine
 from tx_engine.sampler import Sampler, SampleRequestArrays
 from tx_engine.sampling import RowSamplingParams, SamplingRow
-from tx_engine.sampling.flat_state import FlatState
+from tx_engine.step.flat_state import FlatState
 from tx_engine.testing import ensure_model
 
 PROMPT_LEN = 16

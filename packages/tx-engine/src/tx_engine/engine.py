@@ -42,6 +42,7 @@ from tx_engine.errors import AdapterError, InputError, NoFreeSlotError
 from tx_engine.layers import lora as lora_lib
 from tx_engine.loading import load_model
 from tx_engine.sharding import TrainShardings, logical_to_pspec, make_mesh
+from tx_engine.step.flat_state import FlatState, Held, HeldAttribute
 
 __all__ = [
     "AdamParams",
@@ -87,6 +88,18 @@ class AdamParams:
 class TrainingEngine(AdapterCheckpoints):
     """Multi-tenant LoRA training over one base model (see the module docstring)."""
 
+    # The model's pieces and the optimizer's trees, read and assigned as nnx states anywhere;
+    # the per-request programs read and assign their flat side (``_held_lora.flat``, ...):
+    # see :mod:`tx_engine.step.flat_state` for what that saves per dispatch.
+    _lora = HeldAttribute()
+    _rest = HeldAttribute()
+    _grads = HeldAttribute()
+    _opt = HeldAttribute()
+    _held_lora: Held
+    _held_rest: Held
+    _held_grads: Held
+    _held_opt: Held
+
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         mesh = None
@@ -105,8 +118,7 @@ class TrainingEngine(AdapterCheckpoints):
         self._mesh = mesh
         parts: tuple[Any, ...] = nnx.split(model, lora_lib.LoRAParam, ...)
         self._graphdef: nnx.GraphDef[Any] = parts[0]
-        self._lora: step.State = parts[1]
-        self._rest: step.State = parts[2]
+        self._lora, self._rest = parts[1], parts[2]
         # Declared once from the logical-axis rules; the programs pin their outputs to it.
         self._shardings = None if mesh is None else TrainShardings(mesh, self._lora)
         self._opt = optim.init_state(self._lora)
@@ -155,7 +167,7 @@ class TrainingEngine(AdapterCheckpoints):
     @property
     def num_slots(self) -> int:
         """Slots including the base slot 0."""
-        return int(self._opt.count.shape[0])
+        return int(self._held_opt.flat.count.shape[0])  # the flat side: no states built
 
     @property
     def adapters(self) -> dict[int, LoraConfig]:
@@ -165,7 +177,7 @@ class TrainingEngine(AdapterCheckpoints):
     def step_count(self, slot: int) -> int:
         """Optimizer steps taken by ``slot`` since it was created or loaded."""
         self._require(slot)
-        return int(self._opt.count[slot])
+        return int(self._held_opt.flat.count[slot])
 
     # ----------------------------------------------------------------- slots
     def create_adapter(
@@ -233,6 +245,11 @@ class TrainingEngine(AdapterCheckpoints):
     def _reset_slot_state(self, slot: int) -> None:
         self._opt = optim.reset_slot(self._opt, slot)
         self._grads = jax.tree.map(lambda g: g.at[slot].set(0), self._grads)
+
+    def flat_model_state(self) -> tuple[FlatState, FlatState]:
+        """``lora`` and ``rest`` flat, as the engine holds them, for a caller that dispatches
+        programs per token (a sampling run): nothing is flattened or rebuilt for it."""
+        return self._held_lora.flat, self._held_rest.flat
 
     def _model(self) -> nnx.Module:
         return nnx.merge(self._graphdef, self._lora, self._rest)  # type: ignore[no-any-return]
@@ -350,13 +367,13 @@ class TrainingEngine(AdapterCheckpoints):
         batch = self._place_batch(arrays)
         chunk = self.config.logits_chunk_tokens
         sh = self._shardings
+        lora, rest = self._held_lora.flat, self._held_rest.flat
         if not backward:
-            return step.forward(
-                graphdef, self._lora, self._rest, batch, loss_fn, chunk, shardings=sh
-            )
-        out, self._grads = step.forward_backward(
-            graphdef, self._lora, self._rest, self._grads, batch, loss_fn, chunk, rank, sh
+            return step.forward.flat(graphdef, lora, rest, batch, loss_fn, chunk, shardings=sh)
+        out, grads = step.forward_backward.flat(
+            graphdef, lora, rest, self._held_grads.flat, batch, loss_fn, chunk, rank, sh
         )
+        self._grads = Held(flat=grads)
         return out
 
     # ----------------------------------------------------------------- optimizer
@@ -384,16 +401,17 @@ class TrainingEngine(AdapterCheckpoints):
             if slot in params:
                 hyper = hyper.with_slot(i, **asdict(params[slot]))
                 mask[i] = True
-        self._lora, self._opt, self._grads, metrics = step.apply_update(
-            self._lora,
-            self._opt,
-            self._grads,
+        lora, opt, grads, metrics = step.apply_update(
+            self._held_lora.flat,
+            self._held_opt.flat,
+            self._held_grads.flat,
             hyper,
             mask,
             slots,
             rank=self._rank_for_slots(params),
             shardings=self._shardings,
         )
+        self._lora, self._opt, self._grads = Held(flat=lora), Held(flat=opt), Held(flat=grads)
         where = {slot: i for i, slot in enumerate(slots.tolist())}
 
         def fetch() -> dict[int, dict[str, float]]:

@@ -23,6 +23,7 @@ from tx_engine.checkpoint import LoraConfig
 from tx_engine.config import EngineConfig
 from tx_engine.errors import AdapterError, CheckpointError
 from tx_engine.loading import save_hf_weights
+from tx_engine.step.flat_state import Held, unflatten_states
 
 
 class AdapterCheckpoints:
@@ -33,6 +34,8 @@ class AdapterCheckpoints:
     model_dir: Path
     _lora: step.State
     _opt: optim.OptState
+    _held_lora: Held
+    _held_opt: Held
     _adapters: dict[int, LoraConfig]
     _groups: dict[str, str]
 
@@ -78,13 +81,14 @@ class AdapterCheckpoints:
         """
         self._require(slot)
         cfg = self._adapters[slot]
-        trees = (self._lora, self._opt.count) + (
-            (self._opt.m, self._opt.v) if include_optimizer else ()
-        )
-        cut = step.take_slot(trees, jnp.int32(slot))  # one dispatch for everything
+        # The flat sides, kept flat until the host copy: a recovery snapshot follows every
+        # optimizer step, and building the states here would put that work on the step's path.
+        lora, opt = self._held_lora.flat, self._held_opt.flat
+        trees = (lora, opt.count) + ((opt.m, opt.v) if include_optimizer else ())
+        cut = step.take_slot.flat(trees, jnp.int32(slot))  # one dispatch for everything
 
         def to_host() -> checkpoint.AdapterState:
-            weights, count, *moments = jax.device_get(cut)
+            weights, count, *moments = unflatten_states(jax.device_get(cut))
             host_moments = None
             if moments:
                 host_moments = {

@@ -50,7 +50,6 @@ import numpy as np
 from tx_engine import step as programs
 from tx_engine.engine import TrainingEngine
 from tx_engine.layers.lora import BASE_SLOT
-from tx_engine.sampling.flat_state import FlatState
 from tx_engine.sampling.params import RowSamplingParams, SamplingRow
 from tx_engine.sampling.stopping import StopState
 
@@ -200,9 +199,9 @@ class ContinuousRun:
         return max(0, sum(self._free(b) for b in range(self.batch)) - len(self.queue))
 
     def _read_state(self) -> None:
-        # Flattened once per read: re-flattening the nnx states cost ~1 ms per dispatch
-        # (flat_state.py).
-        self.lora, self.rest = FlatState.of(self.engine._lora), FlatState.of(self.engine._rest)
+        # Flat, as the engine holds them: flattening the nnx states per dispatch cost ~1 ms
+        # (step/flat_state.py).
+        self.lora, self.rest = self.engine.flat_model_state()
 
     def _interrupt(self, pending: deque[_Pending]) -> None:
         """Fetch what is in flight, run the interruption, re-read the state it replaced."""

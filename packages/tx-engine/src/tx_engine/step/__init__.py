@@ -28,7 +28,9 @@ that argument is None and the programs are unchanged.
 
 The engine hands out graphdefs wrapped in :class:`StaticGraph` (hashed once per graphdef, not
 per dispatch; :meth:`TrainingEngine.graphdef_for_slots` returns one); every program also takes a
-bare ``GraphDef``.
+bare ``GraphDef``. Likewise the model's state trees cross every jit boundary flat
+(:mod:`.flat_state`): the training programs take and return ``nnx.State`` or, through their
+``.flat`` form, the flat trees the engine holds.
 
 Target log-probs are computed ``logits_chunk`` tokens at a time (static; see
 :func:`_target_logprobs`), so ``[B, T, V]`` logits never exist at once. The loss name is static

@@ -4,9 +4,10 @@ They take the same ``graphdef`` / ``lora`` / ``rest`` pieces as the training pro
 sampled token is scored by exactly the weights that :func:`tx_engine.step.forward` uses.
 ``graphdef`` is static; pass the engine's :class:`StaticGraph` (hashed once) rather than a bare
 ``GraphDef``, whose hash walks its whole node tree on every dispatch. For the same reason a
-sampling run passes ``lora`` / ``rest`` as :class:`FlatState` (flattened once per run): jit
+sampling run passes ``lora`` / ``rest`` as :class:`FlatState` (as the engine holds them): jit
 flattens an ``nnx.State`` argument in Python, one callback per variable, ~1 ms per dispatch
-for the small preset's ~260 variables, against ~0.07 ms for the same arrays pre-flattened.
+for the small preset's ~260 variables, against ~0.07 ms for the same arrays pre-flattened
+(:mod:`tx_engine.step.flat_state`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tx_engine.sampling import (
     topk_logprobs,
 )
 from tx_engine.sampling.decode import decode_logits
-from tx_engine.sampling.flat_state import FlatState, state_of
+from tx_engine.step.flat_state import FlatState, state_of
 from tx_engine.step.graph import TRACE_COUNTS, State, StaticGraph, graph_of
 
 

@@ -6,7 +6,6 @@ programs compiled once.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import jax
@@ -18,6 +17,7 @@ from jax.typing import ArrayLike
 from tx_engine import losses, optim
 from tx_engine.layers import lora as lora_lib
 from tx_engine.sharding import TrainShardings, constrain, constrain_rows
+from tx_engine.step.flat_state import FlatState, flat_jit
 from tx_engine.step.graph import TRACE_COUNTS, Batch, State, StaticGraph, graph_of
 
 
@@ -85,7 +85,7 @@ def _target_logprobs(
     return jnp.moveaxis(out, 0, 1).reshape(targets.shape)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "logits_chunk", "shardings"))
+@flat_jit(static_argnames=("graphdef", "loss_fn", "logits_chunk", "shardings"))
 def forward(
     graphdef: nnx.GraphDef[Any] | StaticGraph,
     lora: State,
@@ -101,8 +101,7 @@ def forward(
     return outputs
 
 
-@partial(
-    jax.jit,
+@flat_jit(
     static_argnames=("graphdef", "loss_fn", "logits_chunk", "rank", "shardings"),
     donate_argnames=("grads",),
 )
@@ -139,15 +138,15 @@ def forward_backward(
 
 
 def apply_update(
-    lora: State,
+    lora: State | FlatState,
     opt_state: optim.OptState,
-    grads: State,
+    grads: State | FlatState,
     hyper: optim.AdamHyper,
     step_mask: ArrayLike,
     slots: ArrayLike,
     rank: int,
     shardings: TrainShardings | None = None,
-) -> tuple[State, optim.OptState, State, optim.StepMetrics]:
+) -> tuple[FlatState, optim.OptState, FlatState, optim.StepMetrics]:
     """AdamW on ``slots`` ([U] distinct) where ``step_mask`` ([U] bool) is set; their
     accumulators go to 0. ``hyper`` and the returned metrics are per entry of ``slots``.
 
@@ -163,17 +162,21 @@ def apply_update(
     updates read the accumulator that is cleared in place) and, unable to order them, copied
     every donated ``[A, …, R]`` buffer — twice — so a rank-8 step at ``max_lora_rank`` 64 moved
     6× the bytes of one at 8. Split, each write reads only its own buffer and fresh inputs.
+
+    The trees go in as states or flat, and come back flat (:class:`FlatState`, an ``OptState``
+    of them): the engine holds them so, and the intermediate results never become states
+    (:func:`unflatten_states` rebuilds them).
     """
-    new_lora, new_opt, new_grads, metrics = adamw_slots(
+    new_lora, new_opt, new_grads, metrics = adamw_slots.flat(
         lora, opt_state, grads, hyper, step_mask, slots, rank=rank
     )
-    lora, opt_state, grads = write_slots(
+    written: tuple[FlatState, optim.OptState, FlatState] = write_slots.flat(
         lora, opt_state, grads, new_lora, new_opt, new_grads, slots, rank=rank, shardings=shardings
     )
-    return lora, opt_state, grads, metrics
+    return *written, metrics
 
 
-@partial(jax.jit, static_argnames=("rank",))
+@flat_jit(static_argnames=("rank",))
 def adamw_slots(
     lora: State,
     opt_state: optim.OptState,
@@ -203,11 +206,7 @@ def adamw_slots(
     return new_lora, new_opt, jax.tree.map(clear, sub_grads), metrics
 
 
-@partial(
-    jax.jit,
-    static_argnames=("rank", "shardings"),
-    donate_argnames=("lora", "opt_state", "grads"),
-)
+@flat_jit(static_argnames=("rank", "shardings"), donate_argnames=("lora", "opt_state", "grads"))
 def write_slots(
     lora: State,
     opt_state: optim.OptState,
@@ -237,7 +236,7 @@ def write_slots(
     return lora_out, optim.OptState(m, v, count), grads_out
 
 
-@jax.jit
+@flat_jit()
 def take_slot(tree: Any, slot: Array) -> Any:
     """Every leaf's ``[slot]`` in one dispatch (``slot`` traced: one program for all slots).
 
@@ -254,10 +253,8 @@ def zeros_like_state(state: State) -> State:
     return zeros
 
 
-@partial(
-    jax.jit,
-    static_argnames=("graphdef", "tx", "logits_chunk"),
-    donate_argnames=("params", "opt_state"),
+@flat_jit(
+    static_argnames=("graphdef", "tx", "logits_chunk"), donate_argnames=("params", "opt_state")
 )
 def full_train_step(
     graphdef: nnx.GraphDef[Any],
