@@ -6,10 +6,10 @@ holds none yet; live training runs are restored into slots on first use
 (:mod:`tx_server.worker.recovery`). Then: claim everything runnable, execute it, and block on
 the work subscription until a submission wakes it (the 1 s timeout re-checks the stop flag,
 covers a lost wake-up, and lets the worker free the slots of finished sessions while idle).
-A claim with sampling requests first gathers what is submitted right after it
-(:func:`gather_followers`), so a group of concurrent sample requests runs as one batch; while
-it decodes, the work subscription lets training and further sample requests in between its
-steps (:mod:`.interleave`).
+A claim with sampling requests first gathers what is submitted right after it, so a group of
+concurrent sample requests runs as one batch, unless its sessions sample one request at a
+time (:mod:`.gathering`); while it decodes, the work subscription lets training and further
+sample requests in between its steps (:mod:`.interleave`).
 Runs changed since their last recovery snapshot are cut once no submission has come for
 ``IDLE_GRACE_SECONDS`` (:mod:`tx_server.worker.snapshots`).
 """
@@ -23,18 +23,16 @@ import time
 from collections.abc import Iterator
 
 from tx_server.db.database import Database
-from tx_server.futures import RequestType
 from tx_server.settings import Settings
-from tx_server.wake import SyncSubscription
-from tx_server.work_queue import RESTART_MESSAGE, ClaimedRequest, WorkQueue
-from tx_server.worker.executor import HANDLED_TYPES, Executor
+from tx_server.work_queue import RESTART_MESSAGE, WorkQueue
+from tx_server.worker.executor import Executor
+from tx_server.worker.gathering import LoneSessions, claim, gather_followers, sample_requests
 from tx_server.worker.snapshots import IDLE_GRACE_SECONDS
 
 __all__ = ["run_worker", "worker_thread"]
 
 log = logging.getLogger(__name__)
 CLAIM_LIMIT = 64
-GATHER_GAPS = 4
 RECHECK_SECONDS = 1.0
 SWEEP_SECONDS = 1.0
 """How often (at most) to look for runs whose session finished or that were unloaded."""
@@ -54,6 +52,7 @@ def run_worker(
             log.warning("failed %d requests left running by a previous worker", failed)
         executor.host.recovery.clear_slots()
         host = executor.host
+        lone = LoneSessions()
         swept_at = 0.0
         with queue.subscribe_work() as work:
             if ready is not None:
@@ -62,14 +61,16 @@ def run_worker(
                 if time.monotonic() - swept_at >= SWEEP_SECONDS:
                     executor.sweep()
                     swept_at = time.monotonic()
-                claimed = _claim(queue, CLAIM_LIMIT)
-                if any(r.request_type == RequestType.SAMPLE for r in claimed):
+                claimed = claim(queue, CLAIM_LIMIT)
+                samples = sample_requests(claimed)
+                if samples and not lone.skip_gather(samples):
                     claimed += gather_followers(
                         queue, work, settings.sample_gather_seconds, CLAIM_LIMIT - len(claimed)
                     )
                 host.snapshots.set_worker_busy(bool(claimed))  # they are written while idle
                 if claimed:
                     executor.run(claimed, work)
+                    lone.answered(sample_requests(claimed))
                     continue
                 if host.snapshots_due:  # cut them once no request came for a moment
                     if not work.wait(timeout=IDLE_GRACE_SECONDS):
@@ -81,33 +82,6 @@ def run_worker(
             executor.host.close()  # pending recovery snapshots reach the disk
         queue.bus.close()
         db.dispose()
-
-
-def _claim(queue: WorkQueue, limit: int) -> list[ClaimedRequest]:
-    return queue.claim_pending(limit=limit, request_types=HANDLED_TYPES, through_barriers=True)
-
-
-def gather_followers(
-    queue: WorkQueue, work: SyncSubscription, gap: float, limit: int
-) -> list[ClaimedRequest]:
-    """What is submitted within ``gap`` s of the last submission (at most ``GATHER_GAPS``
-    gaps), claimed to run with a claim that holds sampling requests.
-
-    Why: the cookbook sends an RL group as one ``sample`` request per rollout, all at once, and
-    they reach the database one after another (the API inserts them in turn: spread over
-    ~10 ms for 4 requests on a 2-core host, up to 80 ms for 8, which a 5 ms gap still splits).
-    Woken by the first, the worker would run it alone and the rest as a second batch: two
-    decode loops instead of one, no shared prefill, and a compile for every new way of
-    splitting the group. A lone request pays one ``gap``. Order stays safe: a model with a
-    request of the first claim still running gives nothing to these claims (``claim_pending``).
-    """
-    more: list[ClaimedRequest] = []
-    deadline = time.monotonic() + GATHER_GAPS * gap
-    while len(more) < limit and (left := deadline - time.monotonic()) > 0:
-        if not work.wait(timeout=min(gap, left)):
-            break
-        more += _claim(queue, limit - len(more))
-    return more
 
 
 @contextlib.contextmanager
