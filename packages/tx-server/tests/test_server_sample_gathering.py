@@ -3,7 +3,7 @@
 A group of concurrent requests must still run as one batch; a client that waits for each
 answer before it sends the next request must stop paying the gather window after a few
 requests. The unit tests drive :class:`LoneSessions` with claimed requests; the live test runs
-the official SDK against a server whose gather window is wide (1 s), so waiting and not
+the official SDK against a server whose gather window is wide (0.5 s), so waiting and not
 waiting differ by far more than a request's run time on any machine.
 """
 
@@ -25,7 +25,7 @@ from tx_server.work_queue import ClaimedRequest
 from tx_server.worker.gathering import LoneSessions
 
 BASE = "Qwen/Qwen3-8B"
-GAP = 1.0
+GAP = 0.5
 
 
 def _request(session: str, created_at: datetime, n: int = 0) -> ClaimedRequest:
@@ -64,12 +64,13 @@ def test_a_session_that_waits_for_each_answer_stops_gathering() -> None:
     first = _request("a", datetime.now(UTC))
     assert not lone.skip_gather([first])  # nothing known yet
     lone.answered([first])
-    second = _after_answer("a")
-    assert not lone.skip_gather([second])  # one sequential request is not enough
-    lone.answered([second])
-    third = _after_answer("a")
-    assert lone.skip_gather([third])
-    lone.answered([third])
+    for _ in range(LoneSessions.LONE_AFTER - 1):  # not enough sequential requests yet
+        request = _after_answer("a")
+        assert not lone.skip_gather([request])
+        lone.answered([request])
+    request = _after_answer("a")
+    assert lone.skip_gather([request])
+    lone.answered([request])
     naive_utc = (datetime.now(UTC) + timedelta(seconds=1)).replace(tzinfo=None)  # as stored
     assert lone.skip_gather([_request("a", naive_utc)])
 
@@ -153,12 +154,13 @@ def test_sequential_requests_stop_waiting_and_groups_still_run_as_one_batch(
     sampler = sc.create_sampling_client(base_model=BASE).result()
     prompt = types.ModelInput.from_ints([5, 17, 42])
     params = types.SamplingParams(max_tokens=4, seed=0, stop=[])
-    for _ in range(4):
+    n = LoneSessions.LONE_AFTER
+    for _ in range(n + 2):
         sampler.sample(prompt, num_samples=1, sampling_params=params).result(timeout=120)
-    waits = [(done - claimed).total_seconds() for claimed, done in _last_samples(live, 4)]
-    # The first two wait out the window; from the third on the session counts as lone.
-    assert min(waits[:2]) >= GAP
-    assert max(waits[2:]) < GAP / 2
+    waits = [(done - claimed).total_seconds() for claimed, done in _last_samples(live, n + 2)]
+    # The first ones wait out the window; then the session counts as lone.
+    assert min(waits[:n]) >= GAP
+    assert max(waits[n:]) < GAP / 2
 
     group = [types.SamplingParams(max_tokens=4, seed=s, stop=[]) for s in range(4)]
     for _ in range(2):  # the first group on a lone session may still be split, once

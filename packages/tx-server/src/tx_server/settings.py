@@ -140,7 +140,9 @@ class Settings(BaseSettings):
         le=1,
         description="After claiming sampling requests, the worker keeps claiming what is "
         "submitted within this many seconds of the last submission (at most 4 such gaps), so "
-        "an RL group sent as one request per rollout runs as one batch; 0 turns it off.",
+        "an RL group sent as one request per rollout runs as one batch; 0 turns it off. "
+        "Sampling sessions that only ever send one request at a time skip it after their "
+        "first few requests.",
     )
     training_share_while_sampling: float = Field(
         default=0.5,

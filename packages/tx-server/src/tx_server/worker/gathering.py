@@ -71,7 +71,9 @@ class LoneSessions:
     between the two classes, which changes how long a claim waits, never what it computes.
     """
 
-    LONE_AFTER = 2
+    LONE_AFTER = 4
+    """Sequential requests before a session counts as lone: enough that a client probing once
+    or twice before it sends its groups (as tests and warm-ups do) never sees one split."""
     MAX_SESSIONS = 4096
     """Sessions remembered (least recently answered first out): an unknown session gathers."""
 
