@@ -42,7 +42,6 @@ from tx_engine.config import EngineConfig
 from tx_engine.engine import TrainingEngine
 from tx_engine.sampler import Sampler, SampleRequestArrays
 from tx_engine.sampling import RowSamplingParams, SamplingRow
-from tx_engine.step.flat_state import FlatState
 from tx_engine.testing import ensure_model
 
 PROMPT_LEN = 16
@@ -104,7 +103,7 @@ def decode_ms(engine: TrainingEngine, batch: int, cache_len: int, iters: int) ->
     # What a sampling run decodes with: a StaticGraph, hashed once, that keeps the LoRA terms
     # (behind lora_on) so adapter rows could join.
     graph = e.graphdef_for_slots({0}, keep_lora=True)
-    lora, rest = FlatState.of(e._lora), FlatState.of(e._rest)  # flattened once, as a run does
+    lora, rest = e.flat_model_state()  # flat, as a run takes them from the engine
 
     def step(i: int) -> None:
         nonlocal cache, tok
