@@ -11,7 +11,7 @@ the API. Its loop is::
                 try:
                     queue.complete(req.request_id, result_bytes, PROTOBUF)
                 except Exception as e:
-                    queue.fail(req.request_id, failure_message(e), category_of(e))
+                    queue.fail_claimed(req, e, category_of(e))
             work.wait(timeout=1.0)       # woken by each submission; 1 s safety re-check
 
 Ordering (spec §3.8): requests of one model are taken in arrival order. A *barrier*
@@ -28,6 +28,7 @@ advisory transaction lock on PostgreSQL), so two workers never claim the same ro
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
@@ -37,11 +38,13 @@ from sqlalchemy import Connection, Table, bindparam, delete, func, select, updat
 
 from tx_server.db.database import Database
 from tx_server.db.models import FutureRow, FutureStatus, utcnow
-from tx_server.errors import NotFoundError, ServerFaultError, WireCategory
+from tx_server.errors import NotFoundError, ServerFaultError, WireCategory, failure_message
 from tx_server.futures import JSON, PROTOBUF
 from tx_server.wake import FUTURES, WORK, SyncSubscription, WakeBus, wake_bus_for
 
 __all__ = ["KEPT_TYPES", "RESTART_MESSAGE", "ClaimedRequest", "WorkQueue", "prune_finished"]
+
+log = logging.getLogger(__name__)
 
 _CLAIM_LOCK_KEY = 0x7478_5155  # "txQU": the advisory lock that serializes claims on PostgreSQL
 _RESULT_TYPES = (JSON, PROTOBUF)
@@ -199,6 +202,18 @@ class WorkQueue:
             new_error=message or "request failed",
             new_category=category,
         )
+
+    def fail_claimed(
+        self, request: ClaimedRequest, error: BaseException, category: WireCategory
+    ) -> None:
+        """Fail a claimed ``request`` because of ``error``: the message its owner reads
+        (:func:`~tx_server.errors.failure_message`), and the traceback in the log when the
+        fault is the server's."""
+        if category == "server":
+            log.error(
+                "request %s (%s) failed", request.request_id, request.request_type, exc_info=error
+            )
+        self.fail(request.request_id, failure_message(error), category)
 
     def _finish(self, request_id: str, **values: object) -> None:
         with self.db.core_write() as tx:

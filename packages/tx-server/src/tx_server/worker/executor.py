@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from tx_engine.batching import AdapterBatch, GroupOutput
 from tx_engine.errors import InputError
 from tx_server import convert
-from tx_server.errors import WireCategory, category_of, failure_message
+from tx_server.errors import WireCategory, category_of
 from tx_server.futures import JSON, PROTOBUF, RequestType
 from tx_server.settings import Settings
 from tx_server.wake import SyncSubscription
@@ -224,7 +224,4 @@ class Executor:
         self.queue.complete(req.request_id, body, JSON)
 
     def _fail(self, req: ClaimedRequest, exc: BaseException) -> None:
-        category = failure_category(exc)
-        if category == "server":
-            log.error("request %s (%s) failed", req.request_id, req.request_type, exc_info=exc)
-        self.queue.fail(req.request_id, failure_message(exc), category)
+        self.queue.fail_claimed(req, exc, failure_category(exc))

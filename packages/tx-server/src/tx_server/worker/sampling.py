@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tx_engine.sampler import Interruption, Sampler, SampleRequestArrays, SampleResult
 from tx_server import convert
-from tx_server.errors import WireCategory, category_of, failure_message
+from tx_server.errors import category_of
 from tx_server.futures import PROTOBUF, RequestType
 from tx_server.settings import Settings
 from tx_server.work_queue import ClaimedRequest, WorkQueue
@@ -199,10 +199,7 @@ class SamplingRunner:
         run_fused(jobs, sample, fail, complete)
 
     def _fail(self, req: ClaimedRequest, exc: BaseException) -> None:
-        category: WireCategory = category_of(exc)
-        if category == "server":
-            log.error("sample request %s failed", req.request_id, exc_info=exc)
-        self.queue.fail(req.request_id, failure_message(exc), category)
+        self.queue.fail_claimed(req, exc, category_of(exc))
 
 
 def _encode(job: _Job, result: SampleResult) -> bytes:
