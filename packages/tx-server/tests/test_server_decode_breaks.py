@@ -118,6 +118,22 @@ def test_training_runs_between_the_decode_steps_of_a_long_sample(
 JOINING = types.SamplingParams(max_tokens=30, seed=9, stop=[])
 
 
+def _last_samples_by_seed(server: RunningServer, n: int) -> dict[int | None, Any]:
+    """The database rows of the last ``n`` sample requests, by their sampling seed. The SDK
+    sends a batch's requests concurrently, so either may be stored first: rows are told apart
+    by what they asked for, not by their order."""
+    db = Database(server.settings.database_url)
+    with db.core_read() as conn:
+        rows = conn.execute(
+            select(FutureRow.payload, FutureRow.status, FutureRow.started_at, FutureRow.finished_at)
+            .where(FutureRow.request_type == "sample")
+            .order_by(FutureRow.id.desc())
+            .limit(n)
+        ).all()
+    db.dispose()
+    return {json.loads(r.payload)["request"]["sampling_params"]["seed"]: r for r in rows}
+
+
 def _batch_then_join(
     server: RunningServer, batch: tinker.SamplingClient, joiner: tinker.SamplingClient
 ) -> tuple[list[int], Any, Any]:
@@ -131,16 +147,7 @@ def _batch_then_join(
     assert len(stop_future.result(timeout=120).sequences[0].tokens) <= 4
     joined = joiner.sample(PROMPT, 1, JOINING).result(timeout=120).sequences[0].tokens
     long_future.result(timeout=120)
-    db = Database(server.settings.database_url)
-    with db.core_read() as conn:
-        rows = conn.execute(
-            select(FutureRow.payload, FutureRow.started_at, FutureRow.finished_at)
-            .where(FutureRow.request_type == "sample")
-            .order_by(FutureRow.id.desc())
-            .limit(3)
-        ).all()
-    db.dispose()
-    by_seed = {json.loads(r.payload)["request"]["sampling_params"]["seed"]: r for r in rows}
+    by_seed = _last_samples_by_seed(server, 3)
     joined_row, long_row, stopped_row = by_seed[JOINING.seed], by_seed[LONG.seed], by_seed[None]
     assert joined_row.started_at > stopped_row.finished_at  # claimed while the batch ran
     return list(joined), joined_row, long_row
@@ -181,7 +188,8 @@ def test_a_bad_joining_request_fails_alone_and_the_batch_goes_on(
     assert len(long_future.result(timeout=120).sequences[0].tokens) == LONG.max_tokens
     assert bad.value.category == types.RequestErrorCategory.User
     assert "failed: prompt_tokens has ids outside" in bad.value.message, bad.value.message
-    long_row, _, bad_row = _rows(live, ["sample"])[-3:]
+    by_seed = _last_samples_by_seed(live, 3)  # the bad request was sent with JOINING's seed
+    long_row, bad_row = by_seed[LONG.seed], by_seed[JOINING.seed]
     assert (long_row.status, bad_row.status) == (FutureStatus.COMPLETED, FutureStatus.FAILED)
     assert bad_row.finished_at < long_row.finished_at, "it waited for the whole batch"
 
