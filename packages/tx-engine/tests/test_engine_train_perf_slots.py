@@ -23,6 +23,7 @@ from tx_engine import batching, optim, step
 from tx_engine.config import EngineConfig
 from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, TrainingEngine
 from tx_engine.layers import lora as lora_lib
+from tx_engine.step.training import is_run
 
 GOLDEN_QWEN3 = Path(__file__).parent / "goldens" / "qwen3"
 
@@ -45,12 +46,19 @@ def engine() -> TrainingEngine:
     return TrainingEngine(GOLDEN_QWEN3, EngineConfig(max_lora_adapters=5, max_lora_rank=32))
 
 
+@pytest.mark.parametrize("spread", [False, True], ids=["window", "spread"])
 def test_optim_steps_match_full_size_adamw_and_leave_the_rest_alone(
-    engine: TrainingEngine,
+    engine: TrainingEngine, spread: bool
 ) -> None:
-    a = engine.create_adapter(rank=4, seed=1)
-    b = engine.create_adapter(rank=16, seed=2)
-    c = engine.create_adapter(rank=8, seed=3)
+    # Slots 1, 2, 3 step as one window of live slots (one slice per leaf); 1, 3, 5 with a
+    # padding slot, one slice per slot.
+    ranks = (4, 1, 16, 1, 8) if spread else (4, 16, 8, 1, 1)
+    made = [engine.create_adapter(rank=r, seed=i + 1) for i, r in enumerate(ranks)]
+    a, b, c = made[0::2] if spread else made[:3]
+    for s in made:
+        if s not in (a, b, c):
+            engine.free_adapter(s)
+    assert is_run(engine._live_slots()) is not spread
     for i, s in enumerate((a, b, c)):  # two steps: moments and counts are non-trivial
         engine.forward_backward([sft(s, 2, seed=i)])
     engine.optim_steps({s: AdamParams(1e-2) for s in (a, b, c)})
@@ -154,9 +162,13 @@ def test_live_slots_are_padded_to_a_power_of_two_with_free_slots(
     assert live[:3] == slots
     assert len(set(live)) == len(live) == 4
     assert live[3] not in slots
+    assert live == list(range(live[0], live[0] + 4))  # one window: cut with one slice
     extra = engine.create_adapter(rank=1, seed=9)
     assert sorted(engine._live_slots().tolist()) == sorted([*slots, extra])
-    for s in [*slots, extra]:
+    engine.free_adapter(slots[1])
+    engine.free_adapter(slots[2])  # left: slots 1 and 4, too far apart for a window of 2
+    assert engine._live_slots().tolist() == [slots[0], extra]
+    for s in (slots[0], extra):
         engine.free_adapter(s)
     assert engine.num_slots == 6
 
@@ -177,6 +189,15 @@ def test_take_and_put_slots_touch_only_the_chosen_slots_and_ranks() -> None:
     want = np.asarray(tree["q"]["lora_a"]).copy()
     want[[2, 0], :, :3] += 1
     np.testing.assert_array_equal(added["q"]["lora_a"], want)
+    run = jnp.asarray([1, 2])  # consecutive: one slice per leaf, the same values
+    for add in (False, True):
+        window = lora_lib.take_slots(tree, run, 3, contiguous=True)
+        jax.tree.map(np.testing.assert_array_equal, window, lora_lib.take_slots(tree, run, 3))
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            lora_lib.put_slots(tree, ones, run, 3, add=add, contiguous=True),
+            lora_lib.put_slots(tree, ones, run, 3, add=add),
+        )
     whole = lora_lib.put_slots(tree, lora_lib.take_slots(tree, None, 5), None, 5)
     np.testing.assert_array_equal(whole["o"]["lora_b"], tree["o"]["lora_b"])
     with pytest.raises(Exception, match="not a LoRA factor"):

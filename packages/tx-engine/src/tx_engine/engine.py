@@ -299,13 +299,19 @@ class TrainingEngine(AdapterCheckpoints):
         which slots are stepped, so stepping one tenant or several shares it; bucketing the
         count bounds the programs to ``log2(num_slots) + 1`` per rank bucket. Padding slots
         are real, distinct slots that the program leaves unchanged.
+
+        When the allocated slots fit in ``size`` consecutive ones (the usual case: slots are
+        handed out lowest first), the padding completes that window, so the step cuts and
+        writes each leaf's slots with one slice instead of one per slot
+        (:func:`step.apply_update` checks this on the host).
         """
-        chosen = sorted(self._adapters)
-        size = min(self.num_slots, 1 << max(0, len(chosen) - 1).bit_length())
-        chosen += [s for s in range(self.num_slots) if s not in self._adapters][
-            : size - len(chosen)
-        ]
-        return np.asarray(chosen, np.int32)
+        allocated = sorted(self._adapters)
+        size = min(self.num_slots, 1 << max(0, len(allocated) - 1).bit_length())
+        if allocated and allocated[-1] - allocated[0] < size:
+            start = min(allocated[0], self.num_slots - size)
+            return np.arange(start, start + size, dtype=np.int32)
+        free = [s for s in range(self.num_slots) if s not in self._adapters]
+        return np.asarray(sorted(allocated + free[: size - len(allocated)]), np.int32)
 
     def _require(self, slot: int) -> None:
         if slot not in self._adapters:

@@ -314,7 +314,7 @@ def _slot_starts(slots: jax.Array, num_slots: int) -> list[jax.Array]:
     return [jnp.where(slots[i] < 0, slots[i] + num_slots, slots[i]) for i in range(len(slots))]
 
 
-def take_slots(tree: Any, slots: jax.Array | None, rank: int) -> Any:
+def take_slots(tree: Any, slots: jax.Array | None, rank: int, *, contiguous: bool = False) -> Any:
     """Slots ``slots`` ([U] distinct ints; None: all) of a LoRA-shaped tree, cut to ``rank``.
 
     Leaves go from ``[A, …, D_in, R]`` / ``[A, …, R, D_out]`` to ``[U, …, D_in, r]`` /
@@ -323,7 +323,8 @@ def take_slots(tree: Any, slots: jax.Array | None, rank: int) -> Any:
     scales with the tenants present and their rank bucket, not with ``A`` and ``R``.
 
     Chosen slots are cut with one ``dynamic_slice`` each (``U`` is static), not a gather: see
-    :func:`put_slots` for why.
+    :func:`put_slots` for why. ``contiguous`` promises ``slots`` are ``[s, s+1, …]`` (the caller
+    checks on the host: :func:`tx_engine.step.training.is_run`): then one slice cuts them all.
     """
 
     def take(path: tuple[Any, ...], x: jax.Array) -> jax.Array:
@@ -331,13 +332,24 @@ def take_slots(tree: Any, slots: jax.Array | None, rank: int) -> Any:
             return x[(slice(None), *_slot_index(x, path, rank))]
         size = _region(x, path, rank)
         zeros = (0,) * (x.ndim - 1)
-        cuts = [jax.lax.dynamic_slice(x, (s, *zeros), size) for s in _slot_starts(slots, len(x))]
+        starts = _slot_starts(slots, len(x))
+        if contiguous:
+            return jax.lax.dynamic_slice(x, (starts[0], *zeros), (len(starts), *size[1:]))
+        cuts = [jax.lax.dynamic_slice(x, (s, *zeros), size) for s in starts]
         return jnp.concatenate(cuts) if len(cuts) != 1 else cuts[0]
 
     return jax.tree_util.tree_map_with_path(take, tree)
 
 
-def put_slots(tree: Any, sub: Any, slots: jax.Array | None, rank: int, *, add: bool = False) -> Any:
+def put_slots(
+    tree: Any,
+    sub: Any,
+    slots: jax.Array | None,
+    rank: int,
+    *,
+    add: bool = False,
+    contiguous: bool = False,
+) -> Any:
     """``tree`` with :func:`take_slots`' region overwritten by (``add``: increased by) ``sub``.
 
     Under ``jit`` with ``tree`` donated this updates in place: only ``U·r`` of each leaf's
@@ -346,7 +358,7 @@ def put_slots(tree: Any, sub: Any, slots: jax.Array | None, rank: int, *, add: b
     select over the whole operand (its cost model: 6.4 MB accessed for two slots of a
     ``[5, 512, 64]`` leaf at ``r = 8``, against 0.7 MB for the slices). In place still needs
     the caller not to read other donated buffers in the same program (see
-    :func:`tx_engine.step.apply_update`).
+    :func:`tx_engine.step.apply_update`). ``contiguous``: as in :func:`take_slots`, one write.
     """
 
     def put(path: tuple[Any, ...], x: jax.Array, y: jax.Array) -> jax.Array:
@@ -356,7 +368,12 @@ def put_slots(tree: Any, sub: Any, slots: jax.Array | None, rank: int, *, add: b
             return at.add(y) if add else at.set(y)
         zeros = (0,) * (x.ndim - 1)
         size = _region(x, path, rank)
-        for i, s in enumerate(_slot_starts(slots, len(x))):
+        starts = _slot_starts(slots, len(x))
+        if contiguous:
+            if add:
+                y = y + jax.lax.dynamic_slice(x, (starts[0], *zeros), y.shape)
+            return jax.lax.dynamic_update_slice(x, y, (starts[0], *zeros))
+        for i, s in enumerate(starts):
             new = y[i : i + 1]
             if add:
                 new = new + jax.lax.dynamic_slice(x, (s, *zeros), size)

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import Array
 from jax.typing import ArrayLike
@@ -137,6 +138,12 @@ def forward_backward(
     return outputs, summed if shardings is None else constrain(summed, shardings.grads)
 
 
+def is_run(slots: ArrayLike) -> bool:
+    """Whether ``slots`` are consecutive ascending non-negative slots (``[s, s+1, …]``)."""
+    host = np.asarray(slots)
+    return bool(host.size > 1 and host[0] >= 0 and np.all(np.diff(host) == 1))
+
+
 def apply_update(
     lora: State | FlatState,
     opt_state: optim.OptState,
@@ -163,20 +170,26 @@ def apply_update(
     every donated ``[A, …, R]`` buffer — twice — so a rank-8 step at ``max_lora_rank`` 64 moved
     6× the bytes of one at 8. Split, each write reads only its own buffer and fresh inputs.
 
+    When ``slots`` are consecutive (:func:`is_run`, checked here on the host, so a second
+    program per slot count at most), each leaf's region is cut and written with one slice
+    instead of one per slot: on the small preset a 4-slot step went from 40–47 to 27–35 ms,
+    the per-slot slices having been most of it (1820 in-place writes, each a dispatch).
+
     The trees go in as states or flat, and come back flat (:class:`FlatState`, an ``OptState``
     of them): the engine holds them so, and the intermediate results never become states
     (:func:`unflatten_states` rebuilds them).
     """
+    cut = {"rank": rank, "contiguous": is_run(slots)}
     new_lora, new_opt, new_grads, metrics = adamw_slots.flat(
-        lora, opt_state, grads, hyper, step_mask, slots, rank=rank
+        lora, opt_state, grads, hyper, step_mask, slots, **cut
     )
     written: tuple[FlatState, optim.OptState, FlatState] = write_slots.flat(
-        lora, opt_state, grads, new_lora, new_opt, new_grads, slots, rank=rank, shardings=shardings
+        lora, opt_state, grads, new_lora, new_opt, new_grads, slots, **cut, shardings=shardings
     )
     return *written, metrics
 
 
-@flat_jit(static_argnames=("rank",))
+@flat_jit(static_argnames=("rank", "contiguous"))
 def adamw_slots(
     lora: State,
     opt_state: optim.OptState,
@@ -185,13 +198,16 @@ def adamw_slots(
     step_mask: Array,
     slots: Array,
     rank: int,
+    contiguous: bool = False,
 ) -> tuple[State, optim.OptState, State, optim.StepMetrics]:
     """The read half of :func:`apply_update`: new ``[U, …, r]`` params, moments, counts and
     (cleared where stepped) accumulator of ``slots``, and the per-entry metrics."""
     TRACE_COUNTS["apply_update"] += 1
 
     def take(tree: State) -> State:
-        return lora_lib.take_slots(tree, slots, rank)  # type: ignore[no-any-return]
+        return lora_lib.take_slots(  # type: ignore[no-any-return]
+            tree, slots, rank, contiguous=contiguous
+        )
 
     sub_opt = optim.OptState(take(opt_state.m), take(opt_state.v), opt_state.count[slots])
     sub_grads = take(grads)
@@ -206,7 +222,10 @@ def adamw_slots(
     return new_lora, new_opt, jax.tree.map(clear, sub_grads), metrics
 
 
-@flat_jit(static_argnames=("rank", "shardings"), donate_argnames=("lora", "opt_state", "grads"))
+@flat_jit(
+    static_argnames=("rank", "contiguous", "shardings"),
+    donate_argnames=("lora", "opt_state", "grads"),
+)
 def write_slots(
     lora: State,
     opt_state: optim.OptState,
@@ -216,6 +235,7 @@ def write_slots(
     new_grads: State,
     slots: Array,
     rank: int,
+    contiguous: bool = False,
     shardings: TrainShardings | None = None,
 ) -> tuple[State, optim.OptState, State]:
     """The write half of :func:`apply_update`: the ``[U, …, r]`` results into their slots, in
@@ -223,7 +243,7 @@ def write_slots(
     TRACE_COUNTS["write_slots"] += 1
 
     def put(tree: State, sub: State) -> State:
-        return lora_lib.put_slots(tree, sub, slots, rank)  # type: ignore[no-any-return]
+        return lora_lib.put_slots(tree, sub, slots, rank, contiguous=contiguous)  # type: ignore[no-any-return]
 
     lora_out, grads_out = put(lora, new_lora), put(grads, new_grads)
     m, v = put(opt_state.m, new_opt.m), put(opt_state.v, new_opt.v)
