@@ -62,6 +62,7 @@ import numpy as np
 import tinker
 from tinker import types
 
+from tx_engine.host_memory import reexec_with_tuned_malloc
 from tx_engine.testing import ensure_model
 
 RANK = 8
@@ -535,4 +536,5 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
+    reexec_with_tuned_malloc()  # measure the engine as the worker runs it: tx_engine.host_memory
     main()

@@ -40,6 +40,7 @@ import numpy as np
 from tx_engine import step as programs
 from tx_engine.config import EngineConfig
 from tx_engine.engine import TrainingEngine
+from tx_engine.host_memory import reexec_with_tuned_malloc
 from tx_engine.sampler import Sampler, SampleRequestArrays
 from tx_engine.sampling import RowSamplingParams, SamplingRow
 from tx_engine.testing import ensure_model
@@ -214,4 +215,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_tuned_malloc()  # measure the engine as the worker runs it: tx_engine.host_memory
     main()

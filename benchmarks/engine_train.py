@@ -41,6 +41,7 @@ import numpy as np
 
 from tx_engine.config import EngineConfig
 from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, TrainingEngine
+from tx_engine.host_memory import reexec_with_tuned_malloc
 from tx_engine.testing import ensure_model
 
 RANK = 8
@@ -213,4 +214,5 @@ def _fmt(row: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    reexec_with_tuned_malloc()  # measure the engine as the worker runs it: tx_engine.host_memory
     main()

@@ -1,5 +1,7 @@
 """Root of the `tx` command line."""
 
+import sys
+
 import typer
 
 from tx_cli.commands.demo import demo
@@ -27,3 +29,19 @@ app.command("demo")(demo)
 app.command("make-tiny-model")(make_tiny_model)
 app.command("serve")(serve)
 app.command("train")(train)
+
+
+ENGINE_COMMANDS = frozenset({"train"})
+"""Commands that run the engine in this process (``serve`` and ``demo`` start workers that
+tune themselves)."""
+
+
+def main() -> None:
+    """The ``tx`` program: :data:`app`, re-executed first with host-memory tuning when the
+    command runs the engine here (see :mod:`tx_engine.host_memory`). Tests invoke :data:`app`
+    in-process and skip this step."""
+    if ENGINE_COMMANDS.intersection(sys.argv[1:2]):
+        from tx_engine.host_memory import reexec_with_tuned_malloc
+
+        reexec_with_tuned_malloc()
+    app()

@@ -13,12 +13,18 @@ import os
 import signal
 import threading
 
+from tx_engine.host_memory import reexec_with_tuned_malloc
 from tx_server.settings import Settings
-from tx_server.worker.loop import run_worker
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the arguments, install signal handlers, run the loop."""
+    """Parse the arguments (``argv`` None: this program's), install signal handlers, run the
+    loop. As a program it first re-executes with host-memory tuning (the engine runs here: see
+    :mod:`tx_engine.host_memory`)."""
+    if argv is None:
+        reexec_with_tuned_malloc()
+    from tx_server.worker.loop import run_worker  # jax: 4 s to import, once, after the re-exec
+
     parser = argparse.ArgumentParser(prog="python -m tx_server.worker")
     parser.add_argument("--settings-json", default=None, help="Settings as a JSON object")
     parser.add_argument(
