@@ -9,6 +9,7 @@ waiting differ by far more than a request's run time on any machine.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -123,7 +124,7 @@ def test_the_least_recently_answered_sessions_are_forgotten() -> None:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     engine = EngineSettings(
-        max_lora_rank=8, max_lora_adapters=2, max_seq_len=64, sample_tokens_per_batch=512
+        max_lora_rank=8, max_lora_adapters=2, max_seq_len=256, sample_tokens_per_batch=2048
     )
     root = tmp_path_factory.mktemp("gathering")
     with run_hub_model_server(
@@ -147,6 +148,17 @@ def _last_samples(server: RunningServer, n: int) -> list[tuple[datetime, datetim
     return [(r.started_at, r.finished_at) for r in reversed(rows)]
 
 
+def _wait_until_claimed(server: RunningServer, samples_before: int) -> None:
+    """Until the worker has claimed a sample request beyond the first ``samples_before``."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rows = _last_samples(server, 1_000_000)
+        if len(rows) > samples_before and rows[samples_before][0] is not None:
+            return
+        time.sleep(0.005)
+    raise AssertionError("the worker did not claim the request within 60 s")
+
+
 def test_sequential_requests_stop_waiting_and_groups_still_run_as_one_batch(
     live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:
@@ -162,11 +174,24 @@ def test_sequential_requests_stop_waiting_and_groups_still_run_as_one_batch(
     assert min(waits[:n]) >= GAP
     assert max(waits[n:]) < GAP / 2
 
+    # A group whose first request starts alone (the session is lone; a long request, so the
+    # rest, submitted once it is claimed, join its running batch — on this machine at least:
+    # claimed apart, they would mark the session grouped as well). Joined requests count as
+    # sent together with it.
+    before = len(_last_samples(live, 1_000_000))
+    long = types.SamplingParams(max_tokens=240, seed=9, stop=[])
+    first = sampler.sample(prompt, num_samples=1, sampling_params=long)
+    _wait_until_claimed(live, before)
     group = [types.SamplingParams(max_tokens=4, seed=s, stop=[]) for s in range(4)]
-    for _ in range(2):  # the first group on a lone session may still be split, once
-        futures = [sampler.sample(prompt, num_samples=1, sampling_params=p) for p in group]
-        for future in futures:
-            future.result(timeout=120)
+    rest = [sampler.sample(prompt, num_samples=1, sampling_params=p) for p in group[1:]]
+    for future in [first, *rest]:
+        future.result(timeout=120)
+
+    # So the session's next group is gathered: one batch, claimed by a claim that waited out
+    # the window behind its last request (a lone session's claim starts at once).
+    futures = [sampler.sample(prompt, num_samples=1, sampling_params=p) for p in group]
+    for future in futures:
+        future.result(timeout=120)
     rows = _last_samples(live, 4)
-    # One batch: every request of the second group was claimed before any was answered.
     assert max(claimed for claimed, _ in rows) < min(done for _, done in rows)
+    assert min((done - claimed).total_seconds() for claimed, done in rows) >= GAP

@@ -100,8 +100,11 @@ class Executor:
         except Exception:  # a failed sweep only delays freeing; the next one retries
             log.exception("sweeping released adapter slots failed")
 
-    def run(self, claimed: Sequence[ClaimedRequest], work: SyncSubscription | None = None) -> None:
-        """Execute ``claimed`` (one claim's worth) and complete or fail every request.
+    def run(
+        self, claimed: Sequence[ClaimedRequest], work: SyncSubscription | None = None
+    ) -> list[ClaimedRequest]:
+        """Execute ``claimed`` (one claim's worth) and complete or fail every request; return
+        the sample requests that joined its sampling meanwhile (also completed or failed).
 
         The claim's training requests run in rounds (:func:`plan_rounds`), its samples after.
         With the worker's ``work`` subscription, training submitted while the samples decode
@@ -111,7 +114,7 @@ class Executor:
         self._run_training(training)
         samples = [r for r in claimed if r.request_type == RequestType.SAMPLE]
         if not samples:
-            return
+            return []
         breaks = None
         if work is not None:
             breaks = DecodeBreaks(
@@ -128,6 +131,7 @@ class Executor:
         self.sampling.run(samples, breaks)
         if breaks is not None:
             breaks.raise_failure()
+        return list(self.sampling.joined)
 
     def _run_training(self, training: Sequence[ClaimedRequest]) -> None:
         pending: list[Collect] = []

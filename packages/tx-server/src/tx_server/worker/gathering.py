@@ -64,7 +64,9 @@ class LoneSessions:
     ever sends a group gathers for good: RL loops sample one request at a time too (a first
     probe, an evaluation) between their groups, and a group claimed without its followers runs
     as two batches. The one group of a session that was lone until then may run so, once.
-    Requests that join a running batch (:mod:`.interleave`) are not seen here.
+    Requests that join a running batch (:mod:`.interleave`) are answered with its claim: the
+    rest of a lone session's group joining its first request's batch marks it grouped too
+    (before, such a session stayed lone, and every one of its groups ran split).
 
     Creation times are the API's clock and answer times the worker's: on one host (or hosts
     with synchronised clocks) the comparison is exact enough; a skew only moves requests
@@ -96,8 +98,9 @@ class LoneSessions:
         return all(self._is_lone(s) for s in by_session)
 
     def answered(self, samples: Sequence[ClaimedRequest]) -> None:
-        """The claim that held ``samples`` (gathered followers included) has been run: their
-        answers are out. A session with several requests in it sent them together."""
+        """The claim that held ``samples`` (gathered followers and requests that joined its
+        batch included) has been run: their answers are out. A session with several requests
+        in it sent them together."""
         now = time.time()
         for session, count in Counter(r.sampling_session_id or "" for r in samples).items():
             if count > 1:

@@ -75,6 +75,7 @@ class SamplingRunner:
         self._groups: dict[str, list[_Job]] = {}  # of the claim being run, not started yet
         self._pinned: set[int] = set()  # sampler slots the claim reads
         self._active: _Active | None = None  # the engine call in progress
+        self.joined: list[ClaimedRequest] = []  # claimed by join_pending during the last run
 
     def run(
         self, claimed: Sequence[ClaimedRequest], interruption: Interruption | None = None
@@ -84,7 +85,7 @@ class SamplingRunner:
         ``interruption`` may run between decode steps, and add requests with
         :meth:`join_pending`; the sampler slots read are pinned meanwhile.
         """
-        self._groups, self._pinned = {}, set()
+        self._groups, self._pinned, self.joined = {}, set(), []
         with self.host.samplers.pinned(self._pinned):
             for req in claimed:
                 if (job := self._prepared(req)) is not None:
@@ -108,6 +109,7 @@ class SamplingRunner:
         """
         active = self._active
         claimed = self.queue.claim_pending(limit, request_types=(RequestType.SAMPLE,))
+        self.joined += claimed
         for req in claimed:
             job = self._prepared(req)
             if job is None:
