@@ -130,12 +130,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="4x128,8x512", help="BxL,... rows × tokens")
     parser.add_argument("--tenants", default="1,4")
     parser.add_argument("--max-ranks", default="8,64", help="max_lora_rank of each engine")
-    parser.add_argument(
-        "--iters",
-        type=int,
-        default=3,
-        help="timed steps per row (median)",
-    )
+    parser.add_argument("--iters", type=int, default=3, help="timed steps per row (median)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument(
         "--tokens-per-micro-batch",

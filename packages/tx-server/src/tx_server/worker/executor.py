@@ -104,7 +104,7 @@ class Executor:
         self, claimed: Sequence[ClaimedRequest], work: SyncSubscription | None = None
     ) -> list[ClaimedRequest]:
         """Execute ``claimed`` (one claim's worth) and complete or fail every request; return
-        the sample requests that joined its sampling meanwhile (also completed or failed).
+        the sample requests answered: the claim's and those that joined its sampling meanwhile.
 
         The claim's training requests run in rounds (:func:`plan_rounds`), its samples after.
         With the worker's ``work`` subscription, training submitted while the samples decode
@@ -128,10 +128,10 @@ class Executor:
                 join=self.sampling.join_pending,
                 training_wanted=bool(training),
             )
-        self.sampling.run(samples, breaks)
+        joined = self.sampling.run(samples, breaks)
         if breaks is not None:
             breaks.raise_failure()
-        return list(self.sampling.joined)
+        return samples + joined
 
     def _run_training(self, training: Sequence[ClaimedRequest]) -> None:
         pending: list[Collect] = []

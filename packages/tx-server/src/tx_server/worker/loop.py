@@ -69,8 +69,7 @@ def run_worker(
                     )
                 host.snapshots.set_worker_busy(bool(claimed))  # they are written while idle
                 if claimed:
-                    joined = executor.run(claimed, work)
-                    lone.answered(sample_requests(claimed) + joined)
+                    lone.answered(executor.run(claimed, work))
                     continue
                 if host.snapshots_due:  # cut them once no request came for a moment
                     if not work.wait(timeout=IDLE_GRACE_SECONDS):

@@ -75,17 +75,18 @@ class SamplingRunner:
         self._groups: dict[str, list[_Job]] = {}  # of the claim being run, not started yet
         self._pinned: set[int] = set()  # sampler slots the claim reads
         self._active: _Active | None = None  # the engine call in progress
-        self.joined: list[ClaimedRequest] = []  # claimed by join_pending during the last run
+        self._joined: list[ClaimedRequest] = []  # claimed by join_pending during this run
 
     def run(
         self, claimed: Sequence[ClaimedRequest], interruption: Interruption | None = None
-    ) -> None:
-        """Execute every sample request of one claim: one engine call per base model.
+    ) -> list[ClaimedRequest]:
+        """Execute every sample request of one claim: one engine call per base model. Return
+        the requests that joined it (also completed or failed).
 
         ``interruption`` may run between decode steps, and add requests with
         :meth:`join_pending`; the sampler slots read are pinned meanwhile.
         """
-        self._groups, self._pinned, self.joined = {}, set(), []
+        self._groups, self._pinned, self._joined = {}, set(), []
         with self.host.samplers.pinned(self._pinned):
             for req in claimed:
                 if (job := self._prepared(req)) is not None:
@@ -94,6 +95,7 @@ class SamplingRunner:
                 base_model = next(iter(self._groups))
                 jobs = self._groups.pop(base_model)
                 self._run_group(self.sampler(base_model), jobs, interruption)
+        return self._joined
 
     @property
     def join_room(self) -> int:
@@ -109,7 +111,7 @@ class SamplingRunner:
         """
         active = self._active
         claimed = self.queue.claim_pending(limit, request_types=(RequestType.SAMPLE,))
-        self.joined += claimed
+        self._joined += claimed
         for req in claimed:
             job = self._prepared(req)
             if job is None:
