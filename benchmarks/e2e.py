@@ -28,7 +28,9 @@ For each model preset the script builds the kit's checkpoint, starts ``python -m
 * **joining a running batch** — round trip of a ``max_tokens``-token request of one tenant,
   alone and sent while another tenant's batch of two ``R``-token requests decodes with a free
   row (one of the two stopped early on a stop token), beside the time that batch still had to
-  run: the request joins the free row instead of waiting for the batch;
+  run: the request joins the free row instead of waiting for the batch; and sent while
+  another tenant's lone ``R``-token request decodes, which has no free row: its batch grows a
+  row for the request;
 * **tenants ×N** — aggregate train tok/s of N processes, each its own API key (tenant),
   service client and LoRA adapter, stepping concurrently, for N = 1, 2, 4;
 * **engine reference** — the same train and sample workloads on ``TrainingEngine`` /
@@ -280,7 +282,8 @@ def training_while_sampling(url: str, model: str, plan: Plan) -> dict[str, float
 
 
 def joining_a_running_batch(url: str, model: str, plan: Plan) -> dict[str, float]:
-    """A short request's round trip alone and while another tenant's batch has a free row."""
+    """A short request's round trip alone, while another tenant's batch has a free row, and
+    while another tenant's lone long request decodes (a 1-row batch, which grows for it)."""
     with (
         tinker.ServiceClient(base_url=url, api_key=f"{KEY}-batch") as first,
         tinker.ServiceClient(base_url=url, api_key=f"{KEY}-joiner") as second,
@@ -296,21 +299,35 @@ def joining_a_running_batch(url: str, model: str, plan: Plan) -> dict[str, float
             max_tokens=plan.rollout_tokens, temperature=0.0, stop=[stop_token]
         )
         alone = timed(lambda: joiner.sample(prompt, 1, short).result(), 3)[1:]
-        joined, left = [], []
-        for _ in range(3):  # the first round compiles the joined admission
+
+        def join(start: Any) -> tuple[float, float]:
+            """Medians (ms) of the short request's round trip, and of the time the batch
+            ``start()`` sent (its long request's future) still ran after it was sent."""
+            answered, ended = [], []
+            for _ in range(3):  # the first round compiles the joined admission
+                long_future = start()
+                sent = time.perf_counter()
+                joiner.sample(prompt, 1, short).result()
+                answered.append(time.perf_counter() - sent)
+                long_future.result()
+                ended.append(time.perf_counter() - sent)
+            return statistics.median(answered[1:]) * 1e3, statistics.median(ended[1:]) * 1e3
+
+        def with_a_free_row() -> Any:
             long_future, stop_future = (batch.sample(prompt, 1, p) for p in (long, stopping))
             stop_future.result()
-            sent = time.perf_counter()
-            joiner.sample(prompt, 1, short).result()
-            answered = time.perf_counter()
-            long_future.result()
-            joined.append(answered - sent)
-            left.append(time.perf_counter() - sent)
-    result = {
-        "short_alone_ms": statistics.median(alone) * 1e3,
-        "short_joined_ms": statistics.median(joined[1:]) * 1e3,
-        "batch_left_ms": statistics.median(left[1:]) * 1e3,
-    }
+            return long_future
+
+        long_alone = statistics.median(timed(lambda: batch.sample(prompt, 1, long).result(), 2))
+
+        def alone_in_its_batch() -> Any:
+            long_future = batch.sample(prompt, 1, long)
+            time.sleep(long_alone / 4)  # past the gather window and the prefill: it decodes
+            return long_future
+
+        result = {"short_alone_ms": statistics.median(alone) * 1e3}
+        result["short_joined_ms"], result["batch_left_ms"] = join(with_a_free_row)
+        result["short_grown_ms"], result["lone_left_ms"] = join(alone_in_its_batch)
     progress(f"joining a running batch: {result}")
     return result
 
@@ -486,6 +503,8 @@ ROWS = [
     ("short_alone_ms", "sample rt ms, 1 x {max_tokens} tok, alone", "{:.0f}"),
     ("short_joined_ms", "sample rt ms, same, joining another tenant's batch", "{:.0f}"),
     ("batch_left_ms", "that batch's time left when the request was sent, ms", "{:.0f}"),
+    ("short_grown_ms", "sample rt ms, same, joining another tenant's lone request", "{:.0f}"),
+    ("lone_left_ms", "that request's time left when the request was sent, ms", "{:.0f}"),
     ("tenants1_tok_s", "1 tenant  aggregate train tok/s", "{:.0f}"),
     ("tenants2_tok_s", "2 tenants aggregate train tok/s", "{:.0f}"),
     ("tenants4_tok_s", "4 tenants aggregate train tok/s", "{:.0f}"),

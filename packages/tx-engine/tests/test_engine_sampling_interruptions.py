@@ -4,8 +4,9 @@ Training: optimizer steps, adapter creation and freeing run on the engine mid-ca
 the samples nor the training change. Two engines built alike: one trains adapter 2 alone; the
 other samples adapter 1 and the base model while the same training runs as interruptions.
 
-Joins: requests added mid-call take rows as they free up (or a later run, when they do not fit
-the running batch) and get the samples they get alone.
+Joins: requests added mid-call take free rows, rows the batch grows by (as far as the cache
+budget allows), or rows as they free up (or a later run, when they do not fit the running
+batch), and get the samples they get alone.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tx_engine import step as programs
 from tx_engine.config import EngineConfig
 from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, TrainingEngine
 from tx_engine.errors import InputError
-from tx_engine.sampler import Sampler, SampleRequestArrays
+from tx_engine.sampler import Sampler, SampleRequestArrays, SampleResult
 
 CONFIG = EngineConfig(max_lora_adapters=3, max_lora_rank=8, batch_buckets=(4,))
 PROMPT = np.array([11, 250, 37, 1999, 5, 88, 640, 12, 3, 901], np.int32)
@@ -167,3 +169,90 @@ def test_requests_join_a_running_call_and_get_what_they_get_alone(tiny_qwen3_dir
         for a, b in zip(res.sequences, want.sequences, strict=True):
             np.testing.assert_array_equal(a.tokens, b.tokens)
             np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
+class _JoinAtOnce:
+    """Joins ``later`` at the first decode step it is asked about, free rows or not."""
+
+    def __init__(self, sampler: Sampler, later: list[SampleRequestArrays]) -> None:
+        self.sampler, self.later = sampler, later
+        self.indices: list[int] = []
+        self.room = -1
+
+    def due(self) -> bool:
+        return not self.indices
+
+    def run(self) -> None:
+        self.room = self.sampler.free_rows
+        self.indices = [self.sampler.join(r) for r in self.later]
+
+
+@pytest.mark.parametrize(("budget", "room"), [(256, 3), (64, 0)])
+def test_a_lone_request_batch_grows_for_a_joiner_when_the_cache_budget_allows(
+    tiny_qwen3_dir: Path, budget: int, room: int
+) -> None:
+    """A long request alone decodes at batch 1. With room in the cache budget (4 rows of 64
+    slots), a request that joins it starts at once (the batch grows to 4, rows and slots
+    unchanged), ends first, and the batch shrinks back to the long row; without (one row), it
+    waits for the long one to end. Either way both get what they get alone, and a second call
+    compiles nothing new."""
+    eng = _engine(tiny_qwen3_dir)
+    sampler = Sampler(eng, max_cache_tokens=budget, max_batch=4)
+    long = SampleRequestArrays(PROMPT, max_tokens=40, seed=1, stop=[], adapter=1)  # 64 slots
+    short = SampleRequestArrays(PROMPT[:6], 2, max_tokens=5, seed=3, stop=[])
+    alone = [sampler.sample([r])[0] for r in (long, short)]
+
+    def sample_with_a_joiner() -> tuple[list[SampleResult], list[list[int]], _JoinAtOnce]:
+        joins, handed = _JoinAtOnce(sampler, [short]), []
+        got = sampler.sample(
+            [long],
+            on_ready=lambda pairs: handed.append([i for i, _ in pairs]),
+            interruption=joins,
+        )
+        return got, handed, joins
+
+    before = sampler.resizes
+    got, handed, joins = sample_with_a_joiner()
+    assert joins.indices == [1]
+    assert joins.room == room
+    assert sampler.resizes - before == (2 if room else 0)
+    assert handed == ([[1], [0]] if room else [[0], [1]])
+    for res, want in zip(got, alone, strict=True):
+        assert len(res.sequences) == len(want.sequences)
+        for a, b in zip(res.sequences, want.sequences, strict=True):
+            np.testing.assert_array_equal(a.tokens, b.tokens)
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+    traces = dict(programs.TRACE_COUNTS)
+    again, _, _ = sample_with_a_joiner()
+    assert dict(programs.TRACE_COUNTS) == traces
+    for a, b in zip(again[1].sequences, got[1].sequences, strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_a_batch_shrinks_to_its_live_rows_once_nothing_waits(tiny_qwen3_dir: Path) -> None:
+    """Four rows start together; three end 25 steps early and the batch shrinks to the
+    long one (4 → 1 rows: decode computes every row, idle or not). The rows get what they get
+    alone, and the prompt scores of a shrunk-away row are kept."""
+    eng = _engine(tiny_qwen3_dir)
+    sampler = Sampler(eng, max_cache_tokens=256, max_batch=4)
+    requests = [
+        SampleRequestArrays(PROMPT, max_tokens=45, seed=1, stop=[], adapter=1),
+        SampleRequestArrays(PROMPT[:5], 3, max_tokens=20, seed=2, stop=[], prompt_logprobs=True),
+    ]  # both 64-slot caches: one run
+    alone = [sampler.sample([r])[0] for r in requests]
+    before = sampler.resizes
+    got = sampler.sample(requests)
+    assert sampler.resizes - before == 1
+    for res, want in zip(got, alone, strict=True):
+        for a, b in zip(res.sequences, want.sequences, strict=True):
+            np.testing.assert_array_equal(a.tokens, b.tokens)
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    assert got[1].prompt_logprobs is not None
+    assert alone[1].prompt_logprobs is not None
+    np.testing.assert_allclose(
+        np.asarray(got[1].prompt_logprobs[1:], np.float64),
+        np.asarray(alone[1].prompt_logprobs[1:], np.float64),
+        atol=1e-5,
+        rtol=0,
+    )

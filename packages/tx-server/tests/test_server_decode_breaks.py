@@ -2,8 +2,9 @@
 
 Live tests: the unmodified tinker SDK 0.38.0 against uvicorn on 127.0.0.1 and the worker in a
 thread, serving the kit's tiny Qwen3 as ``Qwen/Qwen3-8B``. A 600-token sample decodes; a
-``forward_backward`` + ``optim_step`` submitted meanwhile, or a short sample request once a
-row of the batch is free, must finish before it, with the results they get alone. The unit
+``forward_backward`` + ``optim_step`` submitted meanwhile, or a short sample request (into a
+row of the batch that is free, or that the batch grows by), must finish before it, with the
+results they get alone. The unit
 tests pin the policy of :class:`~tx_server.worker.interleave.DecodeBreaks` with a manual clock.
 """
 
@@ -168,6 +169,32 @@ def test_a_sample_request_joins_the_free_rows_of_a_running_batch(
     joined, joined_row, long_row = _batch_then_join(live, sampler, sampler)
     assert joined_row.finished_at < long_row.finished_at, "it waited for the whole batch"
     assert any("joined a running batch" in r.getMessage() for r in caplog.records)
+    assert joined == alone
+
+
+def test_a_sample_request_joins_a_lone_long_request_by_growing_its_batch(
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
+) -> None:
+    """A 600-token request decodes alone, in a 1-row batch. A short request sent meanwhile
+    has no free row to take, but the cache budget has room for a second row (2048 tokens,
+    1024 slots each): the batch grows, and the short request is answered long before the
+    long one ends, with the tokens it gets alone. Before, it waited for the whole batch."""
+    sampler = sdk_service(live).create_sampling_client(base_model=BASE).result(timeout=120)
+    alone = sampler.sample(PROMPT, 1, JOINING).result(timeout=120).sequences[0].tokens
+
+    def long_then_join() -> tuple[list[int], Any, Any]:
+        long_future = sampler.sample(PROMPT, 1, LONG)
+        _wait_until_running(live)
+        time.sleep(0.3)  # past the worker's gather window: the 1-row batch is decoding
+        joined = sampler.sample(PROMPT, 1, JOINING).result(timeout=120).sequences[0].tokens
+        assert len(long_future.result(timeout=120).sequences[0].tokens) == LONG.max_tokens
+        by_seed = _last_samples_by_seed(live, 2)
+        return list(joined), by_seed[JOINING.seed], by_seed[LONG.seed]
+
+    long_then_join()  # compiles the 2-row programs
+    joined, joined_row, long_row = long_then_join()
+    assert joined_row.started_at > long_row.started_at  # claimed while the long one ran
+    assert joined_row.finished_at < long_row.finished_at, "it waited for the whole batch"
     assert joined == alone
 
 

@@ -21,7 +21,8 @@ How a call is run:
    soon as its last row ends, and ``sample(..., on_ready=...)`` hands it out then, not when
    the whole call is done. ``sample(..., interruption=...)`` lets other work on the engine
    (training steps) run between two decode steps of a long call, and lets requests that
-   arrive meanwhile :meth:`Sampler.join` the running batch, taking rows as they free up.
+   arrive meanwhile :meth:`Sampler.join` the running batch: they take rows as rows free up,
+   and the batch grows (up to ``max_batch`` and the cache budget) when none are free.
 4. Shapes are bucketed so warm-up covers everything: ``B``, admission rows and top-k sizes to
    powers of two, prompt length to a power of two ≥ ``min_prompt_bucket``, ``S`` to the power
    of two ≥ ``T + max_new - 1``. max_tokens, temperature, top-k, top-p, seeds, positions and
@@ -195,6 +196,7 @@ class Sampler:
         self.min_prompt_bucket = min_prompt_bucket
         self.decode_fn = decode_fn
         self.decode_steps = self.cache_shifts = self.prefilled_prompts = self.interruptions = 0
+        self.resizes = 0
         self._call: _Call | None = None  # the sample() call in progress
         hf = engine.model_config.hf_config
         context = int(hf.get("max_position_embeddings") or max_cache_tokens)
@@ -230,17 +232,16 @@ class Sampler:
             while call.runs:
                 s = min(call.runs)  # shortest cache first, as joins may add runs
                 rows = call.runs.pop(s)
-                batch = min(
-                    self.max_batch, pow2(len(rows)), _floor_pow2(self.max_cache_tokens // s)
-                )
+                most = min(self.max_batch, _floor_pow2(self.max_cache_tokens // s))
                 run = ContinuousRun(
                     self.engine,
                     call.jobs,
                     rows,
-                    batch=batch,
+                    batch=min(most, pow2(len(rows))),
                     cache_len=s,
                     on_rows_done=call.rows_done,
                     interruption=interruption,
+                    max_batch=most,
                 )
                 call.current = run
                 run.run()
@@ -249,6 +250,7 @@ class Sampler:
                 self.cache_shifts += run.cache_shifts
                 self.prefilled_prompts += run.prefilled_prompts
                 self.interruptions += run.interruptions
+                self.resizes += run.resizes
         finally:
             self._call = previous
         finished = [r for r in call.results if r is not None]
@@ -262,8 +264,9 @@ class Sampler:
         Only valid from that call's ``interruption`` (between decode steps). The request is
         validated here (a bad one raises and changes nothing). Its rows join the running batch
         when they fit it (cache length, top-k size, adapter rank bucket), else a later run of
-        the same call; they take rows as rows free up (:attr:`free_rows`). Its result goes to
-        the call's ``on_ready`` and is appended to the call's return value.
+        the same call; they take free rows, or rows the batch grows by (:attr:`free_rows`),
+        else rows as they free up. Its result goes to the call's ``on_ready`` and is appended
+        to the call's return value.
         """
         if self._call is None or self._call.current is None:
             raise RuntimeError("Sampler.join is only valid between the decode steps of a call")
@@ -271,7 +274,8 @@ class Sampler:
 
     @property
     def free_rows(self) -> int:
-        """Decode rows of the running batch that a joining sample would take at once."""
+        """Decode rows of the running batch, free or that it may still grow by, that a
+        joining sample would take at once."""
         call = self._call
         return 0 if call is None or call.current is None else call.current.free_rows()
 

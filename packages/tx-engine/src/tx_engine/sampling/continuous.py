@@ -22,9 +22,18 @@ drops slots no live row needs. If no ``delta`` fits, the head waits for more row
 Host/device overlap: decode step ``n+1`` is dispatched before step ``n``'s tokens are fetched
 for the stop checks (one step ahead); every dispatch records which rows it served, so a row
 that stopped, or was refilled, between dispatch and fetch never receives a stale token.
-Shapes are bucketed (``B``, ``S`` fixed per run; admission ``P``/``R`` rows to powers of two,
-prompt bucket ``T``) and all per-row values (positions, steps, sampling values, adapters) are
+Shapes are bucketed (``S`` fixed per run; ``B`` and admission ``P``/``R`` rows to powers of
+two, prompt bucket ``T``) and all per-row values (positions, steps, sampling values, adapters) are
 arrays, so a run compiles nothing new inside its buckets.
+
+Resizing: a run starts with the rows it needs (``B`` = its rows, to a power of two) and may
+grow to ``max_batch`` rows (what the cache-token budget allows) when more samples wait than rows
+are free: :func:`tx_engine.step.resize_rows` copies the cache into a larger batch, rows' slots
+unchanged. So a lone long request decodes at batch 1, and a request that joins it needs no row
+to free first: it starts at the next decode step instead of after the whole run. Once nothing
+waits and the live rows fit half the batch, the run shrinks to them (the same copy), since a
+decode step computes every row and reads every row's cache, idle or not: a long row does not
+keep paying for a short joiner, or for the short rows of its own group, after they end.
 
 Interruptions: a run of long rows decodes for seconds or minutes. An :class:`Interruption`
 lets other work on the same engine (the server: training steps that arrived meanwhile) run
@@ -125,6 +134,7 @@ class ContinuousRun:
     ``on_rows_done`` is called after each fetch with the rows that ended in it (their job's
     prompt scores are stored by then), so a caller can hand out a request's result while
     longer rows of the same run are still decoding. ``interruption``: see the module docstring.
+    ``max_batch`` (a power of two, default ``batch``): the rows the run may grow to.
     """
 
     def __init__(
@@ -137,10 +147,12 @@ class ContinuousRun:
         cache_len: int,
         on_rows_done: RowsDone | None = None,
         interruption: Interruption | None = None,
+        max_batch: int | None = None,
     ) -> None:
         self.engine, self.jobs, self.queue = engine, jobs, deque(rows)
         self.on_rows_done, self.interruption = on_rows_done, interruption
         self.batch, self.cache_len = batch, cache_len
+        self.max_batch = max(batch, max_batch or batch)
         k = max((jobs[r.job].sample_topk for r in rows), default=0)
         self.sample_topk = min(pow2(k), engine.vocab_size) if k else 0
         self.owner: list[Row | None] = [None] * batch
@@ -148,6 +160,7 @@ class ContinuousRun:
         self.start = [0] * batch  # the owner's first prompt slot
         self.index = 0  # host mirror of the cache's shared write index
         self.decode_steps = self.cache_shifts = self.prefilled_prompts = self.interruptions = 0
+        self.resizes = 0
         # One LoRA rank bucket for the whole run (the largest rank among its jobs' adapters):
         # rank-8 tenants decode at rank 8, and admitting a job never switches programs. A run
         # of base rows keeps the terms (behind decode's lora_on) so adapter rows can join it;
@@ -168,6 +181,8 @@ class ContinuousRun:
             if self.interruption is not None and self.decode_steps and self.interruption.due():
                 self._interrupt(pending)
             admitted = bool(self.queue) and self._admit(pending)
+            if not self.queue:
+                self._shrink()
             live = [b for b in range(self.batch) if not self._free(b)]
             if live:
                 self._decode(live, pending)
@@ -195,8 +210,9 @@ class ContinuousRun:
         self.slots |= {self.jobs[r.job].slot for r in rows}
 
     def free_rows(self) -> int:
-        """Rows free now that no queued row is waiting for."""
-        return max(0, sum(self._free(b) for b in range(self.batch)) - len(self.queue))
+        """Rows free now, or that growing would add, that no queued row is waiting for."""
+        free = sum(self._free(b) for b in range(self.batch))
+        return max(0, free + self.max_batch - self.batch - len(self.queue))
 
     def _read_state(self) -> None:
         # Flat, as the engine holds them: flattening the nnx states per dispatch cost ~1 ms
@@ -244,7 +260,41 @@ class ContinuousRun:
             t, m, delta = t2, m2, d
         return chosen, t, delta
 
+    def _grow(self) -> None:
+        """Add rows (to a power of two ≤ ``max_batch``) when more samples wait than rows are
+        free and the extra rows could take some of them now (they fit the cache's slots)."""
+        free = [b for b in range(self.batch) if self._free(b)]
+        room = self.max_batch - self.batch
+        if room <= 0 or len(self.queue) <= len(free):
+            return
+        live = [b for b in range(self.batch) if b not in free]
+        chosen, _, _ = self._take(len(free) + room, live)
+        if len(chosen) <= len(free):
+            return  # the head waits for slots, not rows: more rows would only idle
+        self._resize(list(range(self.batch)), pow2(len(live) + len(chosen)))
+
+    def _shrink(self) -> None:
+        """Drop idle rows (to the power of two ≥ the live rows) once nothing waits: every
+        decode step computes, and reads the cache of, every row of the batch."""
+        live = [b for b in range(self.batch) if not self._free(b)]
+        if live and pow2(len(live)) < self.batch:
+            self._resize(live, pow2(len(live)))
+
+    def _resize(self, keep: list[int], batch: int) -> None:
+        """A ``batch``-row run whose first rows are the old rows ``keep`` (slots unchanged)."""
+        src = np.full(batch, -1, np.int32)
+        src[: len(keep)] = keep
+        self.cache, self.tokens = programs.resize_rows(self.cache, self.tokens, jnp.asarray(src))
+        empty = batch - len(keep)
+        self.owner = [self.owner[b] for b in keep] + [None] * empty
+        self.sent = [self.sent[b] for b in keep] + [0] * empty
+        self.start = [self.start[b] for b in keep] + [0] * empty
+        self.batch = batch
+        self.resizes += 1
+        self._refresh_rows()
+
     def _admit(self, pending: deque[_Pending]) -> bool:
+        self._grow()
         free = [b for b in range(self.batch) if self._free(b)]
         live = [b for b in range(self.batch) if b not in free]
         chosen, t, delta = self._take(len(free), live)

@@ -49,7 +49,8 @@ times. All per-row sampling values are arrays (:class:`RowSamplingParams`), so o
 ``T``, ``B``, ``S`` and the two prompt-logprob flags select a program. Continuous batching
 (:mod:`tx_engine.sampling.continuous`) adds :func:`admit` (prefill waiting prompts straight into
 finished rows of a running cache, ending just before the shared write slot) and
-:func:`shift_cache` (slide every row left when the write slot reaches the end);
+:func:`shift_cache` (slide every row left when the write slot reaches the end) and
+:func:`resize_rows` (more decode rows for samples that join a running batch);
 :func:`decode_step_topk` is the decode step that also returns per-token top-k logprobs.
 
 Full fine-tuning (:func:`full_train_step`, used by ``tx train`` without ``--lora-rank``)
@@ -69,6 +70,7 @@ from tx_engine.step.sampling import (
     decode_step_topk,
     empty_cache,
     prefill,
+    resize_rows,
     shift_cache,
 )
 from tx_engine.step.training import (
@@ -100,6 +102,7 @@ __all__ = [
     "full_train_step",
     "graph_of",
     "prefill",
+    "resize_rows",
     "shift_cache",
     "take_slot",
     "zeros_like_state",

@@ -300,6 +300,27 @@ def shift_cache(cache: KVCache, delta: Array) -> KVCache:
     )  # fmt: skip
 
 
+@jax.jit
+def resize_rows(cache: KVCache, tokens_b: Array, src_b: Array) -> tuple[KVCache, Array]:
+    """The cache and next tokens rebuilt from rows ``src_b`` of the old ones.
+
+    The new batch size is ``len(src_b)``; ``-1`` gives an empty row (every slot masked). Slots,
+    the write index and the rows' contents are unchanged, so a kept row decodes as before: this
+    only makes room for more rows (or drops rows no one reads). Not donated: the result has
+    another shape, so XLA could not reuse the buffers.
+    """
+    TRACE_COUNTS["resize_rows"] += 1
+    valid_b = src_b >= 0
+    src_b = jnp.where(valid_b, src_b, 0)
+    return (
+        KVCache(
+            cache.k_lbskh[:, src_b], cache.v_lbskh[:, src_b],
+            cache.mask_bs[src_b] & valid_b[:, None], cache.index,
+        ),
+        tokens_b[src_b],
+    )  # fmt: skip
+
+
 @partial(jax.jit, static_argnames=("graphdef", "batch", "cache_len"))
 def empty_cache(
     graphdef: nnx.GraphDef[Any] | StaticGraph,

@@ -11,11 +11,12 @@ each decode step it reads the work subscription without blocking. A submission t
 model (training, saves, loads) makes a *training break* wanted; a sampling submission (which
 names none) makes a *join* wanted.
 
-* A join claims at most as many pending sample requests as the batch has free decode rows and
-  adds them to the running engine call (:meth:`SamplingRunner.join_pending`): they take rows
-  as rows free up, are answered when their own samples end, and need no new batch. A request
-  that does not fit the batch (a longer cache, another base model, a higher adapter rank)
-  runs after it in the same claim.
+* A join claims at most as many pending sample requests as the batch has free decode rows, or
+  rows it may grow by within the cache budget, and adds them to the running engine call
+  (:meth:`SamplingRunner.join_pending`): they take those rows (else rows as rows free up), are
+  answered when their own samples end, and need no new batch. A request that does not fit
+  the batch (a longer cache, another base model, a higher adapter rank) runs after it in the
+  same claim.
 * A training break claims the pending requests of every type but ``sample`` (each model's
   order kept, as in the main loop) and executes them like any claim: passes of all tenants
   fused, then optimizer steps.
@@ -31,7 +32,9 @@ kinds wait, they split the device in that ratio; training that arrives after a s
 sampling alone waits one decode step; a steady stream of training never stalls sampling, and a
 long stretch of sampling builds up no credit that training could later spend in one burst.
 Training that gets no break before the batch ends runs right after it, as before. Joins take
-no share: they only fill rows that would otherwise idle.
+no share: they fill rows that would otherwise idle, or add rows to the batch, which costs the
+batch little on an accelerator (decode reads the weights once for all rows) and serves the
+joiner at once instead of after the whole batch.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ class DecodeBreaks:
     """Runs the training, and joins the samples, submitted during one sampling batch.
 
     ``claim`` takes pending non-sampling requests and ``execute`` runs them to completion.
-    ``room`` is how many sample requests a join would start now (free decode rows) and
-    ``join(n)`` claims up to ``n`` of them into the batch, returning how many it claimed.
+    ``room`` is how many sample requests a join would start now (free decode rows, or rows
+    the batch may grow by) and ``join(n)`` claims up to ``n`` of them into the batch,
+    returning how many it claimed.
     ``training_wanted``: a training break is wanted from the start. Pass True when the claim
     held training: a model's next request (say the ``optim_step`` after a claimed
     ``forward_backward``) may already be waiting, its wake-up consumed while the claim was
@@ -86,7 +90,7 @@ class DecodeBreaks:
 
     def due(self) -> bool:
         """A model's request was submitted and the batch decoded long enough since the last
-        training break, or a sample request was submitted and the batch has free rows."""
+        training break, or a sample request was submitted and the batch has room for rows."""
         if self._failure is not None:
             return False
         for message in self._work.wait(timeout=0.0):

@@ -99,7 +99,8 @@ class SamplingRunner:
 
     @property
     def join_room(self) -> int:
-        """How many requests :meth:`join_pending` would start at once (free decode rows)."""
+        """How many requests :meth:`join_pending` would start at once (decode rows free, or
+        that the batch may grow by)."""
         return 0 if self._active is None else self._active.sampler.free_rows
 
     def join_pending(self, limit: int) -> int:
