@@ -164,11 +164,13 @@ class Sampler:
     """Generation for a :class:`TrainingEngine` (see the module docstring).
 
     ``max_cache_tokens``: KV-cache budget in token slots (rows × cache length) of one run;
-    this bounds sampler memory. ``decode_fn``: token ids → text, needed for stop strings.
+    this bounds sampler memory (a run that resizes holds its old and new cache for a moment:
+    up to 1.5× the budget). ``decode_fn``: token ids → text, needed for stop strings.
     ``eos_token_ids``: default stop set; None reads ``config.json`` and
     ``generation_config.json`` of the engine's model directory. ``decode_steps``,
-    ``cache_shifts``, ``prefilled_prompts`` and ``interruptions`` count the decode steps, cache
-    shifts, prompts prefilled and interruptions run so far (all calls).
+    ``cache_shifts``, ``prefilled_prompts``, ``interruptions`` and ``resizes`` count the decode
+    steps, cache shifts, prompts prefilled, interruptions run and batch resizes so far (all
+    calls).
     """
 
     def __init__(

@@ -45,6 +45,9 @@ class EngineSettings(BaseModel):
     """The engine's default: bounds activation memory (8×512 tokens train in < 3 GB on CPU);
     raise it on an accelerator with memory to spare (fewer, larger calls)."""
     sample_tokens_per_batch: int = Field(default=8192, ge=1)
+    """KV-cache slots (rows × cache length) of one sampling batch. Resizing a batch (rows
+    added for joining requests, idle rows dropped) holds the old and the new cache for a
+    moment: up to 1.5× this, which is what to leave room for on an accelerator."""
     min_seq_len: int = Field(default=16, ge=1)
     seq_len_buckets: tuple[int, ...] = ()
     batch_buckets: tuple[int, ...] = ()
