@@ -125,8 +125,9 @@ def test_a_call_without_due_interruptions_never_runs_one(
     assert sampler.interruptions == 0
 
 
-class _JoinWhenARowFrees:
-    """Joins ``later`` (and one bad request, refused) the first time a row is free."""
+class _JoinWhenThereIsRoom:
+    """Joins ``later`` (and one bad request, refused) the first time the batch has room: a
+    free row, or rows it may grow by."""
 
     def __init__(self, sampler: Sampler, later: list[SampleRequestArrays]) -> None:
         self.sampler, self.later, self.indices = sampler, later, []
@@ -142,7 +143,7 @@ class _JoinWhenARowFrees:
 
 def test_requests_join_a_running_call_and_get_what_they_get_alone(tiny_qwen3_dir: Path) -> None:
     eng = _engine(tiny_qwen3_dir)
-    sampler = Sampler(eng, max_cache_tokens=256, max_batch=4)  # cache 64: 2 rows here
+    sampler = Sampler(eng, max_cache_tokens=256, max_batch=4)  # cache 64: 2 rows, up to 4
     first = [
         SampleRequestArrays(PROMPT, max_tokens=24, seed=1, stop=[], adapter=1),
         SampleRequestArrays(PROMPT[:4], max_tokens=3, seed=2, stop=[]),
@@ -155,7 +156,7 @@ def test_requests_join_a_running_call_and_get_what_they_get_alone(tiny_qwen3_dir
     with pytest.raises(RuntimeError, match="only valid"):
         sampler.join(later[0])
 
-    joins = _JoinWhenARowFrees(sampler, later)
+    joins = _JoinWhenThereIsRoom(sampler, later)
     handed: list[list[int]] = []
     got = sampler.sample(
         first, on_ready=lambda pairs: handed.append([i for i, _ in pairs]), interruption=joins
