@@ -19,7 +19,9 @@ For each model preset the script builds the kit's checkpoint, starts ``python -m
   result): a 1-token ``forward`` (the floor of every training call) and an ``optim_step`` with
   ``learning_rate=0`` (which also pays the worker's per-step recovery snapshot);
 * **logprobs-128 latency** — p50 of ``compute_logprobs`` on a 128-token prompt, on the
-  trained adapter's sampler and on the base model (what an RL loop's reference KL scores);
+  trained adapter's sampler and on the base model (what an RL loop's reference KL scores).
+  The adapter's sampler has sent sample groups, so the worker waits out the gather window
+  after each of its requests; the base model's sends one request at a time and does not;
 * **training while another tenant samples** — p50 of one ``forward_backward`` + ``optim_step``
   of a tenant stepping back to back, alone and while a second tenant's request for ``S`` long
   rollouts (``R`` tokens) decodes; and that request's time alone and with the training beside
@@ -237,7 +239,9 @@ def single_tenant(sc: Any, url: str, model: str, plan: Plan) -> dict[str, float]
     long_prompt = types.ModelInput.from_ints(list(range(200, 328)))
     base = sc.create_sampling_client(base_model=model)  # e.g. an RL reference model's KL
     for key, client in (("logprobs128_p50_ms", sampler), ("base_logprobs128_p50_ms", base)):
-        timed(lambda c=client: c.compute_logprobs(long_prompt).result(), 1)
+        # Steady state: until a new sampling client has sent a few requests one at a time,
+        # the worker gathers after each (tx_server.worker.gathering.LoneSessions.LONE_AFTER).
+        timed(lambda c=client: c.compute_logprobs(long_prompt).result(), 5)
         lp = timed(lambda c=client: c.compute_logprobs(long_prompt).result(), plan.lp_reps)
         result[key] = statistics.median(lp) * 1e3
     progress(f"round trips and logprobs done: {result}")
