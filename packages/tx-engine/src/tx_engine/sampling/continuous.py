@@ -23,8 +23,8 @@ Host/device overlap: decode step ``n+1`` is dispatched before step ``n``'s token
 for the stop checks (one step ahead); every dispatch records which rows it served, so a row
 that stopped, or was refilled, between dispatch and fetch never receives a stale token.
 Shapes are bucketed (``S`` fixed per run; ``B`` and admission ``P``/``R`` rows to powers of
-two, prompt bucket ``T``) and all per-row values (positions, steps, sampling values, adapters) are
-arrays, so a run compiles nothing new inside its buckets.
+two, prompt bucket ``T``) and all per-row values (positions, steps, sampling values, adapters)
+are arrays, so a run compiles nothing new inside its buckets.
 
 Resizing: a run starts with the rows it needs (``B`` = its rows, to a power of two) and may
 grow to ``max_batch`` rows (what the cache-token budget allows) when more samples wait than rows
@@ -181,9 +181,9 @@ class ContinuousRun:
             if self.interruption is not None and self.decode_steps and self.interruption.due():
                 self._interrupt(pending)
             admitted = bool(self.queue) and self._admit(pending)
-            if not self.queue:
-                self._shrink()
             live = [b for b in range(self.batch) if not self._free(b)]
+            if not self.queue:
+                live = self._shrink(live)
             if live:
                 self._decode(live, pending)
             while len(pending) > (1 if live else 0):
@@ -273,12 +273,14 @@ class ContinuousRun:
             return  # the head waits for slots, not rows: more rows would only idle
         self._resize(list(range(self.batch)), pow2(len(live) + len(chosen)))
 
-    def _shrink(self) -> None:
-        """Drop idle rows (to the power of two ≥ the live rows) once nothing waits: every
-        decode step computes, and reads the cache of, every row of the batch."""
-        live = [b for b in range(self.batch) if not self._free(b)]
-        if live and pow2(len(live)) < self.batch:
-            self._resize(live, pow2(len(live)))
+    def _shrink(self, live: list[int]) -> list[int]:
+        """Drop idle rows (to the power of two ≥ the ``live`` rows) once nothing waits: every
+        decode step computes, and reads the cache of, every row of the batch. The live rows'
+        indices after it."""
+        if not live or pow2(len(live)) >= self.batch:
+            return live
+        self._resize(live, pow2(len(live)))
+        return list(range(len(live)))
 
     def _resize(self, keep: list[int], batch: int) -> None:
         """A ``batch``-row run whose first rows are the old rows ``keep`` (slots unchanged)."""
