@@ -2,7 +2,8 @@
 
 The sampler's programs take the engine's sharded weights and build their KV cache inside jit,
 so XLA places the cache; resizing a running batch (rows added for a joining request, idle rows
-dropped) gathers cache rows across whatever placement that is. Runs in a subprocess because the
+dropped) gathers cache rows across whatever placement that is; so does the prefix cache's pool
+(a follow-up request continues the first request's sequence from it). Runs in a subprocess because the
 fake CPU device count (``XLA_FLAGS``) must be set before jax initialises.
 """
 
@@ -47,10 +48,15 @@ SCRIPT = textwrap.dedent(
         slot = eng.create_adapter(8, seed=1)
         eng.forward_backward([AdapterBatch(slot, [datum])])
         eng.optim_step(slot, AdamParams(1e-2))
-        sampler = Sampler(eng, max_cache_tokens=512, max_batch=8)
+        sampler = Sampler(eng, max_cache_tokens=512, max_batch=8, prefix_cache_tokens=512)
         results = sampler.sample(first, interruption=JoinOnce(sampler))
+        follow = np.concatenate([prompt, results[0].sequences[0].tokens, [7, 8, 9]])
+        results += sampler.sample(
+            [SampleRequestArrays(follow.astype(np.int32), max_tokens=8, seed=4, stop=[], adapter=1)]
+        )
         out[name] = {
             "resizes": sampler.resizes,
+            "prefix_hits": sampler.prefix_cache.hits,
             "tokens": [[list(map(int, s.tokens)) for s in r.sequences] for r in results],
             "logprobs": [[list(map(float, s.logprobs)) for s in r.sequences] for r in results],
             "prompt_logprobs": [float(x) for x in results[1].prompt_logprobs[1:]],
@@ -67,8 +73,10 @@ def test_mesh_sampling_with_resizes_matches_single_device(
     results = run_on_simulated_devices(SCRIPT, str(tiny_qwen3_dir), devices=4)
     ref = results.pop("single")
     assert ref["resizes"] == 3  # grown 4 → 8 for the joiner; 8 → 4 and 4 → 1 as rows end
+    assert ref["prefix_hits"] == 1  # the follow-up continued request 0's kept sequence
     for name, res in results.items():
         assert res["resizes"] == ref["resizes"], name
+        assert res["prefix_hits"] == ref["prefix_hits"], name
         assert res["tokens"] == ref["tokens"], name
         for got, want in zip(res["logprobs"], ref["logprobs"], strict=True):  # per request
             for a, b in zip(got, want, strict=True):  # per sample

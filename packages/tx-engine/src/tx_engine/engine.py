@@ -125,6 +125,9 @@ class TrainingEngine(AdapterCheckpoints):
         self._grads = step.zeros_like_state(self._lora)
         self._pin_state()
         self._adapters: dict[int, LoraConfig] = {}
+        # Bumped whenever a slot's weights change (init, load, free, optimizer step): what a
+        # cache of values computed with a slot (the sampler's prefix cache) is keyed by.
+        self._slot_versions = [0] * self.num_slots
         self._static_graphs: dict[int, step.StaticGraph] = {}  # one per rank bucket
         self._groups = {
             ".".join(map(str, path)).removesuffix(".lora"): mod.group
@@ -181,6 +184,14 @@ class TrainingEngine(AdapterCheckpoints):
         self._require(slot)
         return int(self._held_opt.flat.count[slot])
 
+    def slot_version(self, slot: int) -> int:
+        """A number that changes whenever ``slot``'s weights do (the base slot's never do)."""
+        return self._slot_versions[slot]
+
+    def _weights_changed(self, slots: Iterable[int]) -> None:
+        for slot in slots:
+            self._slot_versions[slot] += 1
+
     # ----------------------------------------------------------------- slots
     def create_adapter(
         self,
@@ -225,6 +236,7 @@ class TrainingEngine(AdapterCheckpoints):
         self._resplit(model)
         self._reset_slot_state(slot)
         self._pin_state()
+        self._weights_changed([slot])
         del self._adapters[slot]
 
     def _init_slot(self, slot: int, cfg: LoraConfig) -> None:
@@ -242,6 +254,7 @@ class TrainingEngine(AdapterCheckpoints):
         self._resplit(model)
         self._reset_slot_state(slot)
         self._pin_state()
+        self._weights_changed([slot])
         self._adapters[slot] = cfg
 
     def _reset_slot_state(self, slot: int) -> None:
@@ -420,6 +433,7 @@ class TrainingEngine(AdapterCheckpoints):
             shardings=self._shardings,
         )
         self._lora, self._opt, self._grads = Held(flat=lora), Held(flat=opt), Held(flat=grads)
+        self._weights_changed(params)
         where = {slot: i for i, slot in enumerate(slots.tolist())}
 
         def fetch() -> dict[int, dict[str, float]]:

@@ -9,7 +9,7 @@ the engine's state layout (slot axis, full-rank padding, declared shardings).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,6 +61,8 @@ class AdapterCheckpoints:
         def _model(self) -> nnx.Module: ...
 
         def _pin_state(self) -> None: ...
+
+        def _weights_changed(self, slots: Iterable[int]) -> None: ...
 
     def save_adapter(self, slot: int, path: str | Path, include_optimizer: bool = True) -> None:
         """Write ``slot``'s weights (and moments) as a rank-trimmed, slot-independent checkpoint."""
@@ -130,6 +132,7 @@ class AdapterCheckpoints:
                 raise AdapterError(f"slot must be in [1, {self.num_slots - 1}], got {slot}")
             self._init_slot(slot, cfg)
         self._lora = checkpoint.place_slot(self._lora, slot, state.factors, "adapter weights")
+        self._weights_changed([slot])
         if moments is not None:
             m, v = moments
             self._opt = optim.OptState(

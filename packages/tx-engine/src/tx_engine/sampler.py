@@ -22,7 +22,10 @@ How a call is run:
    the whole call is done. ``sample(..., interruption=...)`` lets other work on the engine
    (training steps) run between two decode steps of a long call, and lets requests that
    arrive meanwhile :meth:`Sampler.join` the running batch: they take rows as rows free up,
-   and the batch grows (up to ``max_batch`` and the cache budget) when none are free.
+   and the batch grows (up to ``max_batch`` and the cache budget) when none are free. With
+   ``prefix_cache_tokens``, ended rows' keys/values are kept, and a prompt that extends a kept
+   sequence (a conversation's next turn) prefills only its new tokens
+   (:mod:`tx_engine.sampling.prefix_cache`).
 4. Shapes are bucketed so warm-up covers everything: ``B``, admission rows and top-k sizes to
    powers of two, prompt length to a power of two ≥ ``min_prompt_bucket``, ``S`` to the power
    of two ≥ ``T + max_new - 1``. max_tokens, temperature, top-k, top-p, seeds, positions and
@@ -59,6 +62,7 @@ from tx_engine.errors import AdapterError, InputError
 from tx_engine.sampling import SamplingRow, StopCriteria
 from tx_engine.sampling.continuous import ContinuousRun, Interruption, Job, Row, pow2
 from tx_engine.sampling.params import ALT_DRAWS_SAMPLE_INDEX
+from tx_engine.sampling.prefix_cache import PrefixCache
 from tx_engine.sampling.stopping import DecodeFn, StopReason
 
 __all__ = [
@@ -170,7 +174,10 @@ class Sampler:
     ``generation_config.json`` of the engine's model directory. ``decode_steps``,
     ``cache_shifts``, ``prefilled_prompts``, ``interruptions`` and ``resizes`` count the decode
     steps, cache shifts, prompts prefilled, interruptions run and batch resizes so far (all
-    calls).
+    calls). ``prefix_cache_tokens``: token slots of the prefix cache
+    (:mod:`tx_engine.sampling.prefix_cache`; 0 = off), memory on top of ``max_cache_tokens``:
+    a prompt that extends an earlier sample's sequence (the next turn of a conversation)
+    prefills only what is new. Its counters are on :attr:`prefix_cache`.
     """
 
     def __init__(
@@ -182,6 +189,7 @@ class Sampler:
         min_prompt_bucket: int = 16,
         decode_fn: DecodeFn | None = None,
         eos_token_ids: Sequence[int] | None = None,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         for name, value in (
             ("max_cache_tokens", max_cache_tokens),
@@ -192,6 +200,13 @@ class Sampler:
                 raise InputError(f"{name} must be an int >= 2, got {value!r}")
         if pow2(max_batch) != max_batch:
             raise InputError(f"max_batch must be a power of two, got {max_batch}")
+        if isinstance(prefix_cache_tokens, bool) or not isinstance(prefix_cache_tokens, int) or prefix_cache_tokens < 0:  # fmt: skip
+            raise InputError(
+                f"prefix_cache_tokens must be an int >= 0, got {prefix_cache_tokens!r}"
+            )
+        self.prefix_cache = (
+            PrefixCache(prefix_cache_tokens, min_prompt_bucket) if prefix_cache_tokens else None
+        )
         self.engine = engine
         self.max_batch = max_batch
         self.max_cache_tokens = max_cache_tokens
@@ -244,6 +259,7 @@ class Sampler:
                     on_rows_done=call.rows_done,
                     interruption=interruption,
                     max_batch=most,
+                    prefix_cache=self.prefix_cache,
                 )
                 call.current = run
                 run.run()

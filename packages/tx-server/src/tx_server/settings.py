@@ -30,9 +30,9 @@ def default_data_dir() -> Path:
 class EngineSettings(BaseModel):
     """Shapes and budgets of the worker's engine (names match ``tx_engine.EngineConfig``).
 
-    ``max_seq_len`` and ``sample_tokens_per_batch`` are server-side limits: the worker rejects
-    longer inputs with a user error and caps one sampling batch; the rest is passed to the
-    engine unchanged.
+    ``max_seq_len``, ``sample_tokens_per_batch`` and ``sample_prefix_cache_tokens`` are the
+    server's own: the worker rejects longer inputs with a user error, caps one sampling batch
+    and sizes its samplers' prefix caches; the rest is passed to the engine unchanged.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -48,6 +48,10 @@ class EngineSettings(BaseModel):
     """KV-cache slots (rows × cache length) of one sampling batch. Resizing a batch (rows
     added for joining requests, idle rows dropped) holds the old and the new cache for a
     moment: up to 1.5× this, which is what to leave room for on an accelerator."""
+    sample_prefix_cache_tokens: int = Field(default=8192, ge=0)
+    """Token slots of each base model's prefix cache (0 = off): keys/values of finished
+    samples, so a prompt that extends one (the next turn of a conversation or an RL episode)
+    prefills only its new tokens. Memory on top of ``sample_tokens_per_batch``."""
     min_seq_len: int = Field(default=16, ge=1)
     seq_len_buckets: tuple[int, ...] = ()
     batch_buckets: tuple[int, ...] = ()
@@ -57,7 +61,9 @@ class EngineSettings(BaseModel):
     mesh_tp: int = Field(default=1, ge=1)
     mesh_ep: int = Field(default=1, ge=1)
 
-    _SERVER_ONLY: ClassVar[frozenset[str]] = frozenset({"max_seq_len", "sample_tokens_per_batch"})
+    _SERVER_ONLY: ClassVar[frozenset[str]] = frozenset(
+        {"max_seq_len", "sample_tokens_per_batch", "sample_prefix_cache_tokens"}
+    )
 
     def engine_config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``tx_engine.config.EngineConfig`` (server-only keys dropped)."""

@@ -35,6 +35,12 @@ waits and the live rows fit half the batch, the run shrinks to them (the same co
 decode step computes every row and reads every row's cache, idle or not: a long row does not
 keep paying for a short joiner, or for the short rows of its own group, after they end.
 
+Prefix reuse: with a :class:`~tx_engine.sampling.prefix_cache.PrefixCache`, a row that ends
+leaves its keys/values there, and a prompt that extends a kept sequence (the next turn of a
+conversation) is admitted with that prefix as context: only the rest of the prompt is
+prefilled. One admission shares one context size ``C`` (rows with another ``C`` wait for the
+next admission, FIFO as always); such a row occupies ``C + T`` slots from ``start``.
+
 Interruptions: a run of long rows decodes for seconds or minutes. An :class:`Interruption`
 lets other work on the same engine (the server: training steps that arrived meanwhile) run
 between two decode steps instead of after the whole run; samples that arrived meanwhile may
@@ -59,17 +65,14 @@ import numpy as np
 from tx_engine import step as programs
 from tx_engine.engine import TrainingEngine
 from tx_engine.layers.lora import BASE_SLOT
+from tx_engine.sampling.buckets import pow2
 from tx_engine.sampling.params import RowSamplingParams, SamplingRow
+from tx_engine.sampling.prefix_cache import Match, PrefixCache
 from tx_engine.sampling.stopping import StopState
 
 __all__ = ["ContinuousRun", "Interruption", "Job", "Row", "pow2"]
 
 _GREEDY = SamplingRow(temperature=0.0)  # what idle rows decode with: cheap, output ignored
-
-
-def pow2(n: int, floor: int = 1) -> int:
-    """The power of two >= ``max(n, floor)``."""
-    return 1 << max(0, max(n, floor) - 1).bit_length()
 
 
 @dataclass
@@ -105,6 +108,18 @@ class Row:
 
 
 @dataclass
+class _Take:
+    """An admission: queued rows that fit now, their prompts' bucket ``t``, their shared
+    context size ``c`` (0 = none), the cache shift ``delta`` and each job's prefix match."""
+
+    rows: list[Row] = field(default_factory=list)
+    t: int = 0
+    c: int = 0
+    delta: int = 0
+    matches: dict[int, Match | None] = field(default_factory=dict)
+
+
+@dataclass
 class _Pending:
     """Device outputs not fetched yet, and the (output index, row) pairs they belong to."""
 
@@ -135,6 +150,7 @@ class ContinuousRun:
     prompt scores are stored by then), so a caller can hand out a request's result while
     longer rows of the same run are still decoding. ``interruption``: see the module docstring.
     ``max_batch`` (a power of two, default ``batch``): the rows the run may grow to.
+    ``prefix_cache``: where ended rows are kept and prompts find their prefixes.
     """
 
     def __init__(
@@ -148,8 +164,10 @@ class ContinuousRun:
         on_rows_done: RowsDone | None = None,
         interruption: Interruption | None = None,
         max_batch: int | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.engine, self.jobs, self.queue = engine, jobs, deque(rows)
+        self.prefix_cache = prefix_cache
         self.on_rows_done, self.interruption = on_rows_done, interruption
         self.batch, self.cache_len = batch, cache_len
         self.max_batch = max(batch, max_batch or batch)
@@ -183,7 +201,7 @@ class ContinuousRun:
             admitted = bool(self.queue) and self._admit(pending)
             live = [b for b in range(self.batch) if not self._free(b)]
             if not self.queue:
-                live = self._shrink(live)
+                live = self._shrink(live, pending)
             if live:
                 self._decode(live, pending)
             while len(pending) > (1 if live else 0):
@@ -244,21 +262,41 @@ class ContinuousRun:
             hi = min(hi, self.start[b])
         return None if lo > hi else min(max(0, lo), hi)
 
-    def _take(self, n_free: int, live: list[int]) -> tuple[list[Row], int, int]:
-        """The longest queue prefix (≤ ``n_free`` rows) that fits now: rows, ``T``, shift."""
-        chosen: list[Row] = []
-        t = m = delta = 0
+    def _take(self, n_free: int, live: list[int]) -> _Take:
+        """The longest queue prefix (≤ ``n_free`` rows, one context size) that fits now."""
+        take = _Take()
+        m = 0
         for row in self.queue:
             job = self.jobs[row.job]
-            t2, m2 = max(t, job.prompt_t), max(m, job.max_new)
-            if len(chosen) == n_free or t2 + m2 - 1 > self.cache_len:
+            match = self._match(row.job)
+            c = match.context if match else 0
+            if take.rows and c != take.c:
                 break
-            d = self._shift_for(live, t2, m2) if live else 0
+            t2 = max(take.t, match.suffix_t if match else job.prompt_t)
+            m2 = max(m, job.max_new)
+            if len(take.rows) == n_free or c + t2 + m2 - 1 > self.cache_len:
+                break
+            d = self._shift_for(live, c + t2, m2) if live else 0
             if d is None:
                 break
-            chosen.append(row)
-            t, m, delta = t2, m2, d
-        return chosen, t, delta
+            take.rows.append(row)
+            take.matches[row.job] = match
+            take.t, take.c, take.delta, m = t2, c, d, m2
+        return take
+
+    def _match(self, ji: int) -> Match | None:
+        """The prefix of job ``ji``'s prompt that the prefix cache holds, if it is to be used.
+
+        A job that still owes prompt scores prefills its whole prompt: they are computed from
+        the prefill's logits, column by column.
+        """
+        job = self.jobs[ji]
+        if self.prefix_cache is None or (job.scoring.any and not job.scores_sent):
+            return None
+        return self.prefix_cache.match(self._prefix_key(job.slot), job.prompt, job.prompt_t)
+
+    def _prefix_key(self, slot: int) -> tuple[int, int]:
+        return slot, self.engine.slot_version(slot)
 
     def _grow(self) -> None:
         """Add rows (to a power of two ≤ ``max_batch``) when more samples wait than rows are
@@ -268,17 +306,18 @@ class ContinuousRun:
         if room <= 0 or len(self.queue) <= len(free):
             return
         live = [b for b in range(self.batch) if b not in free]
-        chosen, _, _ = self._take(len(free) + room, live)
+        chosen = self._take(len(free) + room, live).rows
         if len(chosen) <= len(free):
             return  # the head waits for slots, not rows: more rows would only idle
         self._resize(list(range(self.batch)), pow2(len(live) + len(chosen)))
 
-    def _shrink(self, live: list[int]) -> list[int]:
+    def _shrink(self, live: list[int], pending: deque[_Pending]) -> list[int]:
         """Drop idle rows (to the power of two ≥ the ``live`` rows) once nothing waits: every
         decode step computes, and reads the cache of, every row of the batch. The live rows'
         indices after it."""
         if not live or pow2(len(live)) >= self.batch:
             return live
+        self._settle([b for b in range(self.batch) if b not in live], pending)
         self._resize(live, pow2(len(live)))
         return list(range(len(live)))
 
@@ -296,16 +335,19 @@ class ContinuousRun:
         self._refresh_rows()
 
     def _admit(self, pending: deque[_Pending]) -> bool:
+        # Before matching: keeping a row may drop the entry a match would name.
+        self._settle([b for b in range(self.batch) if self._free(b)], pending)
         self._grow()
         free = [b for b in range(self.batch) if self._free(b)]
         live = [b for b in range(self.batch) if b not in free]
-        chosen, t, delta = self._take(len(free), live)
+        take = self._take(len(free), live)
+        chosen, t, c, delta = take.rows, take.t, take.c, take.delta
         if not chosen:
             return False
         for _ in chosen:
             self.queue.popleft()
         if not live:
-            self.index = t  # nothing to keep: the other rows' contents are never read
+            self.index = c + t  # nothing to keep: the other rows' contents are never read
         elif delta:
             self.cache = programs.shift_cache(self.cache, jnp.asarray(delta, jnp.int32))
             self.index -= delta
@@ -320,14 +362,17 @@ class ContinuousRun:
         for r, (row, b) in enumerate(zip(chosen, free, strict=False)):
             src[r], dst[r] = order.index(serves[r]), b
             self.owner[b], self.sent[b] = row, 1
-            self.start[b] = self.index - len(self.jobs[row.job].prompt)
+            begin = self.index - t - c if c else self.index - len(self.jobs[row.job].prompt)
+            self.start[b] = begin
         scoring, targets, alt, scored = self._scoring(order, n_p, t)
         base_only = all(self.jobs[j].slot == BASE_SLOT for j in order)
         graphdef = self.engine.graphdef_for_slots(()) if base_only else self.graphdef
+        context = self._context(order, n_p, take) if c else None
         out = programs.admit(
-            graphdef, self.lora, self.rest, self._prompts(order, n_p, t), src, dst,
+            graphdef, self.lora, self.rest, self._prompts(order, n_p, t, c), src, dst,
             RowSamplingParams.stack([r.sampling for r in chosen], pad_to=n_r), self.tokens,
             jnp.asarray(self.index, jnp.int32), self.cache, targets, alt,
+            None if context is None else self.prefix_cache.pool, context,  # type: ignore[union-attr]
             scoring=scoring, sample_topk=self.sample_topk,
         )  # fmt: skip
         self.prefilled_prompts += len(order)
@@ -352,17 +397,29 @@ class ContinuousRun:
             return ("job", ji)
         return ("prompt", job.slot, job.prompt.tobytes())
 
-    def _prompts(self, order: list[int], n_p: int, t: int) -> tuple[np.ndarray, ...]:
-        """Left-padded ``[P, T]`` tokens, positions, mask and ``[P]`` adapters."""
+    def _prompts(self, order: list[int], n_p: int, t: int, c: int) -> tuple[np.ndarray, ...]:
+        """Left-padded ``[P, T]`` tokens, positions, mask and ``[P]`` adapters: each prompt
+        after its first ``c`` tokens (those come from the prefix cache)."""
         tokens, positions, mask = (np.zeros((n_p, t), np.int32) for _ in range(3))
         adapters = np.zeros(n_p, np.int32)
         for p, ji in enumerate(order):
-            prompt = self.jobs[ji].prompt
-            tokens[p, t - len(prompt) :] = prompt
-            mask[p, t - len(prompt) :] = 1
-            positions[p, t - len(prompt) :] = np.arange(len(prompt))
+            rest = self.jobs[ji].prompt[c:]
+            tokens[p, t - len(rest) :] = rest
+            mask[p, t - len(rest) :] = 1
+            positions[p, t - len(rest) :] = np.arange(c, c + len(rest))
             adapters[p] = self.jobs[ji].slot
         return tokens, positions, mask, adapters
+
+    def _context(self, order: list[int], n_p: int, take: _Take) -> np.ndarray:
+        """``[P, C]`` pool slots of each prefilled prompt's reused prefix (-1: padding row)."""
+        assert self.prefix_cache is not None
+        slots = np.full((n_p, take.c), -1, np.int32)
+        for p, ji in enumerate(order):
+            match = take.matches[ji]
+            assert match is not None
+            assert match.context == take.c
+            slots[p] = self.prefix_cache.context_slots(match)
+        return slots
 
     def _scoring(
         self, order: list[int], n_p: int, t: int
@@ -443,8 +500,37 @@ class ContinuousRun:
                 ended.append(row)
         if item.scores is not None:
             self._store_scores(item)
+        if ended and self.prefix_cache is not None:
+            self._keep(ended)
         if ended and self.on_rows_done is not None:
             self.on_rows_done(ended)
+
+    def _keep(self, ended: list[Row]) -> None:
+        """Put ended rows' keys/values in the prefix cache: their prompt and every token they
+        fed back (all but the last), while the rows are still theirs."""
+        assert self.prefix_cache is not None
+        for row in ended:
+            b = next((b for b, owner in enumerate(self.owner) if owner is row), None)
+            if b is None:
+                continue  # refilled or dropped before its last token came back
+            job = self.jobs[row.job]
+            tokens = np.concatenate([job.prompt, np.asarray(row.state.tokens[:-1], np.int32)])
+            self.prefix_cache.save(
+                self._prefix_key(job.slot), tokens, self.cache, b, self._empty_pool
+            )
+
+    def _settle(self, rows: list[int], pending: deque[_Pending]) -> None:
+        """Fetch what is in flight before ``rows`` are refilled or dropped, if one of them
+        ended by ``max_tokens`` with its last token still in flight: the prefix cache keeps a
+        row when that token comes back (it names the sequence), while the row is still its."""
+        if self.prefix_cache is None:
+            return
+        if any(row is not None and not row.state.done for row in map(self.owner.__getitem__, rows)):
+            while pending:
+                self._collect(pending.popleft())
+
+    def _empty_pool(self, tokens: int) -> Any:
+        return programs.empty_cache(self.graphdef, self.lora, self.rest, batch=1, cache_len=tokens)
 
     def _store_scores(self, item: _Pending) -> None:
         """Each scored job's columns of the prompt scores, as ``[len(prompt)-1, ...]`` arrays."""

@@ -50,7 +50,8 @@ times. All per-row sampling values are arrays (:class:`RowSamplingParams`), so o
 (:mod:`tx_engine.sampling.continuous`) adds :func:`admit` (prefill waiting prompts straight into
 finished rows of a running cache, ending just before the shared write slot) and
 :func:`shift_cache` (slide every row left when the write slot reaches the end) and
-:func:`resize_rows` (more decode rows for samples that join a running batch);
+:func:`resize_rows` (more decode rows for samples that join a running batch), and
+:func:`save_prefix` (keep a finished row's keys/values for a later prompt that extends it);
 :func:`decode_step_topk` is the decode step that also returns per-token top-k logprobs.
 
 Full fine-tuning (:func:`full_train_step`, used by ``tx train`` without ``--lora-rank``)
@@ -71,6 +72,7 @@ from tx_engine.step.sampling import (
     empty_cache,
     prefill,
     resize_rows,
+    save_prefix,
     shift_cache,
 )
 from tx_engine.step.training import (
@@ -103,6 +105,7 @@ __all__ = [
     "graph_of",
     "prefill",
     "resize_rows",
+    "save_prefix",
     "shift_cache",
     "take_slot",
     "zeros_like_state",

@@ -97,14 +97,25 @@ class AdmitOut(NamedTuple):
 
 def _run_prompts(
     model: Any, tokens_pt: Array, positions_pt: Array, mask_pt: Array, adapters_p: Array,
-    cache_len: int,
+    cache_len: int, context: KVCache | None = None,
 ) -> tuple[Array, KVCache]:  # fmt: skip
-    """Left-padded prompts through a fresh ``cache_len``-slot cache: hidden states and cache."""
+    """Left-padded prompts through a fresh ``cache_len``-slot cache: hidden states and cache.
+
+    ``context`` (``C`` slots per prompt, index ``C``): keys/values the prompts continue from
+    (a cached prefix); the fresh slots follow it, so the result has ``C + cache_len`` slots.
+    """
     cfg = model.config
     cache = KVCache.empty(
         cfg.num_hidden_layers, tokens_pt.shape[0], cache_len, cfg.num_key_value_heads,
         cfg.head_dim, model.dtype,
     )  # fmt: skip
+    if context is not None:
+        cache = KVCache(
+            jnp.concatenate([context.k_lbskh, cache.k_lbskh], axis=2),
+            jnp.concatenate([context.v_lbskh, cache.v_lbskh], axis=2),
+            jnp.concatenate([context.mask_bs, cache.mask_bs], axis=1),
+            context.index,
+        )
     hidden_ptd, cache = model(
         tokens_pt,
         positions_bt=positions_pt,
@@ -248,6 +259,8 @@ def admit(
     cache: KVCache,
     targets_ptk: Array | None = None,
     alt_params_p: RowSamplingParams | None = None,
+    pool: KVCache | None = None,
+    context_pc: Array | None = None,
     *,
     scoring: Scoring = NO_SCORING,
     sample_topk: int = 0,
@@ -260,12 +273,20 @@ def admit(
     ``dst_r[r]`` (the rest of that row's mask is cleared; ``dst_r = B`` marks padding, dropped),
     and the cache's shared write index becomes ``index``. The caller guarantees
     ``index >= T`` and that no live row needs the overwritten row. ``cache`` is donated.
+
+    With ``context_pc`` (``[P, C]`` slots of the prefix pool ``pool``, -1 = masked), each
+    prompt continues a cached prefix: its ``C`` keys/values come first, the ``T`` columns are
+    the rest of the prompt (positions from ``C``), and the row gets all ``C + T`` slots, at
+    ``index-C-T .. index-1`` (:mod:`tx_engine.sampling.prefix_cache`).
     """
     TRACE_COUNTS["admit"] += 1
     model: Any = _merge(graphdef, lora, rest)
     tokens_pt, positions_pt, mask_pt, adapters_p = prompts
-    t = tokens_pt.shape[1]
-    hidden_ptd, fresh = _run_prompts(model, tokens_pt, positions_pt, mask_pt, adapters_p, t)
+    context = None if context_pc is None else _gather_context(pool, context_pc)
+    hidden_ptd, fresh = _run_prompts(
+        model, tokens_pt, positions_pt, mask_pt, adapters_p, tokens_pt.shape[1], context
+    )
+    t = fresh.mask_bs.shape[1]
     last_pv, scores = _prompt_outputs(
         model, hidden_ptd, tokens_pt, positions_pt, adapters_p, scoring, targets_ptk,
         alt_params_p,
@@ -279,6 +300,33 @@ def admit(
     new_cache = KVCache(k, v, mask, jnp.asarray(index, jnp.int32))
     next_b = prev_tokens_b.at[dst_r].set(tokens_r, mode="drop")
     return AdmitOut(next_b, tokens_r, logprobs_r, ids_rk, lps_rk, scores, new_cache)
+
+
+def _gather_context(pool: KVCache | None, context_pc: Array) -> KVCache:
+    """Pool slots ``context_pc`` as a ``[L, P, C, K, H]`` cache (-1 = masked), index ``C``."""
+    assert pool is not None, "a context needs the pool it indexes"
+    valid_pc = context_pc >= 0
+    src_pc = jnp.where(valid_pc, context_pc, 0)
+    return KVCache(
+        pool.k_lbskh[:, 0, src_pc], pool.v_lbskh[:, 0, src_pc], valid_pc,
+        jnp.asarray(context_pc.shape[1], jnp.int32),
+    )  # fmt: skip
+
+
+@partial(jax.jit, donate_argnames=("pool",))
+def save_prefix(pool: KVCache, cache: KVCache, row: Array, dst_n: Array) -> KVCache:
+    """Copy the first ``N`` unmasked slots of cache row ``row`` into pool slots ``dst_n``.
+
+    A row's unmasked slots, in slot order, are its tokens in order (prompt, then the tokens fed
+    by decode steps): shifts and resizes keep the order. ``dst_n`` entries past the tokens to
+    keep are out of range (dropped), so ``N`` can be bucketed. ``pool`` is a one-row cache.
+    """
+    TRACE_COUNTS["save_prefix"] += 1
+    n = dst_n.shape[0]
+    slots_n = jnp.nonzero(cache.mask_bs[row], size=n, fill_value=0)[0]
+    k = pool.k_lbskh.at[:, 0, dst_n].set(cache.k_lbskh[:, row, slots_n], mode="drop")
+    v = pool.v_lbskh.at[:, 0, dst_n].set(cache.v_lbskh[:, row, slots_n], mode="drop")
+    return KVCache(k, v, pool.mask_bs, pool.index)
 
 
 @partial(jax.jit, donate_argnames=("cache",))

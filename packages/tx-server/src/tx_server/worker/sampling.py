@@ -150,6 +150,7 @@ class SamplingRunner:
                 max_cache_tokens=self.settings.engine.sample_tokens_per_batch,
                 max_batch=_MAX_BATCH,
                 decode_fn=_decoder(engine.model_dir),
+                prefix_cache_tokens=self.settings.engine.sample_prefix_cache_tokens,
             )
         return self._samplers[base_model]
 
@@ -178,12 +179,20 @@ class SamplingRunner:
 
         def sample(group: Sequence[_Job]) -> list[SampleResult]:
             active = self._active = _Active(sampler, group[0].base_model, list(group))
+            cache = sampler.prefix_cache
+            hits, reused = (cache.hits, cache.reused_tokens) if cache else (0, 0)
             try:
                 results = sampler.sample(
                     [j.arrays for j in group],
                     on_ready=lambda pairs: answer([(active.members[i], r) for i, r in pairs]),
                     interruption=interruption,
                 )
+                if cache is not None and cache.hits > hits:
+                    log.info(
+                        "prefix cache: %d prompts continued kept sequences, %d tokens reused",
+                        cache.hits - hits,
+                        cache.reused_tokens - reused,
+                    )
             except BaseException as exc:
                 for job in active.members[len(group) :]:  # joined: unknown to run_fused
                     fail(job, exc)
