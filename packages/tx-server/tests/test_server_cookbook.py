@@ -12,6 +12,7 @@ elsewhere these tests skip.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -116,12 +117,15 @@ def test_sl_basic_trains_on_a_conversation_file_and_saves_usable_checkpoints(
 
 
 def test_multi_turn_rl_recipe_runs_and_sampler_logprobs_equal_the_trainers(
-    served: RunningServer, tmp_path: Path
+    served: RunningServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``recipes.multiplayer_rl.guess_number``: multi-turn rollouts (10 turns, prompts growing
     to ~500 tokens), importance-sampling training and per-step sampler refresh. The recipe's
     own ``kl_sample_train`` metrics compare the sampler's logprobs with the trainer's for the
-    same tokens: they must agree to float32 rounding."""
+    same tokens: they must agree to float32 rounding. Later turns continue earlier ones from
+    the prefix cache (the worker logs it), so this also checks reused prefixes against the
+    trainer."""
+    caplog.set_level(logging.INFO, logger="tx_server.worker.sampling")
     log = tmp_path / "rl"
     run_recipe(
         served,
@@ -143,3 +147,4 @@ def test_multi_turn_rl_recipe_runs_and_sampler_logprobs_equal_the_trainers(
         assert row["env/all/total_episodes"] == 4
         assert abs(row["optim/kl_sample_train_v1"]) < 1e-5, row["optim/kl_sample_train_v1"]
         assert 0 <= row["optim/kl_sample_train_v2"] < 1e-8, row["optim/kl_sample_train_v2"]
+    assert any("prefix cache:" in r.getMessage() for r in caplog.records)

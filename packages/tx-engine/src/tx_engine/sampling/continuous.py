@@ -267,6 +267,8 @@ class ContinuousRun:
         take = _Take()
         m = 0
         for row in self.queue:
+            if len(take.rows) == n_free:
+                break
             job = self.jobs[row.job]
             match = self._match(row.job)
             c = match.context if match else 0
@@ -274,7 +276,7 @@ class ContinuousRun:
                 break
             t2 = max(take.t, match.suffix_t if match else job.prompt_t)
             m2 = max(m, job.max_new)
-            if len(take.rows) == n_free or c + t2 + m2 - 1 > self.cache_len:
+            if c + t2 + m2 - 1 > self.cache_len:
                 break
             d = self._shift_for(live, c + t2, m2) if live else 0
             if d is None:
