@@ -26,8 +26,10 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
+import gc
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -48,6 +50,38 @@ CLOSE_TIMEOUT_S = 5.0
 """How long teardown waits for one client's ``close()``. Against a live server it takes well
 under a second; against a stopped one both SDKs retry the ``finish`` POST (the official SDK for
 up to 5 minutes), so the wait must be bounded."""
+
+
+MAPS_BEFORE_RELEASE = 20_000
+"""Memory maps of this process above which compiled programs are dropped after a module."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs() -> Iterator[None]:
+    """Drop jax's compiled programs after a test module once the process holds many maps.
+
+    XLA:CPU maps ~3 memory regions per compiled program and frees them only with the program.
+    One pytest process compiles thousands (every module builds engines of its own shapes), and
+    at the kernel's limit of 65530 maps per process (``vm.max_map_count``) the next compile
+    aborts or segfaults: the full suite reached it in its last server modules. Clearing after
+    every module instead costs ~3 min of recompiles; past ``MAPS_BEFORE_RELEASE`` it happens a
+    few times a run. The module's engines and servers are gone by then (this fixture is torn
+    down last); programs a later module needs again are compiled again.
+    """
+    yield
+    jax = sys.modules.get("jax")
+    if jax is not None and _memory_maps() > MAPS_BEFORE_RELEASE:
+        jax.clear_caches()
+        gc.collect()
+
+
+def _memory_maps() -> int:
+    """Memory maps of this process (Linux); elsewhere a count that always releases."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return MAPS_BEFORE_RELEASE + 1
 
 
 def _cancel(future: Any) -> None:
