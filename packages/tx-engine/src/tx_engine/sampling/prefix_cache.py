@@ -101,9 +101,6 @@ class PrefixCache:
         t = pow2(len(prompt) - c, self.min_prompt_bucket)
         return Match(best_id, c, t) if c + t <= prompt_t else None
 
-    def alive(self, entry: int) -> bool:
-        return entry in self._entries
-
     def context_slots(self, match: Match) -> np.ndarray:
         """The pool slots of ``match``'s context, in token order; marks the entry as used."""
         self._entries.move_to_end(match.entry)
