@@ -25,9 +25,9 @@ context is gathered slot by slot, so there is no fragmentation); when a new entr
 the least recently used entries are dropped. An entry that extends an older one of the same
 key replaces it (a conversation keeps one entry, its latest turn).
 
-A row is kept when its last token is fetched while it still owns its decode row. A row that
-ends by ``max_tokens`` while others wait may be refilled before that fetch (its end is known
-in advance), and is then not kept: such a turn is usually the last of an episode anyway.
+A row is kept when its last token is fetched, while it still owns its decode row. A row that
+ends by ``max_tokens`` is known to end before that fetch, so the run fetches the step in
+flight before refilling or dropping such a row (``ContinuousRun._settle``): it is kept too.
 """
 
 from __future__ import annotations
