@@ -2,16 +2,18 @@
 
     uv run python benchmarks/multi_turn.py                          # tiny-qwen3 + small
     uv run python benchmarks/multi_turn.py --presets small --episodes 8 --turns 6
+    uv run python benchmarks/multi_turn.py --turns 1 --opening 288 --system 256
 
 An RL batch of ``--episodes`` conversations, sampled turn by turn as an agent loop does: turn
 ``k+1``'s prompt is turn ``k``'s prompt, its completion (``--completion`` tokens, ``stop=[]``)
-and ``--observation`` new tokens; the first prompt has ``--opening`` tokens. Each turn is one
-:meth:`Sampler.sample` call with one request per episode. Two samplers on one engine, one
+and ``--observation`` new tokens; the first prompt has ``--opening`` tokens, of which the first
+``--system`` are the same in every episode (a system prompt, few-shot examples). Each turn is
+one :meth:`Sampler.sample` call with one request per episode. Two samplers on one engine, one
 without a prefix cache (every turn prefills the whole conversation) and one with it (each turn
-prefills what is new). Both first run a whole batch of episodes untimed (compiling every
-shape), then a timed batch of other episodes with the same lengths. The table shows each
-turn's prompt length, both times and their ratio; the cached sampler's samples are checked
-against the plain one's (same tokens).
+prefills what is new; a shared system prompt is prefilled once). Both first run a whole batch
+of episodes untimed (compiling every shape), then a timed batch of other episodes with the same
+lengths. The table shows each turn's prompt length, both times and their ratio; the cached
+sampler's samples are checked against the plain one's (same tokens).
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ def episodes(sampler: Sampler, args: argparse.Namespace, seed: int) -> tuple[lis
     """Seconds per turn and every turn's sampled tokens, for one batch of episodes."""
     rng = np.random.default_rng(seed)
     vocab = sampler.engine.vocab_size
-    prompts = [rng.integers(5, vocab, args.opening).astype(np.int32) for _ in range(args.episodes)]
+    system = rng.integers(5, vocab, args.system).astype(np.int32)
+    prompts = [
+        np.concatenate([system, rng.integers(5, vocab, args.opening - args.system)]).astype(
+            np.int32
+        )
+        for _ in range(args.episodes)
+    ]
     seconds, samples = [], []
     for turn in range(args.turns):
         requests = [
@@ -88,12 +96,16 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=8)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--opening", type=int, default=128)
+    parser.add_argument("--system", type=int, default=0, help="shared first opening tokens")
     parser.add_argument("--completion", type=int, default=32)
     parser.add_argument("--observation", type=int, default=32)
     parser.add_argument("--cache-tokens", type=int, default=8192)
     args = parser.parse_args()
+    if not 0 <= args.system <= args.opening:
+        parser.error("--system must be between 0 and --opening")
     print(
-        f"{args.episodes} episodes x {args.turns} turns; turn k+1 = turn k's prompt + "
+        f"{args.episodes} episodes x {args.turns} turns; opening {args.opening} tokens, the first "
+        f"{args.system} shared; turn k+1 = turn k's prompt + "
         f"{args.completion} sampled + {args.observation} new tokens; seconds per turn (all "
         "episodes, one sample call)"
     )

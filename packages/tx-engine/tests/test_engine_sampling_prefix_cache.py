@@ -94,6 +94,26 @@ def test_later_turns_reuse_the_conversation_and_sample_as_without_the_cache(
     assert len(cache) == len(prompts) + 1  # one entry per conversation: later turns replace
 
 
+@pytest.mark.parametrize("adapter", [None, 1], ids=["base", "adapter"])
+def test_prompts_sharing_a_system_prompt_prefill_it_once(
+    engine: TrainingEngine, adapter: int | None
+) -> None:
+    """Requests arriving together whose prompts share a 48-token prefix (two system prompts,
+    interleaved): the first of each is prefilled whole and kept at admission; the others wait
+    one step and reuse its prefix."""
+    cached, plain = Sampler(engine, prefix_cache_tokens=4096), Sampler(engine)
+    cache = cached.prefix_cache
+    assert cache is not None
+    rng = np.random.default_rng(3)
+    systems = [rng.integers(5, 2000, 48).astype(np.int32) for _ in range(2)]
+    questions = [rng.integers(5, 2000, 8).astype(np.int32) for _ in range(6)]
+    prompts = [np.concatenate([systems[i % 2], q]) for i, q in enumerate(questions)]
+    assert all(p[48] != q[48] for p in prompts for q in prompts if p is not q)
+    requests = _requests(prompts, adapter, 0)
+    _assert_same(cached.sample(requests), plain.sample(requests))
+    assert (cache.hits, cache.reused_tokens) == (4, 4 * 48)
+
+
 def test_a_slot_whose_weights_changed_is_not_reused(engine: TrainingEngine) -> None:
     cached, plain = Sampler(engine, prefix_cache_tokens=4096), Sampler(engine)
     cache = cached.prefix_cache

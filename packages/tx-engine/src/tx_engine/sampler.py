@@ -23,9 +23,9 @@ How a call is run:
    (training steps) run between two decode steps of a long call, and lets requests that
    arrive meanwhile :meth:`Sampler.join` the running batch: they take rows as rows free up,
    and the batch grows (up to ``max_batch`` and the cache budget) when none are free. With
-   ``prefix_cache_tokens``, ended rows' keys/values are kept, and a prompt that extends a kept
-   sequence (a conversation's next turn) prefills only its new tokens
-   (:mod:`tx_engine.sampling.prefix_cache`).
+   ``prefix_cache_tokens``, prompts' and ended rows' keys/values are kept, and a prompt that
+   extends a kept sequence (a conversation's next turn, a shared system prompt) prefills only
+   its new tokens (:mod:`tx_engine.sampling.prefix_cache`).
 4. Shapes are bucketed so warm-up covers everything: ``B``, admission rows and top-k sizes to
    powers of two, prompt length to a power of two ≥ ``min_prompt_bucket``, ``S`` to the power
    of two ≥ ``T + max_new - 1``. max_tokens, temperature, top-k, top-p, seeds, positions and
@@ -176,8 +176,8 @@ class Sampler:
     steps, cache shifts, prompts prefilled, interruptions run and batch resizes so far (all
     calls). ``prefix_cache_tokens``: token slots of the prefix cache
     (:mod:`tx_engine.sampling.prefix_cache`; 0 = off), memory on top of ``max_cache_tokens``:
-    a prompt that extends an earlier sample's sequence (the next turn of a conversation)
-    prefills only what is new. Its counters are on :attr:`prefix_cache`.
+    a prompt that extends an earlier prompt or sample's sequence (the next turn of a
+    conversation, a shared system prompt) prefills only what is new. Its counters are on :attr:`prefix_cache`.
     """
 
     def __init__(

@@ -49,9 +49,10 @@ class EngineSettings(BaseModel):
     added for joining requests, idle rows dropped) holds the old and the new cache for a
     moment: up to 1.5× this, which is what to leave room for on an accelerator."""
     sample_prefix_cache_tokens: int = Field(default=8192, ge=0)
-    """Token slots of each base model's prefix cache (0 = off): keys/values of finished
-    samples, so a prompt that extends one (the next turn of a conversation or an RL episode)
-    prefills only its new tokens. Memory on top of ``sample_tokens_per_batch``."""
+    """Token slots of each base model's prefix cache (0 = off): keys/values of prompts and
+    finished samples, so a prompt that extends one (the next turn of a conversation or an RL
+    episode, a shared system prompt) prefills only its new tokens. Memory on top of
+    ``sample_tokens_per_batch``."""
     min_seq_len: int = Field(default=16, ge=1)
     seq_len_buckets: tuple[int, ...] = ()
     batch_buckets: tuple[int, ...] = ()

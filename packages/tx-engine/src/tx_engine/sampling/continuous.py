@@ -35,11 +35,14 @@ waits and the live rows fit half the batch, the run shrinks to them (the same co
 decode step computes every row and reads every row's cache, idle or not: a long row does not
 keep paying for a short joiner, or for the short rows of its own group, after they end.
 
-Prefix reuse: with a :class:`~tx_engine.sampling.prefix_cache.PrefixCache`, a row that ends
-leaves its keys/values there, and a prompt that extends a kept sequence (the next turn of a
-conversation) is admitted with that prefix as context: only the rest of the prompt is
-prefilled. One admission shares one context size ``C`` (rows with another ``C`` wait for the
-next admission, FIFO as always); such a row occupies ``C + T`` slots from ``start``.
+Prefix reuse: with a :class:`~tx_engine.sampling.prefix_cache.PrefixCache`, each admission
+leaves its prompts' keys/values there and a row that ends leaves its sequence's, and a prompt
+that extends a kept sequence (the next turn of a conversation, a shared system prompt) is
+admitted with that prefix as context: only the rest of the prompt is prefilled. One admission
+shares one context size ``C`` (rows with another ``C`` wait for the next admission, FIFO as
+always); such a row occupies ``C + T`` slots from ``start``. A prompt that shares a reusable
+prefix with another prompt of the same admission waits for the next one too (one decode step
+later), so the shared prefix is prefilled once.
 
 Interruptions: a run of long rows decodes for seconds or minutes. An :class:`Interruption`
 lets other work on the same engine (the server: training steps that arrived meanwhile) run
@@ -272,7 +275,7 @@ class ContinuousRun:
             job = self.jobs[row.job]
             match = self._match(row.job)
             c = match.context if match else 0
-            if take.rows and c != take.c:
+            if take.rows and (c != take.c or (match is None and self._waits(row.job, take))):
                 break
             t2 = max(take.t, match.suffix_t if match else job.prompt_t)
             m2 = max(m, job.max_new)
@@ -296,6 +299,22 @@ class ContinuousRun:
         if self.prefix_cache is None or (job.scoring.any and not job.scores_sent):
             return None
         return self.prefix_cache.match(self._prefix_key(job.slot), job.prompt, job.prompt_t)
+
+    def _waits(self, ji: int, take: _Take) -> bool:
+        """Whether job ``ji`` should wait for the next admission: its prompt shares a reusable
+        prefix with a different prompt already taken (a common system prompt, few-shot
+        examples), which this admission keeps. Prefilling it next time, after one decode step,
+        saves prefilling that prefix again; prompts that are equal share one prefill anyway."""
+        job = self.jobs[ji]
+        if self.prefix_cache is None or (job.scoring.any and not job.scores_sent):
+            return False
+        key = self._prefill_key(ji)
+        return any(
+            self.jobs[r.job].slot == job.slot
+            and self._prefill_key(r.job) != key
+            and self.prefix_cache.would_reuse(self.jobs[r.job].prompt, job.prompt, job.prompt_t)
+            for r in take.rows
+        )
 
     def _prefix_key(self, slot: int) -> tuple[int, int]:
         return slot, self.engine.slot_version(slot)
@@ -379,6 +398,9 @@ class ContinuousRun:
         )  # fmt: skip
         self.prefilled_prompts += len(order)
         self.cache, self.tokens = out.cache, out.next_tokens_b
+        if self.prefix_cache is not None:  # a later prompt may share a prefix with these
+            rows = dict(zip(serves, free, strict=False))  # any row a prompt serves holds it
+            self._keep([(self.jobs[ji], self.jobs[ji].prompt, rows[ji]) for ji in order])
         arrays = (out.tokens_r, out.logprobs_r, out.topk_ids_rk, out.topk_logprobs_rk)
         scores = out.scores if scored else None
         pending.append(_Pending(arrays, list(enumerate(chosen)), scores, scored, t))
@@ -503,23 +525,28 @@ class ContinuousRun:
         if item.scores is not None:
             self._store_scores(item)
         if ended and self.prefix_cache is not None:
-            self._keep(ended)
+            self._keep_ended(ended)
         if ended and self.on_rows_done is not None:
             self.on_rows_done(ended)
 
-    def _keep(self, ended: list[Row]) -> None:
-        """Put ended rows' keys/values in the prefix cache: their prompt and every token they
-        fed back (all but the last), while the rows are still theirs."""
-        assert self.prefix_cache is not None
+    def _keep_ended(self, ended: list[Row]) -> None:
+        """Keep ended rows' prompt and every token they fed back (all but the last), while
+        the rows are still theirs."""
+        owned = {id(row): b for b, row in enumerate(self.owner) if row is not None}
+        sequences = []
         for row in ended:
-            b = next((b for b, owner in enumerate(self.owner) if owner is row), None)
-            if b is None:
+            if id(row) not in owned:
                 continue  # refilled or dropped before its last token came back
             job = self.jobs[row.job]
             tokens = np.concatenate([job.prompt, np.asarray(row.state.tokens[:-1], np.int32)])
-            self.prefix_cache.save(
-                self._prefix_key(job.slot), tokens, self.cache, b, self._empty_pool
-            )
+            sequences.append((job, tokens, owned[id(row)]))
+        self._keep(sequences)
+
+    def _keep(self, sequences: list[tuple[Job, np.ndarray, int]]) -> None:
+        """Put each ``(job, tokens, row)``'s keys/values in the prefix cache."""
+        assert self.prefix_cache is not None
+        keyed = [(self._prefix_key(job.slot), tokens, b) for job, tokens, b in sequences]
+        self.prefix_cache.save(keyed, self.cache, self._empty_pool)
 
     def _settle(self, rows: list[int], pending: deque[_Pending]) -> None:
         """Fetch what is in flight before ``rows`` are refilled or dropped, if one of them

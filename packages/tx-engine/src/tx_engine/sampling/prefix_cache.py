@@ -1,12 +1,16 @@
-"""Prefix cache: keys/values of finished sequences, reused when a later prompt extends them.
+"""Prefix cache: keys/values of earlier prompts and sequences, reused when a prompt extends them.
 
 Multi-turn sampling (an RL agent's episode, a chat) sends each turn's prompt as the previous
 turn's prompt + its completion + the new message. Without a cache every turn prefills the whole
-conversation again: turn ``k`` costs ``O(k)`` prefill and an episode ``O(k²)``. Here, when a
-sampled row ends, the keys/values it computed (its prompt and every token it fed back, i.e. all
-its tokens but the last) are copied into a device *pool* (:func:`tx_engine.step.save_prefix`);
-a later prompt whose first tokens equal an entry's takes the first ``C`` of them as context
-and prefills only the rest (:func:`tx_engine.step.admit` with ``context_pc``).
+conversation again: turn ``k`` costs ``O(k)`` prefill and an episode ``O(k²)``. Many prompts
+also start alike (a system prompt, few-shot examples). Here the keys/values of every prompt an
+admission prefills, and of every sampled row when it ends (its prompt and every token it fed
+back, i.e. all its tokens but the last), are copied into a device *pool*
+(:func:`tx_engine.step.save_prefix`, one copy per admission or fetch); a later prompt whose
+first tokens equal an entry's takes the first ``C`` of them as context and prefills only the
+rest (:func:`tx_engine.step.admit` with ``context_pc``). Prompts that arrive together and share
+a prefix are admitted one step apart so that the later ones reuse it
+(:meth:`PrefixCache.would_reuse`, ``ContinuousRun._waits``).
 
 Exactness. The keys/values of token ``j`` depend only on tokens ``0..j`` and the weights, and
 rope positions are per row, so a reused prefix is the same context a full prefill would
@@ -23,7 +27,8 @@ Memory. The pool holds ``capacity`` token slots (``[L, 1, capacity, K, H]`` keys
 like a one-row KV cache), allocated on first use. Entries own arbitrary pool slots (the
 context is gathered slot by slot, so there is no fragmentation); when a new entry needs room
 the least recently used entries are dropped. An entry that extends an older one of the same
-key replaces it (a conversation keeps one entry, its latest turn).
+key replaces it (a conversation keeps one entry, its latest turn; a prompt's entry gives way to
+its row's when the row ends).
 
 A row is kept when its last token is fetched, while it still owns its decode row. A row that
 ends by ``max_tokens`` is known to end before that fetch, so the run fetches the step in
@@ -33,7 +38,7 @@ flight before refilling or dropping such a row (``ContinuousRun._settle``): it i
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -66,7 +71,7 @@ class _Entry:
 
 
 class PrefixCache:
-    """Finished sequences' keys/values in one ``capacity``-token device pool (LRU)."""
+    """Prompts' and finished sequences' keys/values in one ``capacity``-token device pool (LRU)."""
 
     def __init__(self, capacity: int, min_prompt_bucket: int = 16) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
@@ -89,17 +94,27 @@ class PrefixCache:
             return None
         best, best_id = 0, -1
         for eid in self._by_head.get((key, _head(prompt)), ()):
-            tokens = self._entries[eid].tokens
-            n = min(len(tokens), len(prompt) - 1)
-            same = tokens[:n] == prompt[:n]
-            common = n if same.all() else int(same.argmin())
+            common = _common_prefix(self._entries[eid].tokens, prompt)
             if common > best:
                 best, best_id = common, eid
-        if best < MIN_PREFIX_TOKENS:
+        sizes = self._sizes(best, prompt, prompt_t)
+        return None if sizes is None else Match(best_id, *sizes)
+
+    def would_reuse(self, kept: np.ndarray, prompt: np.ndarray, prompt_t: int) -> bool:
+        """Whether ``prompt`` (bucket ``prompt_t``) would reuse part of ``kept`` once it is
+        saved: an admission then waits for that save instead of prefilling the prefix again."""
+        fits = MIN_PREFIX_TOKENS < len(kept) <= self.capacity
+        common = _common_prefix(kept, prompt) if fits else 0
+        return self._sizes(common, prompt, prompt_t) is not None
+
+    def _sizes(self, common: int, prompt: np.ndarray, prompt_t: int) -> tuple[int, int] | None:
+        """The context ``C`` and suffix bucket ``T`` for a ``common``-token shared prefix, if
+        worth using and if ``C + T`` fits the prompt's own bucket."""
+        if common < MIN_PREFIX_TOKENS:
             return None
-        c = context_bucket(best)
+        c = context_bucket(common)
         t = pow2(len(prompt) - c, self.min_prompt_bucket)
-        return Match(best_id, c, t) if c + t <= prompt_t else None
+        return (c, t) if c + t <= prompt_t else None
 
     def context_slots(self, match: Match) -> np.ndarray:
         """The pool slots of ``match``'s context, in token order; marks the entry as used."""
@@ -111,38 +126,56 @@ class PrefixCache:
     # ----------------------------------------------------------------- saving
     def save(
         self,
-        key: Hashable,
-        tokens: np.ndarray,
+        sequences: Sequence[tuple[Hashable, np.ndarray, int]],
         cache: KVCache,
-        row: int,
         empty_pool: Callable[[int], KVCache],
-    ) -> bool:
-        """Keep the keys/values of ``tokens`` (the first unmasked slots of ``cache`` row
-        ``row``) under ``key``; whether it was stored. ``empty_pool(n)`` makes the pool."""
+    ) -> int:
+        """Keep the keys/values of each ``(key, tokens, row)``: ``tokens`` are the first
+        unmasked slots of ``cache`` row ``row``. One device copy for all; how many were stored.
+        ``empty_pool(n)`` makes the pool."""
+        kept: list[tuple[int, np.ndarray]] = []
+        fresh: set[int] = set()  # entries of this call: their slots are being written
+        for key, tokens, row in sequences:
+            eid = self._reserve(key, tokens, fresh)
+            if eid is not None:
+                fresh.add(eid)
+                kept.append((row, self._entries[eid].slots))
+        if not kept:
+            return 0
+        if self.pool is None:
+            self.pool = empty_pool(self.capacity)
+        rows = np.zeros(pow2(len(kept)), np.int32)
+        dst = np.full((len(rows), pow2(max(len(s) for _, s in kept))), self.capacity, np.int32)
+        for r, (row, slots) in enumerate(kept):  # out-of-range slots (padding) are dropped
+            rows[r], dst[r, : len(slots)] = row, slots
+        self.pool = programs.save_prefix(self.pool, cache, jnp.asarray(rows), jnp.asarray(dst))
+        self.saved += len(kept)
+        return len(kept)
+
+    def _reserve(self, key: Hashable, tokens: np.ndarray, fresh: set[int]) -> int | None:
+        """A new entry for ``tokens`` with free pool slots, or None if it is not worth keeping
+        (too short or long, already held) or room would mean dropping an entry in ``fresh``."""
         n = len(tokens)
         if n <= MIN_PREFIX_TOKENS or n > self.capacity:
-            return False
+            return None
         head = (key, _head(tokens))
         for eid in list(self._by_head.get(head, ())):
             old = self._entries[eid].tokens
             if len(old) >= n and np.array_equal(old[:n], tokens):
                 self._entries.move_to_end(eid)
-                return False  # already held, as (a prefix of) a longer entry
-            if np.array_equal(tokens[: len(old)], old):
+                return None  # already held, as (a prefix of) a longer entry
+            if eid not in fresh and np.array_equal(tokens[: len(old)], old):
                 self._drop(eid)  # superseded: every prompt it matches, this one matches too
         while len(self._free) < n:
-            self._drop(next(iter(self._entries)))
+            oldest = next(iter(self._entries))
+            if oldest in fresh:
+                return None
+            self._drop(oldest)
         slots = np.array([self._free.pop() for _ in range(n)], np.int32)
-        if self.pool is None:
-            self.pool = empty_pool(self.capacity)
-        dst = np.full(pow2(n), self.capacity, np.int32)  # out of range: dropped
-        dst[:n] = slots
-        self.pool = programs.save_prefix(self.pool, cache, jnp.asarray(row, jnp.int32), dst)
         eid, self._next_id = self._next_id, self._next_id + 1
         self._entries[eid] = _Entry(key, tokens.astype(np.int32), slots)
         self._by_head.setdefault(head, set()).add(eid)
-        self.saved += 1
-        return True
+        return eid
 
     def _drop(self, eid: int) -> None:
         entry = self._entries.pop(eid)
@@ -158,6 +191,14 @@ class PrefixCache:
     @property
     def used_tokens(self) -> int:
         return self.capacity - len(self._free)
+
+
+def _common_prefix(kept: np.ndarray, prompt: np.ndarray) -> int:
+    """How many first tokens of ``prompt`` equal ``kept``'s, leaving its last one out (its
+    logits give the first sampled token, so it is always prefilled)."""
+    n = min(len(kept), len(prompt) - 1)
+    same = kept[:n] == prompt[:n]
+    return n if same.all() else int(same.argmin())
 
 
 def _head(tokens: np.ndarray) -> bytes:

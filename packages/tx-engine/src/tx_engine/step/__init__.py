@@ -51,7 +51,7 @@ times. All per-row sampling values are arrays (:class:`RowSamplingParams`), so o
 finished rows of a running cache, ending just before the shared write slot) and
 :func:`shift_cache` (slide every row left when the write slot reaches the end) and
 :func:`resize_rows` (more decode rows for samples that join a running batch), and
-:func:`save_prefix` (keep a finished row's keys/values for a later prompt that extends it);
+:func:`save_prefix` (keep rows' keys/values for a later prompt that extends them);
 :func:`decode_step_topk` is the decode step that also returns per-token top-k logprobs.
 
 Full fine-tuning (:func:`full_train_step`, used by ``tx train`` without ``--lora-rank``)

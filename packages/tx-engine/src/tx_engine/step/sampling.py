@@ -314,18 +314,21 @@ def _gather_context(pool: KVCache | None, context_pc: Array) -> KVCache:
 
 
 @partial(jax.jit, donate_argnames=("pool",))
-def save_prefix(pool: KVCache, cache: KVCache, row: Array, dst_n: Array) -> KVCache:
-    """Copy the first ``N`` unmasked slots of cache row ``row`` into pool slots ``dst_n``.
+def save_prefix(pool: KVCache, cache: KVCache, rows_r: Array, dst_rn: Array) -> KVCache:
+    """Copy the first ``N`` unmasked slots of each cache row ``rows_r[r]`` into pool slots
+    ``dst_rn[r]``: every sequence an admission or a fetch keeps, in one program.
 
     A row's unmasked slots, in slot order, are its tokens in order (prompt, then the tokens fed
-    by decode steps): shifts and resizes keep the order. ``dst_n`` entries past the tokens to
-    keep are out of range (dropped), so ``N`` can be bucketed. ``pool`` is a one-row cache.
+    by decode steps): shifts and resizes keep the order. ``dst_rn`` entries past a row's tokens
+    to keep are out of range (dropped), so ``R`` and ``N`` can be bucketed; a padding row has
+    no slot in range. ``pool`` is a one-row cache.
     """
     TRACE_COUNTS["save_prefix"] += 1
-    n = dst_n.shape[0]
-    slots_n = jnp.nonzero(cache.mask_bs[row], size=n, fill_value=0)[0]
-    k = pool.k_lbskh.at[:, 0, dst_n].set(cache.k_lbskh[:, row, slots_n], mode="drop")
-    v = pool.v_lbskh.at[:, 0, dst_n].set(cache.v_lbskh[:, row, slots_n], mode="drop")
+    n = dst_rn.shape[1]
+    slots_rn = jax.vmap(lambda m: jnp.nonzero(m, size=n, fill_value=0)[0])(cache.mask_bs[rows_r])
+    rows_r1 = rows_r[:, None]
+    k = pool.k_lbskh.at[:, 0, dst_rn].set(cache.k_lbskh[:, rows_r1, slots_rn], mode="drop")
+    v = pool.v_lbskh.at[:, 0, dst_rn].set(cache.v_lbskh[:, rows_r1, slots_rn], mode="drop")
     return KVCache(k, v, pool.mask_bs, pool.index)
 
 

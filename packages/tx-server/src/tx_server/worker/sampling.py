@@ -189,7 +189,7 @@ class SamplingRunner:
                 )
                 if cache is not None and cache.hits > hits:
                     log.info(
-                        "prefix cache: %d prompts continued kept sequences, %d tokens reused",
+                        "prefix cache: %d prompts reused kept prefixes, %d tokens in all",
                         cache.hits - hits,
                         cache.reused_tokens - reused,
                     )
