@@ -70,7 +70,7 @@ from tx_engine.engine import TrainingEngine
 from tx_engine.layers.lora import BASE_SLOT
 from tx_engine.sampling.buckets import pow2
 from tx_engine.sampling.params import RowSamplingParams, SamplingRow
-from tx_engine.sampling.prefix_cache import Match, PrefixCache
+from tx_engine.sampling.prefix_cache import Match, PrefixCache, head
 from tx_engine.sampling.stopping import StopState
 
 __all__ = ["ContinuousRun", "Interruption", "Job", "Row", "pow2"]
@@ -120,6 +120,7 @@ class _Take:
     c: int = 0
     delta: int = 0
     matches: dict[int, Match | None] = field(default_factory=dict)
+    heads: dict[tuple[int, bytes], list[int]] = field(default_factory=dict)  # (slot, head): jobs
 
 
 @dataclass
@@ -286,6 +287,7 @@ class ContinuousRun:
                 break
             take.rows.append(row)
             take.matches[row.job] = match
+            take.heads.setdefault((job.slot, head(job.prompt)), []).append(row.job)
             take.t, take.c, take.delta, m = t2, c, d, m2
         return take
 
@@ -310,10 +312,9 @@ class ContinuousRun:
             return False
         key = self._prefill_key(ji)
         return any(
-            self.jobs[r.job].slot == job.slot
-            and self._prefill_key(r.job) != key
-            and self.prefix_cache.would_reuse(self.jobs[r.job].prompt, job.prompt, job.prompt_t)
-            for r in take.rows
+            self._prefill_key(other) != key
+            and self.prefix_cache.would_reuse(self.jobs[other].prompt, job.prompt, job.prompt_t)
+            for other in take.heads.get((job.slot, head(job.prompt)), ())
         )
 
     def _prefix_key(self, slot: int) -> tuple[int, int]:

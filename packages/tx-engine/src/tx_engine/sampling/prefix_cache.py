@@ -48,7 +48,7 @@ from tx_engine import step as programs
 from tx_engine.layers.attention import KVCache
 from tx_engine.sampling.buckets import context_bucket, pow2
 
-__all__ = ["MIN_PREFIX_TOKENS", "Match", "PrefixCache"]
+__all__ = ["MIN_PREFIX_TOKENS", "Match", "PrefixCache", "head"]
 
 MIN_PREFIX_TOKENS = 16  # shorter common prefixes are cheaper to prefill again than to gather
 
@@ -93,7 +93,7 @@ class PrefixCache:
         if len(prompt) <= MIN_PREFIX_TOKENS:
             return None
         best, best_id = 0, -1
-        for eid in self._by_head.get((key, _head(prompt)), ()):
+        for eid in self._by_head.get((key, head(prompt)), ()):
             common = _common_prefix(self._entries[eid].tokens, prompt)
             if common > best:
                 best, best_id = common, eid
@@ -158,8 +158,8 @@ class PrefixCache:
         n = len(tokens)
         if n <= MIN_PREFIX_TOKENS or n > self.capacity:
             return None
-        head = (key, _head(tokens))
-        for eid in list(self._by_head.get(head, ())):
+        index = (key, head(tokens))
+        for eid in list(self._by_head.get(index, ())):
             old = self._entries[eid].tokens
             if len(old) >= n and np.array_equal(old[:n], tokens):
                 self._entries.move_to_end(eid)
@@ -174,16 +174,16 @@ class PrefixCache:
         slots = np.array([self._free.pop() for _ in range(n)], np.int32)
         eid, self._next_id = self._next_id, self._next_id + 1
         self._entries[eid] = _Entry(key, tokens.astype(np.int32), slots)
-        self._by_head.setdefault(head, set()).add(eid)
+        self._by_head.setdefault(index, set()).add(eid)
         return eid
 
     def _drop(self, eid: int) -> None:
         entry = self._entries.pop(eid)
         self._free.extend(entry.slots.tolist())
-        head = (entry.key, _head(entry.tokens))
-        self._by_head[head].discard(eid)
-        if not self._by_head[head]:
-            del self._by_head[head]
+        index = (entry.key, head(entry.tokens))
+        self._by_head[index].discard(eid)
+        if not self._by_head[index]:
+            del self._by_head[index]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -201,6 +201,7 @@ def _common_prefix(kept: np.ndarray, prompt: np.ndarray) -> int:
     return n if same.all() else int(same.argmin())
 
 
-def _head(tokens: np.ndarray) -> bytes:
-    """The first :data:`MIN_PREFIX_TOKENS` tokens: only entries sharing them can match."""
+def head(tokens: np.ndarray) -> bytes:
+    """The first :data:`MIN_PREFIX_TOKENS` tokens: only sequences sharing them can share a
+    reusable prefix (the index of entries, and of an admission's prompts)."""
     return np.asarray(tokens[:MIN_PREFIX_TOKENS], np.int32).tobytes()
