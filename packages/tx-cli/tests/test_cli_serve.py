@@ -1,5 +1,7 @@
 """`tx serve` starts the real API + worker process and the official SDK can train against it;
-the worker keeps its compiled programs in ``TX_COMPILATION_CACHE_DIR``."""
+the worker keeps its compiled programs in ``TX_COMPILATION_CACHE_DIR``. Its flags win over
+``TX_*`` variables, which apply where no flag is given; a bad value is a usage error naming its
+setting, before anything starts."""
 
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
+
+from tx_cli.commands.serve import resolve_settings
+from tx_cli.main import app
 
 API_KEY = "tml-cli-serve-test"
 
@@ -85,3 +91,37 @@ def test_tx_serve_trains_through_the_official_sdk(
         except subprocess.TimeoutExpired:  # pragma: no cover - diagnostic path
             proc.kill()
             pytest.fail("tx serve did not stop on SIGINT")
+
+
+def test_engine_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TX_ENGINE__SAMPLE_TOKENS_PER_BATCH", "4096")
+    monkeypatch.setenv("TX_ENGINE__SAMPLE_PREFIX_CACHE_TOKENS", "1024")
+    monkeypatch.setenv("TX_BASE_MODELS", '["Qwen/Qwen3-8B"]')
+    flags = {"sample_prefix_cache_tokens": 0, "dtype": "bfloat16", "mesh_ep": 2}
+    engine = resolve_settings({}, {**flags, "tokens_per_micro_batch": 512}).engine
+    assert engine.sample_tokens_per_batch == 4096  # from the environment: no flag
+    assert (engine.sample_prefix_cache_tokens, engine.dtype, engine.mesh_ep) == (0, "bfloat16", 2)
+    assert engine.tokens_per_micro_batch == 512
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--sample-tokens-per-batch", "0"),
+        ("--prefix-cache-tokens", "-1"),
+        ("--dtype", "float8"),
+        ("--ep-size", "0"),
+        ("--port", "70000"),
+    ],
+)
+def test_a_bad_flag_is_a_usage_error_naming_it(flag: str, value: str) -> None:
+    result = CliRunner().invoke(app, ["serve", flag, value, "--base-model", "Qwen/Qwen3-8B"])
+    assert result.exit_code == 2
+    assert f"Invalid value: {flag}: " in result.output
+
+
+def test_a_bad_variable_is_a_usage_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TX_ENGINE__MESH_EP", "0")
+    result = CliRunner().invoke(app, ["serve", "--base-model", "Qwen/Qwen3-8B"])
+    assert result.exit_code == 2
+    assert "Invalid value: TX_ENGINE__MESH_EP: " in result.output

@@ -177,7 +177,8 @@ class Sampler:
     calls). ``prefix_cache_tokens``: token slots of the prefix cache
     (:mod:`tx_engine.sampling.prefix_cache`; 0 = off), memory on top of ``max_cache_tokens``:
     a prompt that extends an earlier prompt or sample's sequence (the next turn of a
-    conversation, a shared system prompt) prefills only what is new. Its counters are on :attr:`prefix_cache`.
+    conversation, a shared system prompt) prefills only what is new. Its counters are on
+    :attr:`prefix_cache`.
     """
 
     def __init__(

@@ -13,7 +13,7 @@ the worker turns :class:`EngineSettings` into a ``tx_engine`` config itself
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -40,7 +40,7 @@ class EngineSettings(BaseModel):
     max_lora_adapters: int = Field(default=4, ge=1)
     max_lora_rank: int = Field(default=32, ge=1)
     max_seq_len: int = Field(default=4096, ge=1)
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # EngineConfig's dtypes
     tokens_per_micro_batch: int = Field(default=2048, ge=1)
     """The engine's default: bounds activation memory (8×512 tokens train in < 3 GB on CPU);
     raise it on an accelerator with memory to spare (fewer, larger calls)."""

@@ -9,6 +9,7 @@ and tx-cli does not need the server extra unless this command runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -59,6 +60,31 @@ def serve(
     dp: Annotated[
         int | None, typer.Option("--dp-size", metavar="INTEGER", help="Data parallelism")
     ] = None,
+    ep: Annotated[
+        int | None,
+        typer.Option("--ep-size", metavar="INTEGER", help="Expert parallelism (MoE models)"),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TEXT", help="Weights and compute dtype: float32, bfloat16 or float16"
+        ),
+    ] = None,
+    tokens_per_micro_batch: Annotated[
+        int | None,
+        typer.Option(metavar="INTEGER", help="Tokens per training micro-batch (activation memory)"),
+    ] = None,
+    sample_tokens_per_batch: Annotated[
+        int | None,
+        typer.Option(metavar="INTEGER", help="KV-cache slots of one sampling batch"),
+    ] = None,
+    prefix_cache_tokens: Annotated[
+        int | None,
+        typer.Option(
+            metavar="INTEGER",
+            help="Token slots of each base model's sampling prefix cache (0 = off)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the Tinker API (and its worker) until interrupted."""
     top = {
@@ -76,8 +102,13 @@ def serve(
         "mesh_tp": tp,
         "mesh_fsdp": fsdp,
         "mesh_dp": dp,
+        "mesh_ep": ep,
+        "dtype": dtype,
+        "tokens_per_micro_batch": tokens_per_micro_batch,
+        "sample_tokens_per_batch": sample_tokens_per_batch,
+        "sample_prefix_cache_tokens": prefix_cache_tokens,
     }
-    settings = _settings(_given(top), _given(engine))
+    settings = resolve_settings(_given(top), _given(engine))
     from tx_server.serve import serve as run
 
     typer.echo(
@@ -90,21 +121,47 @@ def _given(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _settings(top: dict[str, Any], engine: dict[str, Any]) -> Any:
-    from pydantic import ValidationError
+# Settings fields whose flag is not the field's own name with dashes.
+_FLAG_OF = {
+    "base_models": "--base-model",
+    "mesh_tp": "--tp-size",
+    "mesh_fsdp": "--fsdp-size",
+    "mesh_dp": "--dp-size",
+    "mesh_ep": "--ep-size",
+    "sample_prefix_cache_tokens": "--prefix-cache-tokens",
+}
 
+
+def resolve_settings(top: dict[str, Any], engine: dict[str, Any]) -> Any:
+    """``tx_server.settings.Settings`` from the given flags over ``TX_*`` variables; the tiny
+    Qwen3 when neither names a base model. A bad value is a usage error naming the flag or the
+    variable it came from."""
     from tx_server.settings import EngineSettings, Settings
 
-    try:
-        env = Settings()
-        merged = EngineSettings(**{**env.engine.model_dump(), **engine})
-        settings = Settings(**top, engine=merged)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise typer.BadParameter(f"{field}: {first['msg']}") from None
+    env = _validated(Settings, (), {})
+    merged = _validated(
+        lambda: EngineSettings(**{**env.engine.model_dump(), **engine}), ("engine",), engine
+    )
+    settings = _validated(lambda: Settings(**top, engine=merged), (), top)
     if not settings.base_models:
         from tx_engine.testing import ensure_model
 
         settings = Settings(**top, engine=merged, base_models=[str(ensure_model("tiny-qwen3"))])
     return settings
+
+
+def _validated(build: Callable[[], Any], prefix: tuple[str, ...], flags: dict[str, Any]) -> Any:
+    """``build()``; a validation error becomes a usage error naming its flag (if the field is
+    in ``flags``) or else its ``TX_*`` variable (``prefix``: the settings' place in Settings)."""
+    from pydantic import ValidationError
+
+    try:
+        return build()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fields = [str(p) for p in first["loc"] if isinstance(p, str)]  # not list indices
+        if fields[0] in flags:
+            name = _FLAG_OF.get(fields[0], "--" + fields[0].replace("_", "-"))
+        else:
+            name = "TX_" + "__".join((*prefix, *fields)).upper()
+        raise typer.BadParameter(f"{name}: {first['msg']}") from None
