@@ -114,6 +114,53 @@ def test_prompts_sharing_a_system_prompt_prefill_it_once(
     assert (cache.hits, cache.reused_tokens) == (4, 4 * 48)
 
 
+def test_mixed_random_rounds_sample_as_without_the_cache(engine: TrainingEngine) -> None:
+    """Seeded rounds that mix what the cache must get right together: shared system prompts,
+    continued conversations, equal prompts, ``num_samples``, base and adapter rows, prompt
+    logprobs, EOS stops, and 4 decode rows (queueing, refills) over a pool small enough that
+    entries are evicted and one copy's entries compete for room."""
+    rng = np.random.default_rng(11)
+    cached = Sampler(engine, prefix_cache_tokens=320, max_batch=4)
+    plain = Sampler(engine, max_batch=4)
+    cache = cached.prefix_cache
+    assert cache is not None
+
+    def tokens(n: int) -> np.ndarray:
+        return rng.integers(5, 2000, n).astype(np.int32)
+
+    systems = [tokens(40) for _ in range(2)]
+    finished: list[tuple[np.ndarray, int | None]] = []  # (prompt + sample, adapter) so far
+    for round_ in range(3):
+        requests: list[SampleRequestArrays] = []
+        for i in range(6):
+            adapter = [None, 1][int(rng.integers(2))]
+            kind = int(rng.integers(4)) if finished else 0
+            if kind == 0:  # a shared system prompt and a question
+                prompt = np.concatenate([systems[int(rng.integers(2))], tokens(int(rng.integers(4, 12)))])  # fmt: skip
+            elif kind == 1:  # the next turn of an earlier conversation, on its adapter
+                prompt, adapter = finished[int(rng.integers(len(finished)))]
+                prompt = np.concatenate([prompt, tokens(3)])
+            elif kind == 2 and requests:  # the same prompt as the request before
+                prompt, adapter = requests[-1].prompt_tokens, requests[-1].adapter
+            else:
+                prompt = tokens(int(rng.integers(17, 40)))
+            requests.append(
+                SampleRequestArrays(
+                    prompt, num_samples=int(rng.integers(1, 3)), max_tokens=int(rng.integers(3, 9)),
+                    seed=100 * round_ + i, stop=None if rng.integers(2) else [], adapter=adapter,
+                    prompt_logprobs=bool(rng.integers(5) == 0),
+                )
+            )  # fmt: skip
+        got = cached.sample(requests)
+        _assert_same(got, plain.sample(requests))
+        for request, result in zip(requests, got, strict=True):
+            if len(request.prompt_tokens) < 52:  # keep prompts in the 64 bucket or below
+                sample = result.sequences[0].tokens
+                finished.append((np.concatenate([request.prompt_tokens, sample]), request.adapter))
+    assert cache.hits >= 4  # the rounds exercise reuse (8 with this seed)
+    assert cache.used_tokens <= 320
+
+
 def test_a_slot_whose_weights_changed_is_not_reused(engine: TrainingEngine) -> None:
     cached, plain = Sampler(engine, prefix_cache_tokens=4096), Sampler(engine)
     cache = cached.prefix_cache
@@ -157,6 +204,24 @@ def test_least_recently_used_sequences_make_room(engine: TrainingEngine) -> None
         _assert_same(cached.sample(request), plain.sample(request))
         assert cache.hits - hits == reused  # a's entry was dropped to make room for b's
         hits = cache.hits
+
+
+def test_one_copy_does_not_make_room_with_its_own_entries(engine: TrainingEngine) -> None:
+    # Two conversations end in the same fetch: their 63-token sequences go in one copy, and
+    # the 100-token pool holds one. The first is kept; the second is skipped rather than
+    # taking the slots the same copy writes the first one to.
+    cached, plain = Sampler(engine, prefix_cache_tokens=100), Sampler(engine)
+    cache = cached.prefix_cache
+    assert cache is not None
+    openings = _openings(2)
+    first = cached.sample(_requests(openings, None, 0))
+    assert (len(cache), cache.used_tokens) == (1, 63)
+    follow = _next_prompts(openings, first, 0)
+    for prompt, reused in ((follow[0], 1), (follow[1], 0)):
+        hits = cache.hits
+        request = _requests([prompt], None, 1)
+        _assert_same(cached.sample(request), plain.sample(request))
+        assert cache.hits - hits == reused
 
 
 def test_context_buckets_keep_two_sizes_per_octave() -> None:
