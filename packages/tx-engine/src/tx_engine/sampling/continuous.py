@@ -267,7 +267,8 @@ class ContinuousRun:
         return None if lo > hi else min(max(0, lo), hi)
 
     def _take(self, n_free: int, live: list[int]) -> _Take:
-        """The longest queue prefix (≤ ``n_free`` rows, one context size) that fits now."""
+        """The longest queue prefix (≤ ``n_free`` rows, one context size) that fits now and
+        has no prompt that should wait to reuse another's prefix (:meth:`_waits`)."""
         take = _Take()
         m = 0
         for row in self.queue:

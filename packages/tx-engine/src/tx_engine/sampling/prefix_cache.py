@@ -28,7 +28,8 @@ like a one-row KV cache), allocated on first use. Entries own arbitrary pool slo
 context is gathered slot by slot, so there is no fragmentation); when a new entry needs room
 the least recently used entries are dropped. An entry that extends an older one of the same
 key replaces it (a conversation keeps one entry, its latest turn; a prompt's entry gives way to
-its row's when the row ends).
+its row's when the row ends). One copy never makes room by dropping an entry it is writing
+itself (the two would share pool slots in one scatter): such a sequence is not kept.
 
 A row is kept when its last token is fetched, while it still owns its decode row. A row that
 ends by ``max_tokens`` is known to end before that fetch, so the run fetches the step in
