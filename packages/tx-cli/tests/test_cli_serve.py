@@ -61,6 +61,8 @@ def test_tx_serve_trains_through_the_official_sdk(
         *("serve", "--port", str(port), "--base-model", str(model_dir)),
         *("--database-url", f"sqlite:///{tmp_path / 'tx.db'}"),
         *("--checkpoint-root", str(tmp_path / "ckpt"), "--max-lora-rank", "8"),
+        *("--sample-tokens-per-batch", "4096", "--prefix-cache-tokens", "1024"),
+        *("--tokens-per-micro-batch", "1024"),
     ]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -87,10 +89,13 @@ def test_tx_serve_trains_through_the_official_sdk(
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=30)
+            output = proc.communicate(timeout=30)[0]
         except subprocess.TimeoutExpired:  # pragma: no cover - diagnostic path
             proc.kill()
             pytest.fail("tx serve did not stop on SIGINT")
+    # The flags reached the worker's engine (it logs what it built).
+    assert "1024 tokens per micro-batch; sampling: 4096 KV slots per batch" in output
+    assert "prefix cache 1024 token slots" in output
 
 
 def test_engine_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

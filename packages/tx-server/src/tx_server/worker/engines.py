@@ -111,6 +111,15 @@ class EngineHost:
         if base_model not in self._engines:
             config = EngineConfig(**self.settings.engine.engine_config_kwargs())
             self._engines[base_model] = TrainingEngine(resolve_model_dir(base_model), config)
+            e = self.settings.engine
+            log.info(
+                "engine for %s: %s, %d adapter slots up to rank %d, mesh dp=%d fsdp=%d tp=%d "
+                "ep=%d, %d tokens per micro-batch; sampling: %d KV slots per batch, prefix "
+                "cache %d token slots",
+                base_model, e.dtype, e.max_lora_adapters, e.max_lora_rank, e.mesh_dp, e.mesh_fsdp,
+                e.mesh_tp, e.mesh_ep, e.tokens_per_micro_batch, e.sample_tokens_per_batch,
+                e.sample_prefix_cache_tokens,
+            )  # fmt: skip
         return self._engines[base_model]
 
     def allocate(self, base_model: str, make: Callable[[TrainingEngine], int]) -> int:
