@@ -98,6 +98,12 @@ class Job:
     scores: dict[str, np.ndarray] | None = None
     scores_sent: bool = False
 
+    @property
+    def owes_scores(self) -> bool:
+        """Prompt scores asked for and not computed yet: the next admission prefills the
+        whole prompt in a row of its own (scores come from the prefill's logits)."""
+        return self.scoring.any and not self.scores_sent
+
 
 @dataclass
 class Row:
@@ -299,7 +305,7 @@ class ContinuousRun:
         the prefill's logits, column by column.
         """
         job = self.jobs[ji]
-        if self.prefix_cache is None or (job.scoring.any and not job.scores_sent):
+        if self.prefix_cache is None or job.owes_scores:
             return None
         return self.prefix_cache.match(self._prefix_key(job.slot), job.prompt, job.prompt_t)
 
@@ -309,7 +315,7 @@ class ContinuousRun:
         examples), which this admission keeps. Prefilling it next time, after one decode step,
         saves prefilling that prefix again; prompts that are equal share one prefill anyway."""
         job = self.jobs[ji]
-        if self.prefix_cache is None or (job.scoring.any and not job.scores_sent):
+        if self.prefix_cache is None or job.owes_scores:
             return False
         key = self._prefill_key(ji)
         return any(
@@ -419,7 +425,7 @@ class ContinuousRun:
         their inputs (targets, alt draws) are laid out per prefill row.
         """
         job = self.jobs[ji]
-        if job.scoring.any and not job.scores_sent:
+        if job.owes_scores:
             return ("job", ji)
         return ("prompt", job.slot, job.prompt.tobytes())
 
@@ -453,8 +459,7 @@ class ContinuousRun:
         programs.Scoring, np.ndarray | None, RowSamplingParams | None, list[tuple[int, Job]]
     ]:
         """Bucketed prompt-score sizes for the jobs of ``order`` not scored yet, and inputs."""
-        todo = [(p, self.jobs[ji]) for p, ji in enumerate(order) if not self.jobs[ji].scores_sent]
-        todo = [(p, job) for p, job in todo if job.scoring.any]
+        todo = [(p, self.jobs[ji]) for p, ji in enumerate(order) if self.jobs[ji].owes_scores]
         sizes = [job.scoring for _, job in todo]
         topk, target_k, alt_k = (max((getattr(z, f) for z in sizes), default=0) for f in ("topk", "target_k", "alt_k"))  # fmt: skip
         scoring = programs.Scoring(

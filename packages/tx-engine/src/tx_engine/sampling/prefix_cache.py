@@ -104,8 +104,7 @@ class PrefixCache:
     def would_reuse(self, kept: np.ndarray, prompt: np.ndarray, prompt_t: int) -> bool:
         """Whether ``prompt`` (bucket ``prompt_t``) would reuse part of ``kept`` once it is
         saved: an admission then waits for that save instead of prefilling the prefix again."""
-        fits = MIN_PREFIX_TOKENS < len(kept) <= self.capacity
-        common = _common_prefix(kept, prompt) if fits else 0
+        common = _common_prefix(kept, prompt) if self._keepable(len(kept)) else 0
         return self._sizes(common, prompt, prompt_t) is not None
 
     def _sizes(self, common: int, prompt: np.ndarray, prompt_t: int) -> tuple[int, int] | None:
@@ -153,11 +152,15 @@ class PrefixCache:
         self.saved += len(kept)
         return len(kept)
 
+    def _keepable(self, n: int) -> bool:
+        """Whether an ``n``-token sequence is kept: long enough to be reused, and fits."""
+        return MIN_PREFIX_TOKENS < n <= self.capacity
+
     def _reserve(self, key: Hashable, tokens: np.ndarray, fresh: set[int]) -> int | None:
         """A new entry for ``tokens`` with free pool slots, or None if it is not worth keeping
         (too short or long, already held) or room would mean dropping an entry in ``fresh``."""
         n = len(tokens)
-        if n <= MIN_PREFIX_TOKENS or n > self.capacity:
+        if not self._keepable(n):
             return None
         index = (key, head(tokens))
         for eid in list(self._by_head.get(index, ())):
