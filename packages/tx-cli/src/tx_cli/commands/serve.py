@@ -9,7 +9,7 @@ and tx-cli does not need the server extra unless this command runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +17,8 @@ import typer
 
 
 def serve(
-    base_model: Annotated[
+    ctx: typer.Context,
+    base_models: Annotated[
         list[str] | None,
         typer.Option(
             "--base-model",
@@ -51,16 +52,16 @@ def serve(
     max_seq_len: Annotated[
         int | None, typer.Option(metavar="INTEGER", help="Longest sequence")
     ] = None,
-    tp: Annotated[
+    mesh_tp: Annotated[
         int | None, typer.Option("--tp-size", metavar="INTEGER", help="Tensor parallelism")
     ] = None,
-    fsdp: Annotated[
+    mesh_fsdp: Annotated[
         int | None, typer.Option("--fsdp-size", metavar="INTEGER", help="FSDP degree")
     ] = None,
-    dp: Annotated[
+    mesh_dp: Annotated[
         int | None, typer.Option("--dp-size", metavar="INTEGER", help="Data parallelism")
     ] = None,
-    ep: Annotated[
+    mesh_ep: Annotated[
         int | None,
         typer.Option("--ep-size", metavar="INTEGER", help="Expert parallelism (MoE models)"),
     ] = None,
@@ -78,9 +79,10 @@ def serve(
         int | None,
         typer.Option(metavar="INTEGER", help="KV-cache slots of one sampling batch"),
     ] = None,
-    prefix_cache_tokens: Annotated[
+    sample_prefix_cache_tokens: Annotated[
         int | None,
         typer.Option(
+            "--prefix-cache-tokens",
             metavar="INTEGER",
             help="Token slots of each base model's sampling prefix cache (0 = off)",
         ),
@@ -88,7 +90,7 @@ def serve(
 ) -> None:
     """Serve the Tinker API (and its worker) until interrupted."""
     top = {
-        "base_models": base_model or None,
+        "base_models": base_models or None,
         "host": host,
         "port": port,
         "database_url": database_url,
@@ -99,16 +101,18 @@ def serve(
         "max_lora_adapters": max_lora_adapters,
         "max_lora_rank": max_lora_rank,
         "max_seq_len": max_seq_len,
-        "mesh_tp": tp,
-        "mesh_fsdp": fsdp,
-        "mesh_dp": dp,
-        "mesh_ep": ep,
+        "mesh_tp": mesh_tp,
+        "mesh_fsdp": mesh_fsdp,
+        "mesh_dp": mesh_dp,
+        "mesh_ep": mesh_ep,
         "dtype": dtype,
         "tokens_per_micro_batch": tokens_per_micro_batch,
         "sample_tokens_per_batch": sample_tokens_per_batch,
-        "sample_prefix_cache_tokens": prefix_cache_tokens,
+        "sample_prefix_cache_tokens": sample_prefix_cache_tokens,
     }
-    settings = resolve_settings(_given(top), _given(engine))
+    # Parameters are named after their settings fields, so a field's flag is its option's.
+    flag_of = {p.name: p.opts[0] for p in ctx.command.params if p.name and p.opts}
+    settings = resolve_settings(_given(top), _given(engine), flag_of)
     from tx_server.serve import serve as run
 
     typer.echo(
@@ -121,28 +125,22 @@ def _given(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-# Settings fields whose flag is not the field's own name with dashes.
-_FLAG_OF = {
-    "base_models": "--base-model",
-    "mesh_tp": "--tp-size",
-    "mesh_fsdp": "--fsdp-size",
-    "mesh_dp": "--dp-size",
-    "mesh_ep": "--ep-size",
-    "sample_prefix_cache_tokens": "--prefix-cache-tokens",
-}
-
-
-def resolve_settings(top: dict[str, Any], engine: dict[str, Any]) -> Any:
+def resolve_settings(
+    top: dict[str, Any], engine: dict[str, Any], flag_of: Mapping[str, str] | None = None
+) -> Any:
     """``tx_server.settings.Settings`` from the given flags over ``TX_*`` variables; the tiny
-    Qwen3 when neither names a base model. A bad value is a usage error naming the flag or the
-    variable it came from."""
+    Qwen3 when neither names a base model. A bad value is a usage error naming the flag
+    (``flag_of[field]``, else ``--field-with-dashes``) or the variable it came from."""
     from tx_server.settings import EngineSettings, Settings
+
+    def flags(given: dict[str, Any]) -> dict[str, str]:
+        return {f: (flag_of or {}).get(f, "--" + f.replace("_", "-")) for f in given}
 
     env = _validated(Settings, (), {})
     merged = _validated(
-        lambda: EngineSettings(**{**env.engine.model_dump(), **engine}), ("engine",), engine
+        lambda: EngineSettings(**{**env.engine.model_dump(), **engine}), ("engine",), flags(engine)
     )
-    settings = _validated(lambda: Settings(**top, engine=merged), (), top)
+    settings = _validated(lambda: Settings(**top, engine=merged), (), flags(top))
     if not settings.base_models:
         from tx_engine.testing import ensure_model
 
@@ -150,9 +148,10 @@ def resolve_settings(top: dict[str, Any], engine: dict[str, Any]) -> Any:
     return settings
 
 
-def _validated(build: Callable[[], Any], prefix: tuple[str, ...], flags: dict[str, Any]) -> Any:
-    """``build()``; a validation error becomes a usage error naming its flag (if the field is
-    in ``flags``) or else its ``TX_*`` variable (``prefix``: the settings' place in Settings)."""
+def _validated(build: Callable[[], Any], prefix: tuple[str, ...], flags: dict[str, str]) -> Any:
+    """``build()``; a validation error becomes a usage error naming the field's flag if it was
+    given (``flags``: field → flag) or else its ``TX_*`` variable (``prefix``: the settings'
+    place in Settings)."""
     from pydantic import ValidationError
 
     try:
@@ -160,8 +159,5 @@ def _validated(build: Callable[[], Any], prefix: tuple[str, ...], flags: dict[st
     except ValidationError as exc:
         first = exc.errors()[0]
         fields = [str(p) for p in first["loc"] if isinstance(p, str)]  # not list indices
-        if fields[0] in flags:
-            name = _FLAG_OF.get(fields[0], "--" + fields[0].replace("_", "-"))
-        else:
-            name = "TX_" + "__".join((*prefix, *fields)).upper()
+        name = flags.get(fields[0]) or "TX_" + "__".join((*prefix, *fields)).upper()
         raise typer.BadParameter(f"{name}: {first['msg']}") from None
