@@ -375,7 +375,7 @@ def test_pinned_sampler_slots_are_never_evicted(tmp_path: Path) -> None:
         engine.save_adapter(slot, tmp_path / f"sampler{seed}", include_optimizer=False)
         engine.free_adapter(slot)
         paths.append(str(tmp_path / f"sampler{seed}"))
-    slots = SamplerSlots()
+    slots = SamplerSlots(lambda _base, make: make(engine))
     first = slots.slot("base", engine, paths[0])
     slots.slot("base", engine, paths[1])  # the engine is full now
     busy: set[int] = set()

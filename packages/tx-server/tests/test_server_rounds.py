@@ -36,3 +36,23 @@ def test_each_models_segments_become_consecutive_rounds() -> None:
 
 def test_no_requests_no_rounds() -> None:
     assert plan_rounds([]) == []
+
+
+def test_rounds_hold_at_most_max_models_models() -> None:
+    """A segment that would exceed the cap starts in a later round; a segment never splits,
+    and every model's order is still kept."""
+    reqs = [
+        _req("a1", "A"), _req("b1", "B"), _req("c1", "C"), _req("a2", "A", True),
+        _req("c2", "C", True), _req("b2", "B", True), _req("a3", "A"), _req("d1", "D", True),
+    ]  # fmt: skip
+    rounds = plan_rounds(reqs, max_models=2)
+    assert [[r.request_id for r in rnd] for rnd in rounds] == [
+        ["a1", "b1", "a2", "b2"],
+        ["c1", "c2", "a3"],
+        ["d1"],
+    ]
+    assert all(len({r.model_id for r in rnd}) <= 2 for rnd in rounds)
+    for model in "ABCD":
+        flat = [r.request_id for rnd in rounds for r in rnd if r.model_id == model]
+        assert flat == [r.request_id for r in reqs if r.model_id == model]
+    assert plan_rounds(reqs, max_models=4) == plan_rounds(reqs)

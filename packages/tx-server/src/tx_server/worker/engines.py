@@ -4,6 +4,15 @@ Slots: training runs take a slot at ``create_model``/``load_weights`` or, after 
 when first used (:mod:`.recovery`), and give it back when unloaded or their session finishes;
 sampler checkpoints fill the remaining slots as an LRU cache (:mod:`.slots`).
 
+More runs than slots: when an engine is full and no sampler slot can go, the least recently
+used training run that the current round does not use is *parked*: its recovery snapshot is
+brought up to date on disk (:mod:`.snapshots`) and its slot freed. Its next request restores
+it the way a restarted worker does (:meth:`EngineHost.get`: the snapshot, then a replay of the
+passes it had accumulated since), so parking changes no result, only costs a write and a
+load. So ``max_lora_adapters`` bounds the runs of one round (:func:`.rounds.plan_rounds` caps
+it), not how many runs may live: tenants whose scripts ended without finishing their session,
+or many tenants taking turns, no longer lock newcomers out until their sessions expire.
+
 Engines are built lazily, on the first request for their base model, and kept for the life of
 the worker: building one loads the weights and compiles programs, which must happen once, not
 per request. A base-model name is a local directory or a hub repo id resolved from the local
@@ -16,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,23 +90,30 @@ class LoadedModel:
     dirty: tuple[str, float] | None = None
     """``(barrier request id, monotonic time of the first unsnapshotted change)``: the state
     changed since its last recovery snapshot was cut; None when the snapshot is current."""
+    used_at: float = field(default_factory=time.monotonic)
+    """When a request last used the run (which run is parked first)."""
 
 
 class EngineHost:
     """The worker's engines, which training run holds which slot, and the sampler slot cache.
 
     Every slot allocation goes through :meth:`allocate`: when an engine is full, the least
-    recently used sampler slot is evicted (it reloads from disk); training runs are freed only
-    when they stop being live (:meth:`sweep`, :meth:`release`), never evicted.
+    recently used sampler slot is evicted (it reloads from disk), else the least recently used
+    training run outside the current round is parked (see the module docstring). Runs are
+    released for good when they stop being live (:meth:`sweep`, :meth:`release`).
     """
 
     def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings
         self.recovery = Recovery(db, settings.checkpoint_root)
-        self.samplers = SamplerSlots()
+        self.samplers = SamplerSlots(self.allocate)
         self.snapshots = SnapshotWriter(settings.checkpoint_root)
         self._engines: dict[str, TrainingEngine] = {}
         self._models: dict[str, LoadedModel] = {}
+        self._round: set[str] = set()  # runs the current round uses: never parked
+        self._parked: set[str] = set()
+        self.parked = 0
+        """Runs parked so far (a run parked twice counts twice)."""
         self._orphans_due = 0.0
         if settings.compilation_cache_dir is not None:
             enable_compilation_cache(settings.compilation_cache_dir)
@@ -123,20 +139,51 @@ class EngineHost:
         return self._engines[base_model]
 
     def allocate(self, base_model: str, make: Callable[[TrainingEngine], int]) -> int:
-        """Run ``make`` (which takes a fresh slot) on the engine, evicting samplers if full."""
+        """Run ``make`` (which takes a fresh slot) on the engine; if it is full, evict a sampler
+        or park a training run first (see the class docstring)."""
         engine = self.engine(base_model)
         while True:
             try:
                 return make(engine)
             except NoFreeSlotError:
-                if not self.samplers.evict(base_model, engine):
+                if not (self.samplers.evict(base_model, engine) or self._park(base_model)):
                     limit = self.settings.engine.max_lora_adapters
                     raise BadRequestError(
                         f"no free adapter slot for {base_model!r}: all {limit} slots "
-                        f"(max_lora_adapters={limit}) hold live training runs or samplers in use "
-                        "right now; unload_model or finish a session to free one, or raise "
+                        f"(max_lora_adapters={limit}) hold training runs of the current round "
+                        "or samplers that a running sampling batch reads; raise "
                         "max_lora_adapters"
                     ) from None
+
+    def begin_round(self, model_ids: set[str]) -> None:
+        """The runs a round of training requests uses from now on (none parked meanwhile);
+        an empty set once the round's work is collected."""
+        self._round = model_ids
+
+    def _park(self, base_model: str) -> bool:
+        """Park the least recently used run of ``base_model`` outside the current round:
+        bring its snapshot up to date on disk, then free its slot. False if there is none."""
+        idle = [
+            (loaded.used_at, model_id)
+            for model_id, loaded in self._models.items()
+            if loaded.base_model == base_model and model_id not in self._round
+        ]
+        if not idle:
+            return False
+        model_id = min(idle)[1]
+        loaded = self._models[model_id]
+        if loaded.dirty is not None:
+            self._cut(model_id, loaded, wait=True)
+        else:  # its newest cut may still be queued for the writer
+            self.snapshots.flush(model_id)
+        self.release(model_id)
+        self._parked.add(model_id)
+        self.parked += 1
+        log.info(
+            "parked model %s (idle %.1f s) to free slot %d; its next request restores it",
+            model_id, time.monotonic() - loaded.used_at, loaded.slot,
+        )  # fmt: skip
+        return True
 
     def add(
         self, model_id: str, base_model: str, slot: int, lora: dict[str, Any] | None = None
@@ -144,23 +191,31 @@ class EngineHost:
         """Record that ``model_id`` now occupies ``slot`` (here and in ``models``)."""
         loaded = LoadedModel(base_model, self.engine(base_model), slot)
         self._models[model_id] = loaded
+        self._parked.discard(model_id)
         self.recovery.set_slot(model_id, slot, lora)
         return loaded
 
     def get(self, model_id: str) -> LoadedModel:
-        """The live training run, restored into a slot first if this worker does not hold it."""
+        """The live training run, restored into a slot first if this worker does not hold it
+        (after a restart, or parked)."""
         loaded = self._models.get(model_id)
-        return loaded if loaded is not None else self._restore(model_id)
+        loaded = loaded if loaded is not None else self._restore(model_id)
+        loaded.used_at = time.monotonic()
+        return loaded
 
     def find(self, model_id: str) -> LoadedModel | None:
         """The training run if this worker holds it, or None."""
-        return self._models.get(model_id)
+        loaded = self._models.get(model_id)
+        if loaded is not None:
+            loaded.used_at = time.monotonic()
+        return loaded
 
     def release(self, model_id: str) -> None:
         """Free ``model_id``'s slot (if held) and record that it holds none."""
         loaded = self._models.pop(model_id, None)
         if loaded is not None:
             loaded.engine.free_adapter(loaded.slot)
+        self._parked.discard(model_id)
         self.recovery.set_slot(model_id, None)
 
     def sweep(self) -> list[str]:
@@ -182,6 +237,7 @@ class EngineHost:
             ]
             for model_id in self.recovery.dead(unheld):
                 self.snapshots.drop(model_id)
+                self._parked.discard(model_id)
                 dead.append(model_id)
         return dead
 
@@ -224,6 +280,7 @@ class EngineHost:
         self.snapshots.close()
 
     def _restore(self, model_id: str) -> LoadedModel:
+        parked = model_id in self._parked
         plan = self.recovery.plan(model_id)
         if plan.snapshot is not None:
             path = plan.snapshot
@@ -247,8 +304,10 @@ class EngineHost:
             raise ServerFaultError(
                 f"restoring model {model_id!r}: replaying its completed requests failed: {exc}"
             ) from exc
-        log.warning(
-            "restored model %s into slot %d (%s, %d requests replayed)",
+        log.log(
+            logging.INFO if parked else logging.WARNING,
+            "restored %smodel %s into slot %d (%s, %d requests replayed)",
+            "parked " if parked else "",
             model_id,
             slot,
             f"snapshot {plan.snapshot_id}" if plan.snapshot_id else "initial adapter",

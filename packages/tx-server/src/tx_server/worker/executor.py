@@ -135,9 +135,12 @@ class Executor:
 
     def _run_training(self, training: Sequence[ClaimedRequest]) -> None:
         pending: list[Collect] = []
-        for requests in plan_rounds(training):
-            pending = self._run_round(requests, pending)
-        collect_all(pending)
+        try:
+            for requests in plan_rounds(training, self.settings.engine.max_lora_adapters):
+                pending = self._run_round(requests, pending)
+            collect_all(pending)
+        finally:
+            self.host.begin_round(set())  # nothing in flight: any run may be parked
 
     def _run_round(
         self, requests: Sequence[ClaimedRequest], earlier: Sequence[Collect]
@@ -149,7 +152,15 @@ class Executor:
         results (``earlier``) are recorded while this round's passes compute, and the passes'
         while this round's steps compute. Outcomes are still recorded in each model's order.
         Returns this round's step collectors, for the next round (or the end of the claim).
+
+        A run that must be restored into a slot may park another (:mod:`.engines`): the
+        previous round's steps are collected first then, so no run is parked mid-step.
         """
+        models = {r.model_id for r in requests if r.model_id is not None}
+        if any(self.host.find(m) is None for m in models):
+            collect_all(earlier)
+            earlier = []
+        self.host.begin_round(models)
         passes: list[_Pass] = []
         for req in requests:
             if req.request_type in _PASSES:

@@ -8,6 +8,10 @@ within a round all passes before any barrier, executes each model's requests in 
 (a barrier is the last request of its segment), while the passes of every model in a round
 still fuse into one engine call and their optimizer steps into another. Models are
 independent, so how their segments line up across rounds changes no result.
+
+With ``max_models``, a segment that would make a round use more models than that starts in a
+later round instead: a round's runs must all hold an adapter slot at once
+(:mod:`.engines` parks the others), and an engine has ``max_lora_adapters`` of them.
 """
 
 from __future__ import annotations
@@ -19,16 +23,29 @@ from tx_server.work_queue import ClaimedRequest
 __all__ = ["plan_rounds"]
 
 
-def plan_rounds(requests: Sequence[ClaimedRequest]) -> list[list[ClaimedRequest]]:
-    """``requests`` (claim order) as rounds; each round keeps the claim's order."""
+def plan_rounds(
+    requests: Sequence[ClaimedRequest], max_models: int | None = None
+) -> list[list[ClaimedRequest]]:
+    """``requests`` (claim order) as rounds of at most ``max_models`` models each; each round
+    keeps the claim's order."""
     rounds: list[list[ClaimedRequest]] = []
-    next_round: dict[str, int] = {}
+    models: list[set[str]] = []  # of each round
+    next_round: dict[str, int] = {}  # where a model's next segment may start
+    open_round: dict[str, int] = {}  # the round of a model's segment not closed by a barrier
     for req in requests:
         key = req.model_id if req.model_id is not None else req.request_id
-        r = next_round.get(key, 0)
+        r = open_round.get(key)
+        if r is None:
+            r = next_round.get(key, 0)
+            while max_models is not None and r < len(rounds) and len(models[r]) >= max_models:
+                r += 1
+            open_round[key] = r
         if r == len(rounds):
             rounds.append([])
+            models.append(set())
         rounds[r].append(req)
+        models[r].add(key)
         if req.barrier:
+            del open_round[key]
             next_round[key] = r + 1
     return rounds

@@ -1,24 +1,28 @@
 """Adapter slots that hold sampler checkpoints: a cache, evicted least recently used first.
 
-Why a cache that training may evict: a sampler's weights are files on disk (a sampler
-checkpoint), so dropping them costs only a reload, while a training run's slot holds state that
-exists nowhere else in full (pending gradients). When a slot is needed — for another sampler or
-for a training run — the least recently used sampler slot not in use goes. The slots a claim's
-sampling reads are :meth:`SamplerSlots.pinned` while it runs: neither the claim's own loads nor
-training that runs between its decode steps (:mod:`tx_server.worker.interleave`) evict those.
+Why samplers go first: a sampler's weights are files on disk (a sampler checkpoint), so
+dropping them costs only a reload, while parking a training run (:mod:`.engines`) writes its
+state first and may replay its pending passes when it comes back. When a slot is needed — for
+another sampler or for a training run — the least recently used sampler slot not in use goes.
+The slots a claim's sampling reads are :meth:`SamplerSlots.pinned` while it runs: neither the
+claim's own loads nor training that runs between its decode steps
+(:mod:`tx_server.worker.interleave`) evict those.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tx_engine.engine import TrainingEngine
-from tx_engine.errors import NoFreeSlotError
 
-__all__ = ["SamplerSlots"]
+__all__ = ["Allocate", "SamplerSlots"]
+
+Allocate = Callable[[str, Callable[[TrainingEngine], int]], int]
+"""``allocate(base_model, make)``: run ``make`` (which takes a free slot of the base model's
+engine) after making room if the engine is full (:meth:`.engines.EngineHost.allocate`)."""
 
 
 class SamplerSlots:
@@ -29,7 +33,8 @@ class SamplerSlots:
     by every save) and is reloaded when it changed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, allocate: Allocate) -> None:
+        self._allocate = allocate
         self._slots: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
         self._pinned: list[set[int]] = []
 
@@ -54,13 +59,9 @@ class SamplerSlots:
                 return slot
             engine.free_adapter(slot)  # stale: the checkpoint was overwritten since
             del self._slots[key]
-        while True:
-            try:
-                slot = engine.load_adapter(path, slot=None, with_optimizer=False)
-                break
-            except NoFreeSlotError:
-                if not self.evict(base_model, engine):
-                    raise
+        slot = self._allocate(
+            base_model, lambda e: e.load_adapter(path, slot=None, with_optimizer=False)
+        )
         self._slots[key] = (slot, stamp)
         return slot
 
