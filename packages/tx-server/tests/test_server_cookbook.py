@@ -3,8 +3,9 @@
 The cookbook is the SDK's main user: its recipes are what researchers run. Each test starts the
 API + worker serving the kit's tiny model as ``Qwen/Qwen3-8B`` (so the cookbook picks its
 ``qwen3`` renderer and finds the tokenizer by name, offline) and runs a recipe's own command
-line in a subprocess, pointed at the server only through ``TINKER_BASE_URL`` and
-``TINKER_API_KEY``, as a user would. The recipes need torch and a transformers older than the
+line (or, where a recipe's CLI offers no local dataset, a short script calling the recipe's
+trainer, as its docstring advises) in a subprocess, pointed at the server only through
+``TINKER_BASE_URL`` and ``TINKER_API_KEY``, as a user would. The recipes need torch and a transformers older than the
 workspace's, so the session installs them with pip in a venv of its own (see ``noxfile.py``);
 elsewhere these tests skip.
 """
@@ -48,9 +49,14 @@ def run_recipe(server: RunningServer, module: str, *args: str) -> None:
     ``run_hub_model_server`` has already pointed ``HF_HOME`` at the tiny model's hub aliases
     (offline), and the subprocess inherits that.
     """
+    run_python(server, "-m", module, *args)
+
+
+def run_python(server: RunningServer, *args: str) -> None:
+    """``python <args>`` in a subprocess, told where tx is only by the environment."""
     env = {**os.environ, "TINKER_BASE_URL": server.url, "TINKER_API_KEY": API_KEY}
     done = subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [sys.executable, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -58,7 +64,7 @@ def run_recipe(server: RunningServer, module: str, *args: str) -> None:
     )
     if done.returncode != 0:
         pytest.fail(
-            f"{module} exited {done.returncode}:\n{done.stdout[-4000:]}{done.stderr[-8000:]}"
+            f"{' '.join(args)} exited {done.returncode}:\n{done.stdout[-4000:]}{done.stderr[-8000:]}"
         )
 
 
@@ -148,3 +154,79 @@ def test_multi_turn_rl_recipe_runs_and_sampler_logprobs_equal_the_trainers(
         assert abs(row["optim/kl_sample_train_v1"]) < 1e-5, row["optim/kl_sample_train_v1"]
         assert 0 <= row["optim/kl_sample_train_v2"] < 1e-8, row["optim/kl_sample_train_v2"]
     assert any("prefix cache:" in r.getMessage() for r in caplog.records)
+
+
+DPO_SCRIPT = """
+import sys
+
+from tinker_cookbook.preference import train_dpo
+from tinker_cookbook.preference.dpo_datasets import DPODatasetBuilderFromComparisons
+from tinker_cookbook.preference.preference_datasets import ComparisonBuilderFromJsonl
+from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
+
+model, data, log = sys.argv[1:]
+common = ChatDatasetBuilderCommonConfig(
+    model_name_for_tokenizer=model, renderer_name="qwen3", max_length=256, batch_size=8
+)
+train_dpo.main(
+    train_dpo.Config(
+        log_path=log,
+        model_name=model,
+        recipe_name="tx_dpo_check",
+        renderer_name="qwen3",
+        dataset_builder=DPODatasetBuilderFromComparisons(
+            common_config=common, comparison_builder=ComparisonBuilderFromJsonl(train_path=data)
+        ),
+        learning_rate=1e-3,
+        lr_schedule="constant",
+        num_epochs=2,
+        lora_rank=8,
+        save_every=0,
+        eval_every=0,
+        infrequent_eval_every=0,
+    )
+)
+"""
+
+
+def comparisons(n: int) -> list[dict[str, Any]]:
+    """``n`` labelled comparisons with one consistent preference (a courteous reply over a
+    curt one), the preferred side alternating between A and B so that labels matter."""
+    polite, curt = "Certainly, here is a careful answer.", "No."
+    rows = []
+    for i in range(n):
+        chosen_first = i % 2 == 0
+        a, b = (polite, curt) if chosen_first else (curt, polite)
+        rows.append({
+            "comparison": {
+                "prompt_conversation": [{"role": "user", "content": f"Question {i}: help me?"}],
+                "completion_A": [{"role": "assistant", "content": a}],
+                "completion_B": [{"role": "assistant", "content": b}],
+            },
+            "label": "A" if chosen_first else "B",
+        })  # fmt: skip
+    return rows
+
+
+def test_dpo_starts_at_log_two_and_learns_the_preference(
+    served: RunningServer, tmp_path: Path
+) -> None:
+    """The cookbook's DPO trainer (``preference.train_dpo.main``, driven by a script as its
+    recipe's docstring advises for a custom dataset) on a local comparison file. Its
+    reference is a sampling client of the initial weights (``compute_logprobs``) and its
+    policy logprobs come from ``forward_backward_custom``: at the first step the two are the
+    same weights, so the loss is exactly ``ln 2`` and the margin 0 unless the sampler's
+    logprobs differ from the trainer's. Then the preference is learnt."""
+    data = tmp_path / "comparisons.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in comparisons(32)))
+    script = tmp_path / "dpo.py"
+    script.write_text(DPO_SCRIPT)
+    log = tmp_path / "dpo"
+    run_python(served, str(script), MODEL, str(data), str(log))
+    metrics = jsonl(log / "metrics.jsonl")
+    assert [row["step"] for row in metrics] == list(range(8)), metrics
+    first, last = metrics[0], metrics[-1]
+    assert abs(first["dpo_loss"] - math.log(2)) < 1e-5, first
+    assert abs(first["margin"]) < 1e-5, first
+    assert last["dpo_loss"] < 0.5 * math.log(2), [row["dpo_loss"] for row in metrics]
+    assert last["accuracy"] == 1.0, last
