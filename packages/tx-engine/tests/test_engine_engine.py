@@ -8,7 +8,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from tx_engine.checkpoint import LoraConfig
 from tx_engine.config import EngineConfig
 from tx_engine.engine import (
     AdamParams,
@@ -19,6 +21,7 @@ from tx_engine.engine import (
     TrainingEngine,
 )
 from tx_engine.errors import AdapterError, TxEngineError
+from tx_engine.layers import lora as lora_lib
 
 # One batch bucket and data of ≤ 16 tokens: every test reuses the same two compiled programs.
 CONFIG = EngineConfig(
@@ -180,18 +183,27 @@ def test_fresh_adapter_reproduces_the_base_model(fresh: TrainingEngine) -> None:
         np.testing.assert_array_equal(x.logprobs, y.logprobs)
 
 
+def slot_state(engine: TrainingEngine, slot: int) -> list[np.ndarray]:
+    """Every value the engine keeps for ``slot``: factors, scalings, moments, count, gradients."""
+    scalings = [x for path, x in jax.tree.leaves_with_path(engine._rest) if "lora_scaling" in jax.tree_util.keystr(path)]  # fmt: skip
+    trees = (engine._lora, scalings, engine._opt.m, engine._opt.v, engine._opt.count, engine._grads)
+    return [leaf for tree in trees for leaf in slot_leaves(tree, slot)]
+
+
 def test_free_adapter_clears_state_and_slot_is_reused(fresh: TrainingEngine) -> None:
-    slot = fresh.create_adapter(rank=8, seed=10)
-    fresh.forward_backward([AdapterBatch(slot, random_data(2, seed=9))])
-    fresh.optim_step(slot, AdamParams(1e-2))
-    fresh.forward_backward([AdapterBatch(slot, random_data(2, seed=9))])
+    slot, other = fresh.create_adapter(rank=8, seed=10), fresh.create_adapter(rank=4, seed=11)
+    for s in (slot, other):
+        fresh.forward_backward([AdapterBatch(s, random_data(2, seed=9))])
+        fresh.optim_step(s, AdamParams(1e-2))
+        fresh.forward_backward([AdapterBatch(s, random_data(2, seed=9))])
+    kept = slot_state(fresh, other)
     fresh.free_adapter(slot)
-    for tree in (fresh._lora, fresh._opt.m, fresh._opt.v, fresh._grads):
-        assert all(not np.any(x) for x in slot_leaves(tree, slot))
-    assert int(fresh._opt.count[slot]) == 0
+    assert all(not np.any(x) for x in slot_state(fresh, slot))
+    for before, after in zip(kept, slot_state(fresh, other), strict=True):
+        np.testing.assert_array_equal(before, after)  # the other slot is untouched
     assert fresh.create_adapter(rank=2, seed=0) == slot
     with pytest.raises(AdapterError, match="not an allocated"):
-        fresh.optim_step(slot + 1)
+        fresh.optim_step(other + 1)
 
 
 def test_slot_allocation_errors(fresh: TrainingEngine) -> None:
@@ -249,3 +261,28 @@ def test_bad_input_is_rejected_naming_the_field(
         fresh.forward([])
     with pytest.raises(InputError, match=r"adam_params.beta1"):
         AdamParams(beta1=1.0)
+
+
+@pytest.mark.parametrize(
+    ("rank", "alpha", "flags"),
+    [(8, 16.0, (True, True, True)), (3, 5.0, (False, True, False)), (1, 0.5, (True, False, True))],
+)
+def test_a_created_adapter_is_what_init_adapter_draws(
+    fresh: TrainingEngine, rank: int, alpha: float, flags: tuple[bool, bool, bool]
+) -> None:
+    """The engine's compiled slot write (:mod:`tx_engine.slot_programs`) and the reference
+    :func:`~tx_engine.layers.lora.init_adapter` on the merged model give the same factors and
+    scalings, bit for bit, for a free slot and for one in use, for every choice of targets."""
+    first = fresh.create_adapter(rank=8, seed=1)
+    attn, mlp, unembed = flags
+    kwargs = {"rank": rank, "alpha": alpha, "seed": 77, "train_attn": attn, "train_mlp": mlp, "train_unembed": unembed}  # fmt: skip
+    model = fresh._model()  # before: its variables are the engine's current arrays
+    slot = fresh.create_adapter(**kwargs)  # type: ignore[arg-type]
+    lora_lib.init_adapter(model, slot, **kwargs)  # type: ignore[arg-type]
+    # Re-initialising a slot in use (as load_adapter does) overwrites all of it.
+    fresh._init_slot(first, LoraConfig(rank, alpha, 78, attn, mlp, unembed))
+    lora_lib.init_adapter(model, first, **{**kwargs, "seed": 78})  # type: ignore[arg-type]
+    _, lora, rest = nnx.split(model, lora_lib.LoRAParam, ...)
+    for want, got in ((lora, fresh._lora), (rest, fresh._rest)):
+        for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -206,20 +206,6 @@ def test_new_hyperparameters_and_masks_do_not_recompile() -> None:
     assert len(traces) == 1
 
 
-def test_reset_slot_zeroes_only_that_slot() -> None:
-    rng = np.random.default_rng(5)
-    params = make_tree(rng)
-    _, state, _ = STEP(params, make_tree(rng), optim.init_state(params), hyper(), np.ones(A, bool))
-    reset = optim.reset_slot(state, 1)
-    np.testing.assert_array_equal(reset.count, [1, 0, 1])
-    for tree_old, tree_new in ((state.m, reset.m), (state.v, reset.v)):
-        for k, n in paths():
-            assert (leaf(tree_new, k, n)[1] == 0).all()
-            np.testing.assert_array_equal(
-                leaf(tree_new, k, n)[[0, 2]], leaf(tree_old, k, n)[[0, 2]]
-            )
-
-
 def test_slot_state_round_trip_and_mismatch_errors() -> None:
     rng = np.random.default_rng(6)
     params = make_tree(rng)

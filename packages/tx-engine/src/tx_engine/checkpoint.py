@@ -149,16 +149,17 @@ def check_fits(
             )
 
 
-def place_slot(tree: Any, slot: int, tensors: Mapping[str, np.ndarray], what: str) -> Any:
-    """``tree`` with ``slot`` set from rank-trimmed ``tensors`` (zero-padded to the max rank)."""
+def slot_values(tree: Any, tensors: Mapping[str, np.ndarray], what: str) -> tuple[np.ndarray, ...]:
+    """One slot's value per leaf of ``tree`` (leaf order), from rank-trimmed ``tensors``
+    zero-padded to the max rank: what :func:`tx_engine.slot_programs.set_slot` writes."""
     check_fits(tree, tensors, what)
-    new = []
+    values = []
     for name, leaf in named_leaves(tree):
         src = np.asarray(tensors[name])
         padded = np.zeros(leaf.shape[1:], np.float32)
         padded[tuple(slice(0, s) for s in src.shape)] = src
-        new.append(leaf.at[slot].set(jnp.asarray(padded, leaf.dtype)))
-    return jax.tree.unflatten(jax.tree.structure(tree), new)
+        values.append(padded)
+    return tuple(values)
 
 
 def save_adapter(path: str | Path, state: AdapterState) -> None:

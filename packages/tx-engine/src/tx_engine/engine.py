@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from tx_engine import batching, optim, step
+from tx_engine import batching, optim, slot_programs, step
 from tx_engine.batching import AdapterBatch, DatumArrays, DatumOutput, GroupOutput
 from tx_engine.checkpoint import LoraConfig
 from tx_engine.config import EngineConfig
@@ -119,6 +119,7 @@ class TrainingEngine(AdapterCheckpoints):
         parts: tuple[Any, ...] = nnx.split(model, lora_lib.LoRAParam, ...)
         self._graphdef: nnx.GraphDef[Any] = parts[0]
         self._lora, self._rest = parts[1], parts[2]
+        self._layout = slot_programs.SlotLayout.of(model, self._lora, self._rest)
         # Declared once from the logical-axis rules; the programs pin their outputs to it.
         self._shardings = None if mesh is None else TrainShardings(mesh, self._lora)
         self._opt = optim.init_state(self._lora)
@@ -137,8 +138,8 @@ class TrainingEngine(AdapterCheckpoints):
     def _pin_state(self) -> None:
         """Put LoRA params, moments and accumulator on their declared shardings.
 
-        Slot bookkeeping (:meth:`create_adapter`, :meth:`load_adapter`, ...) edits them outside
-        the compiled programs, where the result's placement is whatever the eager op chose;
+        Slot bookkeeping (:meth:`create_adapter`, :meth:`load_adapter`, ...) edits them in its
+        own programs (:mod:`tx_engine.slot_programs`), whose outputs are placed as XLA chose;
         re-pinning keeps the programs' input shardings fixed, so they never recompile. A no-op
         on one device and for arrays already in place.
         """
@@ -231,35 +232,54 @@ class TrainingEngine(AdapterCheckpoints):
     def free_adapter(self, slot: int) -> None:
         """Release ``slot``: zero its factors, scaling, optimizer moments, count and gradients."""
         self._require(slot)
-        model = self._model()
-        lora_lib.clear_adapter(model, slot)
-        self._resplit(model)
+        lora, rest = self._held_lora.flat, self._held_rest.flat
+        factors, scalings = slot_programs.zero_slot(
+            (lora.leaves, self._layout.scalings(rest.leaves)), np.int32(slot)
+        )
+        self._set_weights(factors, scalings)
         self._reset_slot_state(slot)
         self._pin_state()
         self._weights_changed([slot])
         del self._adapters[slot]
 
     def _init_slot(self, slot: int, cfg: LoraConfig) -> None:
-        model = self._model()
-        lora_lib.init_adapter(
-            model,
-            slot,
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            seed=cfg.seed,
-            train_attn=cfg.train_attn,
-            train_mlp=cfg.train_mlp,
-            train_unembed=cfg.train_unembed,
+        if cfg.alpha <= 0:
+            raise AdapterError(f"alpha must be > 0, got {cfg.alpha}")
+        lora, rest = self._held_lora.flat, self._held_rest.flat
+        enabled = (("attn", cfg.train_attn), ("mlp", cfg.train_mlp), ("unembed", cfg.train_unembed))
+        factors, scalings = slot_programs.fresh_adapter(
+            lora.leaves,
+            self._layout.scalings(rest.leaves),
+            np.int32(slot),
+            jax.random.key(cfg.seed),
+            np.int32(cfg.rank),
+            np.float32(cfg.alpha / cfg.rank),
+            layout=self._layout,
+            enabled=enabled,
         )
-        self._resplit(model)
+        self._set_weights(factors, scalings)
         self._reset_slot_state(slot)
         self._pin_state()
         self._weights_changed([slot])
         self._adapters[slot] = cfg
 
+    def _set_weights(self, factors: slot_programs.Leaves, scalings: slot_programs.Leaves) -> None:
+        """Hold new LoRA factors (all of ``lora``'s leaves) and module scalings."""
+        lora, rest = self._held_lora.flat, self._held_rest.flat
+        self._lora = Held(flat=FlatState(factors, lora.spec))
+        self._rest = Held(
+            flat=FlatState(self._layout.with_scalings(rest.leaves, scalings), rest.spec)
+        )
+
     def _reset_slot_state(self, slot: int) -> None:
-        self._opt = optim.reset_slot(self._opt, slot)
-        self._grads = jax.tree.map(lambda g: g.at[slot].set(0), self._grads)
+        opt, grads = self._held_opt.flat, self._held_grads.flat
+        m, v, count, g = slot_programs.zero_slot(
+            (opt.m.leaves, opt.v.leaves, (opt.count,), grads.leaves), np.int32(slot)
+        )
+        self._opt = Held(
+            flat=optim.OptState(FlatState(m, opt.m.spec), FlatState(v, opt.v.spec), count[0])
+        )
+        self._grads = Held(flat=FlatState(g, grads.spec))
 
     def flat_model_state(self) -> tuple[FlatState, FlatState]:
         """``lora`` and ``rest`` flat, as the engine holds them, for a caller that dispatches
@@ -268,11 +288,6 @@ class TrainingEngine(AdapterCheckpoints):
 
     def _model(self) -> nnx.Module:
         return nnx.merge(self._graphdef, self._lora, self._rest)  # type: ignore[no-any-return]
-
-    def _resplit(self, model: nnx.Module) -> None:
-        # Keep the original graphdef: jit caches key on it, and the structure never changes.
-        parts: tuple[Any, ...] = nnx.split(model, lora_lib.LoRAParam, ...)
-        self._lora, self._rest = parts[1], parts[2]
 
     def graphdef_for_slots(
         self, slots: Iterable[int], *, keep_lora: bool = False

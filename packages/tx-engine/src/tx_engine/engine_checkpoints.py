@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tx_engine import checkpoint, optim, step
+from tx_engine import checkpoint, optim, slot_programs, step
 from tx_engine.checkpoint import LoraConfig
 from tx_engine.config import EngineConfig
 from tx_engine.errors import AdapterError, CheckpointError
 from tx_engine.loading import save_hf_weights
-from tx_engine.step.flat_state import Held, unflatten_states
+from tx_engine.step.flat_state import FlatState, Held, unflatten_states
 
 
 class AdapterCheckpoints:
@@ -131,14 +131,28 @@ class AdapterCheckpoints:
             if not 1 <= slot < self.num_slots:
                 raise AdapterError(f"slot must be in [1, {self.num_slots - 1}], got {slot}")
             self._init_slot(slot, cfg)
-        self._lora = checkpoint.place_slot(self._lora, slot, state.factors, "adapter weights")
+        lora, index = self._held_lora.flat, np.int32(slot)
+        factors = checkpoint.slot_values(self._lora, state.factors, "adapter weights")
+        self._held_lora = Held(flat=FlatState(slot_programs.set_slot(lora.leaves, index, factors), lora.spec))  # fmt: skip
         self._weights_changed([slot])
         if moments is not None:
-            m, v = moments
-            self._opt = optim.OptState(
-                checkpoint.place_slot(self._opt.m, slot, m, "optimizer m"),
-                checkpoint.place_slot(self._opt.v, slot, v, "optimizer v"),
-                self._opt.count.at[slot].set(state.step),
+            opt = self._held_opt.flat
+            n = len(opt.m.leaves)
+            written = slot_programs.set_slot(
+                (*opt.m.leaves, *opt.v.leaves, opt.count),
+                index,
+                (
+                    *checkpoint.slot_values(self._opt.m, moments[0], "optimizer m"),
+                    *checkpoint.slot_values(self._opt.v, moments[1], "optimizer v"),
+                    np.int32(state.step),
+                ),
+            )
+            self._held_opt = Held(
+                flat=optim.OptState(
+                    FlatState(written[:n], opt.m.spec),
+                    FlatState(written[n:-1], opt.v.spec),
+                    written[-1],
+                )
             )
         self._pin_state()
         return slot

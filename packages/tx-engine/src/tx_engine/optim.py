@@ -211,15 +211,6 @@ def _flatten_alike(**trees: PyTree) -> tuple[Any, list[list[Array]]]:
     return treedef, out
 
 
-def reset_slot(state: OptState, slot: int | Array) -> OptState:
-    """Zero one slot's moments and count, e.g. when its adapter is freed or re-created."""
-    return OptState(
-        jax.tree.map(lambda x: x.at[slot].set(0), state.m),
-        jax.tree.map(lambda x: x.at[slot].set(0), state.v),
-        state.count.at[slot].set(0),
-    )
-
-
 def _path_name(path: tuple[Any, ...]) -> str:
     parts = []
     for key in path:

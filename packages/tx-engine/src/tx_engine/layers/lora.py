@@ -59,6 +59,8 @@ rank-r adapter in a max-rank slot is an exact rank-r LoRA. Target flags select m
 group each LoRA module declares: ``train_attn`` → q/k/v/o_proj, ``train_mlp`` → gate/up/down_proj
 (dense and every expert), ``train_unembed`` → lm_head; an untargeted module gets scaling 0 in
 that slot (its zero factors never matter). :func:`clear_adapter` zeros factors and scaling.
+These functions edit a model; the engine does the same on its flat states in compiled programs
+(:mod:`tx_engine.slot_programs`, which draws what :func:`init_adapter` draws).
 
 Cost: memory is still padded: ``A·(D_in+D_out)·R`` per projection for ``A`` slots at the
 maximum rank ``R``. Compute is not: a batch runs at its rank bucket ``r`` (the power of two ≥ the

@@ -177,8 +177,7 @@ class Held:
     Either side is built from the other the first time it is asked for, then kept; a new
     value is a new :class:`Held`, so neither side can go stale as long as nobody changes a
     held state's variables in place without assigning the result (the engine's slot
-    bookkeeping edits a merged model, whose variables are the state's, and then assigns the
-    re-split state at once).
+    bookkeeping writes new arrays and assigns a new :class:`Held`).
     """
 
     __slots__ = ("_flat", "_tree")
