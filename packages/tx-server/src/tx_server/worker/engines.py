@@ -111,9 +111,7 @@ class EngineHost:
         self._engines: dict[str, TrainingEngine] = {}
         self._models: dict[str, LoadedModel] = {}
         self._round: set[str] = set()  # runs the current round uses: never parked
-        self._parked: set[str] = set()
-        self.parked = 0
-        """Runs parked so far (a run parked twice counts twice)."""
+        self._parked: set[str] = set()  # parked here: restoring them is routine, not recovery
         self._orphans_due = 0.0
         if settings.compilation_cache_dir is not None:
             enable_compilation_cache(settings.compilation_cache_dir)
@@ -178,7 +176,6 @@ class EngineHost:
             self.snapshots.flush(model_id)
         self.release(model_id)
         self._parked.add(model_id)
-        self.parked += 1
         log.info(
             "parked model %s (idle %.1f s) to free slot %d; its next request restores it",
             model_id, time.monotonic() - loaded.used_at, loaded.slot,

@@ -140,7 +140,7 @@ class Executor:
                 pending = self._run_round(requests, pending)
             collect_all(pending)
         finally:
-            self.host.begin_round(set())  # nothing in flight: any run may be parked
+            self.host.begin_round(set())  # the claim's training is over: any run may be parked
 
     def _run_round(
         self, requests: Sequence[ClaimedRequest], earlier: Sequence[Collect]
