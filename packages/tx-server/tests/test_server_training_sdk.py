@@ -139,7 +139,10 @@ def test_save_state_restores_weights_and_optimizer(
     session_id = sc.holder.get_session_id()
     assert sampling._sampling_session_id == f"{session_id}:sample:0"
     snapshot = live.settings.checkpoint_root / tc.model_id / "sampler_weights" / "ephemeral-0"
-    assert (snapshot / "adapter_config.json").is_file()
+    assert (snapshot / "adapter.safetensors").is_file()  # what tx's sampler loads
+    assert not (snapshot / "adapter_config.json").exists()  # PEFT: named checkpoints only
+    named = live.settings.checkpoint_root / tc.model_id / "sampler_weights" / "s1"
+    assert (named / "adapter_config.json").is_file()
     runs = rest.list_training_runs().result(timeout=30)
     assert tc.model_id in [r.training_run_id for r in runs.training_runs]
     rest.delete_checkpoint_from_tinker_path(path).result(timeout=30)

@@ -39,16 +39,19 @@ from tx_types.paths import make_tinker_path
 __all__ = ["BarrierHandlers", "export_for_sampler"]
 
 
-def export_for_sampler(engine: TrainingEngine, slot: int, target: Path) -> None:
-    """Write ``slot`` as PEFT *and* as the engine's own weights-only adapter checkpoint.
+def export_for_sampler(engine: TrainingEngine, slot: int, target: Path, peft: bool = True) -> None:
+    """Write ``slot`` as the engine's own weights-only adapter checkpoint, and as PEFT.
 
-    The PEFT files are for external samplers; tx's own sampler loads the engine format
-    (``adapter.safetensors`` + ``metadata.json``, no name clash with PEFT's files) into a free
-    slot, because the engine has a loader for that format only. Being files on disk, an
-    unnamed (ephemeral) save is a frozen snapshot: training continuing on the model does not
-    change what a sampler created from it returns.
+    tx's own sampler loads the engine format (``adapter.safetensors`` + ``metadata.json``, no
+    name clash with PEFT's files) into a free slot, because the engine has a loader for that
+    format only. The PEFT files are for external samplers, so only a named checkpoint (listed,
+    downloadable) gets them: an unnamed (ephemeral) save is read by tx's sampler alone, and is
+    made once per RL iteration, where PEFT's copy was 51 of the ~100 ms of writing on the small
+    preset. Being files on disk, an ephemeral save is a frozen snapshot: training continuing
+    on the model does not change what a sampler created from it returns.
     """
-    engine.export_peft(slot, target)
+    if peft:
+        engine.export_peft(slot, target)
     engine.save_adapter(slot, target, include_optimizer=False)
 
 
@@ -111,7 +114,7 @@ class BarrierHandlers:
             seq = int(body["sampling_session_seq_id"])
             name = f"ephemeral-{seq}"
             target = checkpoint_dir(self.root, model_id, "sampler", name)
-            export_for_sampler(loaded.engine, loaded.slot, target)
+            export_for_sampler(loaded.engine, loaded.slot, target, peft=False)
             session_id = data["session_id"]
             sampler_id = f"{session_id}:sample:{seq}"
             self._add_sampler(req, sampler_id, session_id, seq, data["base_model"], model_id, name)
