@@ -18,6 +18,9 @@ For each model preset the script builds the kit's checkpoint, starts ``python -m
   only) and of two trivial *queued futures* (API → queue → worker → long-poll wake-up →
   result): a 1-token ``forward`` (the floor of every training call) and an ``optim_step`` with
   ``learning_rate=0`` (which also pays the worker's per-step recovery snapshot);
+* **sampler refresh** — p50 of ``save_weights_and_get_sampling_client`` and a 1-token greedy
+  sample from it: what each RL iteration pays to sample from its new weights (an export, a
+  load into an adapter slot, the eviction of the previous sampler);
 * **logprobs-128 latency** — p50 of ``compute_logprobs`` on a 128-token prompt, on the
   trained adapter's sampler and on the base model (what an RL loop's reference KL scores).
   The adapter's sampler has sent sample groups, so the worker waits out the gather window
@@ -244,6 +247,13 @@ def single_tenant(sc: Any, url: str, model: str, plan: Plan) -> dict[str, float]
         timed(lambda c=client: c.compute_logprobs(long_prompt).result(), 5)
         lp = timed(lambda c=client: c.compute_logprobs(long_prompt).result(), plan.lp_reps)
         result[key] = statistics.median(lp) * 1e3
+    greedy_token = types.SamplingParams(max_tokens=1, temperature=0.0)
+
+    def refresh() -> None:  # each RL iteration's new sampler: export, load into a slot, sample
+        tc.save_weights_and_get_sampling_client().result().sample(prompt, 1, greedy_token).result()
+
+    timed(refresh, 2)
+    result["refresh_p50_ms"] = statistics.median(timed(refresh, plan.lp_reps + 4)) * 1e3
     progress(f"round trips and logprobs done: {result}")
     return result
 
@@ -496,6 +506,7 @@ ROWS = [
     ("http_rt_p99_ms", "plain HTTP rt p99 ms (get_server_capabilities)", "{:.1f}"),
     ("logprobs128_p50_ms", "compute_logprobs 128 tok p50 ms", "{:.1f}"),
     ("base_logprobs128_p50_ms", "compute_logprobs 128 tok p50 ms, base model", "{:.1f}"),
+    ("refresh_p50_ms", "save_weights_and_get_sampling_client + 1 tok p50 ms", "{:.0f}"),
     ("step_alone_p50_ms", "train step p50 ms, alone", "{:.0f}"),
     (
         "step_during_p50_ms",
