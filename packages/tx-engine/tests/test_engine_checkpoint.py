@@ -57,10 +57,18 @@ def test_round_trip_with_optimizer_continues_identically(
     factors = load_file(tmp_path / "ckpt" / checkpoint.ADAPTER_FILE)
     assert factors["model.layers.0.self_attn.q_proj.lora.lora_a"].shape == (128, 4)  # trimmed
     assert factors["model.layers.0.self_attn.q_proj.lora.lora_b"].shape == (4, 256)
+    engine.forward_backward([AdapterBatch(src, data(1, 4))])  # pending: not saved
     dst = engine.load_adapter(tmp_path / "ckpt")
     assert dst != src
     assert engine.adapters[dst] == engine.adapters[src]
     assert engine.step_count(dst) == engine.step_count(src) == 2
+    scalings = [x for p, x in jax.tree.leaves_with_path(engine._rest) if "lora_scaling" in jax.tree_util.keystr(p)]  # fmt: skip
+    for tree in (engine._lora, scalings, engine._opt.m, engine._opt.v):  # the whole slot, exactly
+        for a, b in zip(slot_leaves(tree, src), slot_leaves(tree, dst), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert not any(np.any(g) for g in slot_leaves(engine._grads, dst))
+    engine.load_adapter(tmp_path / "ckpt", slot=src)  # into the slot itself: drops its gradient
+    assert not any(np.any(g) for g in slot_leaves(engine._grads, src))
     probe = data(3, 5)
     out = engine.forward([AdapterBatch(src, probe), AdapterBatch(dst, probe)])
     for a, b in zip(out[0].outputs, out[1].outputs, strict=True):

@@ -204,6 +204,20 @@ class TrainingEngine(AdapterCheckpoints):
         train_unembed: bool = True,
     ) -> int:
         """Allocate the lowest free slot as a fresh rank-``rank`` adapter; return its index."""
+        slot, cfg = self._claim_slot(rank, alpha, seed, train_attn, train_mlp, train_unembed)
+        self._init_slot(slot, cfg)
+        return slot
+
+    def _claim_slot(
+        self,
+        rank: int,
+        alpha: float | None,
+        seed: int | None,
+        train_attn: bool,
+        train_mlp: bool,
+        train_unembed: bool,
+    ) -> tuple[int, LoraConfig]:
+        """The lowest free slot and the checked config of an adapter for it (nothing written)."""
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise AdapterError(f"rank must be an int, got {rank!r}")
         if not 1 <= rank <= self.config.max_lora_rank:
@@ -226,8 +240,7 @@ class TrainingEngine(AdapterCheckpoints):
             train_mlp,
             train_unembed,
         )
-        self._init_slot(free[0], cfg)
-        return free[0]
+        return free[0], cfg
 
     def free_adapter(self, slot: int) -> None:
         """Release ``slot``: zero its factors, scaling, optimizer moments, count and gradients."""
@@ -259,6 +272,45 @@ class TrainingEngine(AdapterCheckpoints):
         )
         self._set_weights(factors, scalings)
         self._reset_slot_state(slot)
+        self._pin_state()
+        self._weights_changed([slot])
+        self._adapters[slot] = cfg
+
+    def _install_slot(
+        self,
+        slot: int,
+        cfg: LoraConfig,
+        factors: tuple[np.ndarray, ...],
+        moments: tuple[np.ndarray, ...] | None,
+        step: int,
+    ) -> None:
+        """Put a loaded adapter in ``slot``: ``factors`` (one per ``lora`` leaf), ``cfg``'s
+        scalings, and ``moments`` (the ``m`` leaves, then ``v``'s) at ``step``, or a fresh
+        optimizer state; no pending gradients. Nothing is drawn (:meth:`_init_slot` would
+        draw an ``A`` only to overwrite it)."""
+        if cfg.alpha <= 0:
+            raise AdapterError(f"alpha must be > 0, got {cfg.alpha}")
+        lora, rest, index = self._held_lora.flat, self._held_rest.flat, np.int32(slot)
+        on = {"attn": cfg.train_attn, "mlp": cfg.train_mlp, "unembed": cfg.train_unembed}
+        scale = np.float32(cfg.alpha / cfg.rank)
+        scalings = tuple(scale if on[g] else np.float32(0.0) for g in self._layout.groups)
+        n = len(lora.leaves)
+        written = slot_programs.set_slot(
+            (*lora.leaves, *self._layout.scalings(rest.leaves)), index, (*factors, *scalings)
+        )
+        self._set_weights(written[:n], written[n:])
+        if moments is None:
+            self._reset_slot_state(slot)
+        else:
+            opt, grads = self._held_opt.flat, self._held_grads.flat
+            k = len(opt.m.leaves)
+            state = slot_programs.set_slot(
+                (*opt.m.leaves, *opt.v.leaves, opt.count), index, (*moments, np.int32(step))
+            )
+            (g,) = slot_programs.zero_slot((grads.leaves,), index)
+            m, v = FlatState(state[:k], opt.m.spec), FlatState(state[k:-1], opt.v.spec)
+            self._opt = Held(flat=optim.OptState(m, v, state[-1]))
+            self._grads = Held(flat=FlatState(g, grads.spec))
         self._pin_state()
         self._weights_changed([slot])
         self._adapters[slot] = cfg

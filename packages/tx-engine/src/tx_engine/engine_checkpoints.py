@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tx_engine import checkpoint, optim, slot_programs, step
+from tx_engine import checkpoint, optim, step
 from tx_engine.checkpoint import LoraConfig
 from tx_engine.config import EngineConfig
 from tx_engine.errors import AdapterError, CheckpointError
 from tx_engine.loading import save_hf_weights
-from tx_engine.step.flat_state import FlatState, Held, unflatten_states
+from tx_engine.step.flat_state import Held, unflatten_states
 
 
 class AdapterCheckpoints:
@@ -44,17 +44,24 @@ class AdapterCheckpoints:
         @property
         def num_slots(self) -> int: ...
 
-        def create_adapter(
+        def _claim_slot(
             self,
             rank: int,
-            alpha: float | None = None,
-            seed: int | None = None,
-            train_attn: bool = True,
-            train_mlp: bool = True,
-            train_unembed: bool = True,
-        ) -> int: ...
+            alpha: float | None,
+            seed: int | None,
+            train_attn: bool,
+            train_mlp: bool,
+            train_unembed: bool,
+        ) -> tuple[int, LoraConfig]: ...
 
-        def _init_slot(self, slot: int, cfg: LoraConfig) -> None: ...
+        def _install_slot(
+            self,
+            slot: int,
+            cfg: LoraConfig,
+            factors: tuple[np.ndarray, ...],
+            moments: tuple[np.ndarray, ...] | None,
+            step: int,
+        ) -> None: ...
 
         def _require(self, slot: int) -> None: ...
 
@@ -123,38 +130,20 @@ class AdapterCheckpoints:
             moments = _split_moments(state.moments)
             checkpoint.check_fits(self._opt.m, moments[0], "optimizer m", cfg.rank)
             checkpoint.check_fits(self._opt.v, moments[1], "optimizer v", cfg.rank)
+        factors = checkpoint.slot_values(self._lora, state.factors, "adapter weights")
+        moment_values = None
+        if moments is not None:
+            moment_values = (
+                *checkpoint.slot_values(self._opt.m, moments[0], "optimizer m"),
+                *checkpoint.slot_values(self._opt.v, moments[1], "optimizer v"),
+            )
         if slot is None:
-            slot = self.create_adapter(
+            slot, cfg = self._claim_slot(
                 cfg.rank, cfg.alpha, cfg.seed, cfg.train_attn, cfg.train_mlp, cfg.train_unembed
             )
-        else:
-            if not 1 <= slot < self.num_slots:
-                raise AdapterError(f"slot must be in [1, {self.num_slots - 1}], got {slot}")
-            self._init_slot(slot, cfg)
-        lora, index = self._held_lora.flat, np.int32(slot)
-        factors = checkpoint.slot_values(self._lora, state.factors, "adapter weights")
-        self._held_lora = Held(flat=FlatState(slot_programs.set_slot(lora.leaves, index, factors), lora.spec))  # fmt: skip
-        self._weights_changed([slot])
-        if moments is not None:
-            opt = self._held_opt.flat
-            n = len(opt.m.leaves)
-            written = slot_programs.set_slot(
-                (*opt.m.leaves, *opt.v.leaves, opt.count),
-                index,
-                (
-                    *checkpoint.slot_values(self._opt.m, moments[0], "optimizer m"),
-                    *checkpoint.slot_values(self._opt.v, moments[1], "optimizer v"),
-                    np.int32(state.step),
-                ),
-            )
-            self._held_opt = Held(
-                flat=optim.OptState(
-                    FlatState(written[:n], opt.m.spec),
-                    FlatState(written[n:-1], opt.v.spec),
-                    written[-1],
-                )
-            )
-        self._pin_state()
+        elif not 1 <= slot < self.num_slots:
+            raise AdapterError(f"slot must be in [1, {self.num_slots - 1}], got {slot}")
+        self._install_slot(slot, cfg, factors, moment_values, state.step)
         return slot
 
     def export_peft(self, slot: int, path: str | Path, base_model_name: str | None = None) -> None:

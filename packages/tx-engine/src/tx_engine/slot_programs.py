@@ -8,9 +8,10 @@ pays that for every sampler checkpoint it loads (each RL iteration's
 ``save_weights_and_get_sampling_client``), the sampler it evicts for it, and every run it
 creates or parks. Here each is one jitted program over the engine's flat leaves, with the slot,
 seed, rank and scale as traced arguments, so it compiles once per engine: create, free and
-load now take 35, 26 and 73 ms on the small preset and 2, 1.5 and 6 ms on the tiny one
-(``max_lora_adapters=4``, rank 32; what is left on small is mostly copying every slot's
-factors and moments, since nothing is donated).
+load now take 55, 27 and 53 ms on the small preset and 5, 2 and 6 ms on the tiny one
+(``max_lora_adapters=4``, rank 32, until every written array is ready; what is left on small
+is mostly copying every slot's factors and moments, since nothing is donated). A load writes
+the checkpoint's values directly (:meth:`TrainingEngine._install_slot`): it draws no ``A``.
 
 The programs take and return only the leaves they write: the LoRA factors (the engine's
 ``lora`` state), the scaling of each LoRA module (leaves of its ``rest`` state, found through
