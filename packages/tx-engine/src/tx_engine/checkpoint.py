@@ -149,10 +149,10 @@ def check_fits(
             )
 
 
-def slot_values(tree: Any, tensors: Mapping[str, np.ndarray], what: str) -> tuple[np.ndarray, ...]:
+def slot_values(tree: Any, tensors: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     """One slot's value per leaf of ``tree`` (leaf order), from rank-trimmed ``tensors``
-    zero-padded to the max rank: what :func:`tx_engine.slot_programs.set_slot` writes."""
-    check_fits(tree, tensors, what)
+    zero-padded to the max rank: what :func:`tx_engine.slot_programs.set_slot` writes.
+    ``tensors`` must fit (:func:`check_fits`, which the caller runs before touching a slot)."""
     values = []
     for name, leaf in named_leaves(tree):
         src = np.asarray(tensors[name])

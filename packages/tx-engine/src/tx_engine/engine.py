@@ -255,20 +255,25 @@ class TrainingEngine(AdapterCheckpoints):
         self._weights_changed([slot])
         del self._adapters[slot]
 
-    def _init_slot(self, slot: int, cfg: LoraConfig) -> None:
+    def _slot_scalings(self, cfg: LoraConfig) -> tuple[np.float32, ...]:
+        """Each LoRA module's scaling in a slot holding ``cfg``: ``alpha / rank`` on the groups
+        it targets, 0 on the others (module order, as :class:`slot_programs.SlotLayout`)."""
         if cfg.alpha <= 0:
             raise AdapterError(f"alpha must be > 0, got {cfg.alpha}")
+        on = {"attn": cfg.train_attn, "mlp": cfg.train_mlp, "unembed": cfg.train_unembed}
+        scale = np.float32(cfg.alpha / cfg.rank)
+        return tuple(scale if on[g] else np.float32(0.0) for g in self._layout.groups)
+
+    def _init_slot(self, slot: int, cfg: LoraConfig) -> None:
         lora, rest = self._held_lora.flat, self._held_rest.flat
-        enabled = (("attn", cfg.train_attn), ("mlp", cfg.train_mlp), ("unembed", cfg.train_unembed))
         factors, scalings = slot_programs.fresh_adapter(
             lora.leaves,
             self._layout.scalings(rest.leaves),
             np.int32(slot),
             jax.random.key(cfg.seed),
             np.int32(cfg.rank),
-            np.float32(cfg.alpha / cfg.rank),
+            self._slot_scalings(cfg),
             layout=self._layout,
-            enabled=enabled,
         )
         self._set_weights(factors, scalings)
         self._reset_slot_state(slot)
@@ -288,15 +293,12 @@ class TrainingEngine(AdapterCheckpoints):
         scalings, and ``moments`` (the ``m`` leaves, then ``v``'s) at ``step``, or a fresh
         optimizer state; no pending gradients. Nothing is drawn (:meth:`_init_slot` would
         draw an ``A`` only to overwrite it)."""
-        if cfg.alpha <= 0:
-            raise AdapterError(f"alpha must be > 0, got {cfg.alpha}")
         lora, rest, index = self._held_lora.flat, self._held_rest.flat, np.int32(slot)
-        on = {"attn": cfg.train_attn, "mlp": cfg.train_mlp, "unembed": cfg.train_unembed}
-        scale = np.float32(cfg.alpha / cfg.rank)
-        scalings = tuple(scale if on[g] else np.float32(0.0) for g in self._layout.groups)
         n = len(lora.leaves)
         written = slot_programs.set_slot(
-            (*lora.leaves, *self._layout.scalings(rest.leaves)), index, (*factors, *scalings)
+            (*lora.leaves, *self._layout.scalings(rest.leaves)),
+            index,
+            (*factors, *self._slot_scalings(cfg)),
         )
         self._set_weights(written[:n], written[n:])
         if moments is None:

@@ -130,12 +130,12 @@ class AdapterCheckpoints:
             moments = _split_moments(state.moments)
             checkpoint.check_fits(self._opt.m, moments[0], "optimizer m", cfg.rank)
             checkpoint.check_fits(self._opt.v, moments[1], "optimizer v", cfg.rank)
-        factors = checkpoint.slot_values(self._lora, state.factors, "adapter weights")
+        factors = checkpoint.slot_values(self._lora, state.factors)
         moment_values = None
         if moments is not None:
             moment_values = (
-                *checkpoint.slot_values(self._opt.m, moments[0], "optimizer m"),
-                *checkpoint.slot_values(self._opt.v, moments[1], "optimizer v"),
+                *checkpoint.slot_values(self._opt.m, moments[0]),
+                *checkpoint.slot_values(self._opt.v, moments[1]),
             )
         if slot is None:
             slot, cfg = self._claim_slot(

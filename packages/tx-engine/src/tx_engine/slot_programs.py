@@ -7,7 +7,7 @@ adapter and ~380 ms to load one on the small preset (60 and 100 ms on the tiny o
 pays that for every sampler checkpoint it loads (each RL iteration's
 ``save_weights_and_get_sampling_client``), the sampler it evicts for it, and every run it
 creates or parks. Here each is one jitted program over the engine's flat leaves, with the slot,
-seed, rank and scale as traced arguments, so it compiles once per engine: create, free and
+seed, rank and scalings as traced arguments, so it compiles once per engine: create, free and
 load now take 55, 27 and 53 ms on the small preset and 5, 2 and 6 ms on the tiny one
 (``max_lora_adapters=4``, rank 32, until every written array is ready; what is left on small
 is mostly copying every slot's factors and moments, since nothing is donated). A load writes
@@ -89,37 +89,30 @@ class SlotLayout:
         return tuple(leaves)
 
 
-@partial(jax.jit, static_argnames=("layout", "enabled"))
+@partial(jax.jit, static_argnames=("layout",))
 def fresh_adapter(
     lora: Leaves,
     scalings: Leaves,
     slot: jax.Array,
     key: jax.Array,
     rank: jax.Array,
-    scale: jax.Array,
+    values: tuple[jax.Array, ...],
     *,
     layout: SlotLayout,
-    enabled: tuple[tuple[str, bool], ...],
 ) -> tuple[Leaves, Leaves]:
-    """``lora`` and ``scalings`` with ``slot`` a fresh rank-``rank`` adapter: ``A``
-    kaiming-uniform in its first ``rank`` columns, ``B`` zero, scaling ``scale`` (``alpha /
-    rank``) on the ``enabled`` groups; all zero on the others."""
-    on_by_group = dict(enabled)
+    """``lora`` and ``scalings`` with ``slot`` a fresh rank-``rank`` adapter: each module's
+    scaling set to its entry of ``values`` (``alpha / rank`` where targeted, else 0); ``A``
+    kaiming-uniform in its first ``rank`` columns where the scaling is not 0, else zero; ``B``
+    zero."""
     new, new_scalings = list(lora), list(scalings)
-    for i, (ai, bi, group, bound) in enumerate(
-        zip(layout.a, layout.b, layout.groups, layout.bounds, strict=True)
-    ):
+    for i, (ai, bi, bound) in enumerate(zip(layout.a, layout.b, layout.bounds, strict=True)):
         leaf = lora[ai]
         shape = leaf.shape[1:]
-        if on_by_group[group]:
-            a = jax.random.uniform(jax.random.fold_in(key, i), shape, jnp.float32, -bound, bound)
-            a = jnp.where(jnp.arange(shape[-1]) < rank, a, 0.0)
-            new_scalings[i] = scalings[i].at[slot].set(scale.astype(scalings[i].dtype))
-        else:
-            a = jnp.zeros(shape)
-            new_scalings[i] = scalings[i].at[slot].set(0)
+        a = jax.random.uniform(jax.random.fold_in(key, i), shape, jnp.float32, -bound, bound)
+        a = jnp.where((jnp.arange(shape[-1]) < rank) & (values[i] != 0), a, 0.0)
         new[ai] = leaf.at[slot].set(a.astype(leaf.dtype))
         new[bi] = lora[bi].at[slot].set(0)
+        new_scalings[i] = scalings[i].at[slot].set(values[i].astype(scalings[i].dtype))
     return tuple(new), tuple(new_scalings)
 
 
