@@ -1,13 +1,15 @@
 """Continuous batching on tiny-qwen3: refilled rows finish sooner and change no row's output.
 
 A 64-token cache budget with prompts ≤ 16 and ``max_tokens`` ≤ 16 (cache length 32) gives
-2 decode rows, so most requests wait for a row and get admitted into a running cache.
+2 decode rows, so most requests wait for a row and get admitted into a running cache. Tests of the schedule (decode steps, shifts) turn
+``compile_ahead`` off: then no admission waits for its program to compile in the background.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from tx_engine.config import EngineConfig
 from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, TrainingEngine
 from tx_engine.errors import AdapterError
 from tx_engine.sampler import Sampler, SampleRequestArrays, SampleResult
+from tx_engine.step.ahead import PROGRAMS
 
 CONFIG = EngineConfig(max_lora_adapters=1, max_lora_rank=8, batch_buckets=(4,))
 PROMPT = np.array([11, 250, 37, 1999, 5, 88, 640, 12, 3, 901], np.int32)
@@ -66,7 +69,7 @@ def test_refilled_rows_finish_sooner_and_equal_rows_alone(
     engine: TrainingEngine, alone: Sampler
 ) -> None:
     reqs = _requests(_stop_token(alone))
-    tight = Sampler(engine, max_cache_tokens=64, max_batch=8)
+    tight = Sampler(engine, max_cache_tokens=64, max_batch=8, compile_ahead=False)
     together = tight.sample(reqs)
     lengths = []
     for req, res in zip(reqs, together, strict=True):
@@ -86,7 +89,7 @@ def test_refilled_rows_finish_sooner_and_equal_rows_alone(
 
 
 def test_no_recompilation_across_admissions_and_shifts(engine: TrainingEngine) -> None:
-    tight = Sampler(engine, max_cache_tokens=64, max_batch=8)
+    tight = Sampler(engine, max_cache_tokens=64, max_batch=8, compile_ahead=False)
     reqs = _requests(stop_token=7)
     tight.sample(reqs)  # warm-up: every admission/shift/decode shape of this mix
     before = dict(programs.TRACE_COUNTS)
@@ -109,13 +112,14 @@ def test_base_prompts_alone_are_prefilled_without_lora_terms(
     bucket 0: a base prefill costs what the base model costs); one with an adapter prompt runs
     the run's bucket. Outputs equal those of the mixed admission (checked above)."""
     graphs = []
-    real_admit = programs.admit
+    real_call = PROGRAMS.call
 
-    def recording_admit(graphdef: object, *args: object, **kwargs: object) -> object:
-        graphs.append(graphdef)
-        return real_admit(graphdef, *args, **kwargs)  # type: ignore[arg-type]
+    def recording_call(fn: Any, static: dict[str, Any], **args: Any) -> Any:
+        if fn is programs.admit:
+            graphs.append(static["graphdef"])
+        return real_call(fn, static, **args)
 
-    monkeypatch.setattr(programs, "admit", recording_admit)
+    monkeypatch.setattr(PROGRAMS, "call", recording_call)
     base = SampleRequestArrays(PROMPT, max_tokens=3, seed=1, stop=[], prompt_logprobs=True)
     alone.sample([base])
     assert graphs == [engine.graphdef_for_slots([0])]

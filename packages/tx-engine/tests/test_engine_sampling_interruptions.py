@@ -6,7 +6,8 @@ other samples adapter 1 and the base model while the same training runs as inter
 
 Joins: requests added mid-call take free rows, rows the batch grows by (as far as the cache
 budget allows), or rows as they free up (or a later run, when they do not fit the running
-batch), and get the samples they get alone.
+batch), and get the samples they get alone. Tests of when that happens (the schedule) turn
+``compile_ahead`` off, so that no step waits for a program compiling in the background.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ class _JoinWhenThereIsRoom:
 
 def test_requests_join_a_running_call_and_get_what_they_get_alone(tiny_qwen3_dir: Path) -> None:
     eng = _engine(tiny_qwen3_dir)
-    sampler = Sampler(eng, max_cache_tokens=256, max_batch=4)  # cache 64: 2 rows, up to 4
+    # cache 64: 2 rows, up to 4; compile_ahead off: the test checks the schedule
+    sampler = Sampler(eng, max_cache_tokens=256, max_batch=4, compile_ahead=False)
     first = [
         SampleRequestArrays(PROMPT, max_tokens=24, seed=1, stop=[], adapter=1),
         SampleRequestArrays(PROMPT[:4], max_tokens=3, seed=2, stop=[]),
@@ -198,7 +200,7 @@ def test_a_lone_request_batch_grows_for_a_joiner_when_the_cache_budget_allows(
     waits for the long one to end. Either way both get what they get alone, and a second call
     compiles nothing new."""
     eng = _engine(tiny_qwen3_dir)
-    sampler = Sampler(eng, max_cache_tokens=budget, max_batch=4)
+    sampler = Sampler(eng, max_cache_tokens=budget, max_batch=4, compile_ahead=False)
     long = SampleRequestArrays(PROMPT, max_tokens=40, seed=1, stop=[], adapter=1)  # 64 slots
     short = SampleRequestArrays(PROMPT[:6], 2, max_tokens=5, seed=3, stop=[])
     alone = [sampler.sample([r])[0] for r in (long, short)]
@@ -236,7 +238,7 @@ def test_a_batch_shrinks_to_its_live_rows_once_nothing_waits(tiny_qwen3_dir: Pat
     long one (4 → 1 rows: decode computes every row, idle or not). The rows get what they get
     alone, and the prompt scores of a shrunk-away row are kept."""
     eng = _engine(tiny_qwen3_dir)
-    sampler = Sampler(eng, max_cache_tokens=256, max_batch=4)
+    sampler = Sampler(eng, max_cache_tokens=256, max_batch=4, compile_ahead=False)
     requests = [
         SampleRequestArrays(PROMPT, max_tokens=45, seed=1, stop=[], adapter=1),
         SampleRequestArrays(PROMPT[:5], 3, max_tokens=20, seed=2, stop=[], prompt_logprobs=True),

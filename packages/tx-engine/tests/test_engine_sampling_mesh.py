@@ -3,8 +3,9 @@
 The sampler's programs take the engine's sharded weights and build their KV cache inside jit,
 so XLA places the cache; resizing a running batch (rows added for a joining request, idle rows
 dropped) gathers cache rows across whatever placement that is; so does the prefix cache's pool
-(a follow-up request continues the first request's sequence from it). Runs in a subprocess because the
-fake CPU device count (``XLA_FLAGS``) must be set before jax initialises.
+(a follow-up request continues the first request's sequence from it); so do the programs
+compiled ahead on a background thread, from the arguments' shardings. Runs in a subprocess
+because the fake CPU device count (``XLA_FLAGS``) must be set before jax initialises.
 """
 
 from __future__ import annotations
@@ -48,19 +49,26 @@ SCRIPT = textwrap.dedent(
         slot = eng.create_adapter(8, seed=1)
         eng.forward_backward([AdapterBatch(slot, [datum])])
         eng.optim_step(slot, AdamParams(1e-2))
-        sampler = Sampler(eng, max_cache_tokens=512, max_batch=8, prefix_cache_tokens=512)
-        results = sampler.sample(first, interruption=JoinOnce(sampler))
-        follow = np.concatenate([prompt, results[0].sequences[0].tokens, [7, 8, 9]])
-        results += sampler.sample(
-            [SampleRequestArrays(follow.astype(np.int32), max_tokens=8, seed=4, stop=[], adapter=1)]
-        )
-        out[name] = {
-            "resizes": sampler.resizes,
-            "prefix_hits": sampler.prefix_cache.hits,
-            "tokens": [[list(map(int, s.tokens)) for s in r.sequences] for r in results],
-            "logprobs": [[list(map(float, s.logprobs)) for s in r.sequences] for r in results],
-            "prompt_logprobs": [float(x) for x in results[1].prompt_logprobs[1:]],
-        }
+        # Compiling ahead first, on cold programs (their arguments carry the mesh's
+        # shardings); then in place, warm, for a schedule independent of compile times.
+        for ahead in (True, False):
+            sampler = Sampler(
+                eng, max_cache_tokens=512, max_batch=8, prefix_cache_tokens=512,
+                compile_ahead=ahead,
+            )
+            results = sampler.sample(first, interruption=JoinOnce(sampler))
+            follow = np.concatenate([prompt, results[0].sequences[0].tokens, [7, 8, 9]])
+            results += sampler.sample(
+                [SampleRequestArrays(follow.astype(np.int32), max_tokens=8, seed=4, stop=[], adapter=1)]
+            )
+            out[name if not ahead else name + "/ahead"] = {
+                "resizes": sampler.resizes,
+                "prefix_hits": sampler.prefix_cache.hits,
+                "compile_waits": sampler.compile_waits,
+                "tokens": [[list(map(int, s.tokens)) for s in r.sequences] for r in results],
+                "logprobs": [[list(map(float, s.logprobs)) for s in r.sequences] for r in results],
+                "prompt_logprobs": [float(x) for x in results[1].prompt_logprobs[1:]],
+            }
     print(json.dumps(out))
     """
 )
@@ -74,9 +82,12 @@ def test_mesh_sampling_with_resizes_matches_single_device(
     ref = results.pop("single")
     assert ref["resizes"] == 3  # grown 4 → 8 for the joiner; 8 → 4 and 4 → 1 as rows end
     assert ref["prefix_hits"] == 1  # the follow-up continued request 0's kept sequence
+    assert ref["compile_waits"] == 0
+    assert results["single/ahead"]["compile_waits"] > 0  # the joiner's programs were new
     for name, res in results.items():
-        assert res["resizes"] == ref["resizes"], name
-        assert res["prefix_hits"] == ref["prefix_hits"], name
+        if not name.endswith("/ahead"):  # the schedule: only without compiling ahead
+            assert res["resizes"] == ref["resizes"], name
+            assert res["prefix_hits"] == ref["prefix_hits"], name
         assert res["tokens"] == ref["tokens"], name
         for got, want in zip(res["logprobs"], ref["logprobs"], strict=True):  # per request
             for a, b in zip(got, want, strict=True):  # per sample

@@ -178,7 +178,9 @@ class Sampler:
     (:mod:`tx_engine.sampling.prefix_cache`; 0 = off), memory on top of ``max_cache_tokens``:
     a prompt that extends an earlier prompt or sample's sequence (the next turn of a
     conversation, a shared system prompt) prefills only what is new. Its counters are on
-    :attr:`prefix_cache`.
+    :attr:`prefix_cache`. ``compile_ahead``: a new admission shape or batch size that live rows
+    would wait for compiles on a background thread while they keep decoding
+    (:mod:`tx_engine.sampling.continuous`); ``compile_waits`` counts the steps something waited.
     """
 
     def __init__(
@@ -191,6 +193,7 @@ class Sampler:
         decode_fn: DecodeFn | None = None,
         eos_token_ids: Sequence[int] | None = None,
         prefix_cache_tokens: int = 0,
+        compile_ahead: bool = True,
     ) -> None:
         for name, value in (
             ("max_cache_tokens", max_cache_tokens),
@@ -213,8 +216,9 @@ class Sampler:
         self.max_cache_tokens = max_cache_tokens
         self.min_prompt_bucket = min_prompt_bucket
         self.decode_fn = decode_fn
+        self.compile_ahead = compile_ahead
         self.decode_steps = self.cache_shifts = self.prefilled_prompts = self.interruptions = 0
-        self.resizes = 0
+        self.resizes = self.compile_waits = 0
         self._call: _Call | None = None  # the sample() call in progress
         hf = engine.model_config.hf_config
         context = int(hf.get("max_position_embeddings") or max_cache_tokens)
@@ -261,6 +265,7 @@ class Sampler:
                     interruption=interruption,
                     max_batch=most,
                     prefix_cache=self.prefix_cache,
+                    compile_ahead=self.compile_ahead,
                 )
                 call.current = run
                 run.run()
@@ -270,6 +275,7 @@ class Sampler:
                 self.prefilled_prompts += run.prefilled_prompts
                 self.interruptions += run.interruptions
                 self.resizes += run.resizes
+                self.compile_waits += run.compile_waits
         finally:
             self._call = previous
         finished = [r for r in call.results if r is not None]

@@ -44,6 +44,18 @@ always); such a row occupies ``C + T`` slots from ``start``. A prompt that share
 prefix with another prompt of the same admission waits for the next one too (one decode step
 later), so the shared prefix is prefilled once.
 
+Compiling ahead: a new shape (an admission with a new prompt bucket, number of prompts or
+rows, or prompt scores; a new batch size) means a new program, and compiling it on the decode
+loop's thread would stall every live row for as long as it takes (~0.6 s for an admission on
+the tiny preset, 2.2 s for a decode step of the small one, tens of seconds for a large model on
+a GPU). So while rows are live, such a program compiles on a background thread
+(:mod:`tx_engine.step.ahead`) and the run keeps decoding: the queue head is admitted, and a
+resize done, at the first step after its program is ready. The run's admissions and decode
+steps are therefore called through :data:`~tx_engine.step.ahead.PROGRAMS`. A run with no live
+row compiles in place (no one waits), and so does everything with ``compile_ahead`` off,
+which keeps the schedule independent of compile times (tests of the schedule use that). Rows'
+outputs never depend on the schedule.
+
 Interruptions: a run of long rows decodes for seconds or minutes. An :class:`Interruption`
 lets other work on the same engine (the server: training steps that arrived meanwhile) run
 between two decode steps instead of after the whole run; samples that arrived meanwhile may
@@ -67,11 +79,13 @@ import numpy as np
 
 from tx_engine import step as programs
 from tx_engine.engine import TrainingEngine
+from tx_engine.layers.attention import KVCache
 from tx_engine.layers.lora import BASE_SLOT
 from tx_engine.sampling.buckets import pow2
 from tx_engine.sampling.params import RowSamplingParams, SamplingRow
 from tx_engine.sampling.prefix_cache import Match, PrefixCache, head
 from tx_engine.sampling.stopping import StopState
+from tx_engine.step.ahead import PROGRAMS, spec_like
 
 __all__ = ["ContinuousRun", "Interruption", "Job", "Row", "pow2"]
 
@@ -161,6 +175,9 @@ class ContinuousRun:
     longer rows of the same run are still decoding. ``interruption``: see the module docstring.
     ``max_batch`` (a power of two, default ``batch``): the rows the run may grow to.
     ``prefix_cache``: where ended rows are kept and prompts find their prefixes.
+    ``compile_ahead``: compile a new admission or batch size on a background thread while live
+    rows decode (see "Compiling ahead" in the module docstring); False compiles in place,
+    which makes the schedule (which step admits what) independent of compile times.
     """
 
     def __init__(
@@ -175,8 +192,10 @@ class ContinuousRun:
         interruption: Interruption | None = None,
         max_batch: int | None = None,
         prefix_cache: PrefixCache | None = None,
+        compile_ahead: bool = True,
     ) -> None:
         self.engine, self.jobs, self.queue = engine, jobs, deque(rows)
+        self.compile_ahead = compile_ahead
         self.prefix_cache = prefix_cache
         self.on_rows_done, self.interruption = on_rows_done, interruption
         self.batch, self.cache_len = batch, cache_len
@@ -188,7 +207,7 @@ class ContinuousRun:
         self.start = [0] * batch  # the owner's first prompt slot
         self.index = 0  # host mirror of the cache's shared write index
         self.decode_steps = self.cache_shifts = self.prefilled_prompts = self.interruptions = 0
-        self.resizes = 0
+        self.resizes = self.compile_waits = 0
         # One LoRA rank bucket for the whole run (the largest rank among its jobs' adapters):
         # rank-8 tenants decode at rank 8, and admitting a job never switches programs. A run
         # of base rows keeps the terms (behind decode's lora_on) so adapter rows can join it;
@@ -338,13 +357,15 @@ class ContinuousRun:
         chosen = self._take(len(free) + room, live).rows
         if len(chosen) <= len(free):
             return  # the head waits for slots, not rows: more rows would only idle
-        self._resize(list(range(self.batch)), pow2(len(live) + len(chosen)))
+        batch = pow2(len(live) + len(chosen))
+        if not live or self._resize_ready(batch):  # no live row: no one waits for a compile
+            self._resize(list(range(self.batch)), batch)
 
     def _shrink(self, live: list[int], pending: deque[_Pending]) -> list[int]:
         """Drop idle rows (to the power of two ≥ the ``live`` rows) once nothing waits: every
         decode step computes, and reads the cache of, every row of the batch. The live rows'
         indices after it."""
-        if not live or pow2(len(live)) >= self.batch:
+        if not live or pow2(len(live)) >= self.batch or not self._resize_ready(pow2(len(live))):
             return live
         self._settle([b for b in range(self.batch) if b not in live], pending)
         self._resize(live, pow2(len(live)))
@@ -354,7 +375,9 @@ class ContinuousRun:
         """A ``batch``-row run whose first rows are the old rows ``keep`` (slots unchanged)."""
         src = np.full(batch, -1, np.int32)
         src[: len(keep)] = keep
-        self.cache, self.tokens = programs.resize_rows(self.cache, self.tokens, jnp.asarray(src))
+        self.cache, self.tokens = PROGRAMS.call(
+            programs.resize_rows, {}, cache=self.cache, tokens_b=self.tokens, src_b=src
+        )
         empty = batch - len(keep)
         self.owner = [self.owner[b] for b in keep] + [None] * empty
         self.sent = [self.sent[b] for b in keep] + [0] * empty
@@ -364,46 +387,69 @@ class ContinuousRun:
         self._refresh_rows()
 
     def _admit(self, pending: deque[_Pending]) -> bool:
+        """Admit the longest queue prefix that fits now; False if nothing was admitted.
+
+        With rows decoding, a group whose admission program is not compiled yet is not
+        admitted now: its program compiles on a background thread (:mod:`tx_engine.step.ahead`)
+        while the rows keep decoding, and the group (still the queue head) is admitted at the
+        first step after that. Alone on the cache, it compiles in place: no one is waiting.
+        """
         # Before matching: keeping a row may drop the entry a match would name.
         self._settle([b for b in range(self.batch) if self._free(b)], pending)
         self._grow()
         free = [b for b in range(self.batch) if self._free(b)]
         live = [b for b in range(self.batch) if b not in free]
         take = self._take(len(free), live)
-        chosen, t, c, delta = take.rows, take.t, take.c, take.delta
+        chosen, t, c = take.rows, take.t, take.c
         if not chosen:
             return False
-        for _ in chosen:
-            self.queue.popleft()
-        if not live:
-            self.index = c + t  # nothing to keep: the other rows' contents are never read
-        elif delta:
-            self.cache = programs.shift_cache(self.cache, jnp.asarray(delta, jnp.int32))
-            self.index -= delta
-            self.cache_shifts += 1
-            for b in live:
-                self.start[b] -= delta
+        index = self.index - take.delta if live else c + t  # the write index once admitted
         first: dict[tuple[Any, ...], int] = {}
         serves = [first.setdefault(self._prefill_key(r.job), r.job) for r in chosen]
         order = list(dict.fromkeys(serves))  # the jobs whose prompts are prefilled
         n_p, n_r = pow2(len(order)), pow2(len(chosen))
         src, dst = np.zeros(n_r, np.int32), np.full(n_r, self.batch, np.int32)
-        for r, (row, b) in enumerate(zip(chosen, free, strict=False)):
+        for r, b in enumerate(free[: len(chosen)]):
             src[r], dst[r] = order.index(serves[r]), b
-            self.owner[b], self.sent[b] = row, 1
-            begin = self.index - t - c if c else self.index - len(self.jobs[row.job].prompt)
-            self.start[b] = begin
         scoring, targets, alt, scored = self._scoring(order, n_p, t)
         base_only = all(self.jobs[j].slot == BASE_SLOT for j in order)
-        graphdef = self.engine.graphdef_for_slots(()) if base_only else self.graphdef
+        static = {
+            "graphdef": self.engine.graphdef_for_slots(()) if base_only else self.graphdef,
+            "scoring": scoring,
+            "sample_topk": self.sample_topk,
+        }
         context = self._context(order, n_p, take) if c else None
-        out = programs.admit(
-            graphdef, self.lora, self.rest, self._prompts(order, n_p, t, c), src, dst,
-            RowSamplingParams.stack([r.sampling for r in chosen], pad_to=n_r), self.tokens,
-            jnp.asarray(self.index, jnp.int32), self.cache, targets, alt,
-            None if context is None else self.prefix_cache.pool, context,  # type: ignore[union-attr]
-            scoring=scoring, sample_topk=self.sample_topk,
-        )  # fmt: skip
+        args = {
+            "lora": self.lora, "rest": self.rest, "prompts": self._prompts(order, n_p, t, c),
+            "src_r": src, "dst_r": dst,
+            "params_r": RowSamplingParams.stack([r.sampling for r in chosen], pad_to=n_r),
+            "prev_tokens_b": self.tokens, "index": jnp.asarray(index, jnp.int32),
+            "cache": self.cache, "targets_ptk": targets, "alt_params_p": alt,
+            "pool": None if context is None else self.prefix_cache.pool,  # type: ignore[union-attr]
+            "context_pc": context,
+        }  # fmt: skip
+        if live and not self._ready(programs.admit, static, args):
+            return False
+        for _ in chosen:
+            self.queue.popleft()
+        if live and take.delta:
+            self.cache = args["cache"] = programs.shift_cache(
+                self.cache, jnp.asarray(take.delta, jnp.int32)
+            )
+            self.cache_shifts += 1
+            for b in live:
+                self.start[b] -= take.delta
+        self.index = index  # without live rows, the other rows' contents are never read
+        for row, b in zip(chosen, free, strict=False):
+            self.owner[b], self.sent[b] = row, 1
+            begin = index - t - c if c else index - len(self.jobs[row.job].prompt)
+            self.start[b] = begin
+        for _, job in scored:
+            job.scores_sent = True
+        if c:
+            for ji in order:
+                self.prefix_cache.reuse(take.matches[ji])  # type: ignore[union-attr,arg-type]
+        out = PROGRAMS.call(programs.admit, static, **args)
         self.prefilled_prompts += len(order)
         self.cache, self.tokens = out.cache, out.next_tokens_b
         if self.prefix_cache is not None:  # a later prompt may share a prefix with these
@@ -458,7 +504,8 @@ class ContinuousRun:
     ) -> tuple[
         programs.Scoring, np.ndarray | None, RowSamplingParams | None, list[tuple[int, Job]]
     ]:
-        """Bucketed prompt-score sizes for the jobs of ``order`` not scored yet, and inputs."""
+        """Bucketed prompt-score sizes for the jobs of ``order`` not scored yet, their inputs,
+        and those jobs (the caller marks them sent once it admits them)."""
         todo = [(p, self.jobs[ji]) for p, ji in enumerate(order) if self.jobs[ji].owes_scores]
         sizes = [job.scoring for _, job in todo]
         topk, target_k, alt_k = (max((getattr(z, f) for z in sizes), default=0) for f in ("topk", "target_k", "alt_k"))  # fmt: skip
@@ -480,8 +527,6 @@ class ContinuousRun:
             for p, job in todo:
                 alt_rows[p] = job.alt_row or _GREEDY
             alt = RowSamplingParams.stack(alt_rows)
-        for _, job in todo:
-            job.scores_sent = True
         return scoring, targets, alt, todo
 
     def _refresh_rows(self) -> None:
@@ -501,12 +546,11 @@ class ContinuousRun:
         for b in live:
             positions[b] = self.prompt_len[b] + self.sent[b] - 1
             steps[b] = self.sent[b]
-        args = (
-            self.graphdef, self.lora, self.rest, self.tokens, positions, self.adapters, self.params,
-            steps, self.cache,
-        )  # fmt: skip
-        k = self.sample_topk
-        out = programs.decode_step_topk(*args, k=k) if k else programs.decode_step(*args)
+        fn, static = self._decode_program()
+        args = self._decode_args(
+            self.tokens, positions, self.adapters, self.params, steps, self.cache
+        )
+        out = PROGRAMS.call(fn, static, **args)
         tokens, logprobs, self.cache = out[:3]
         ids, lps = out[3:] if self.sample_topk else (None, None)
         self.tokens = tokens
@@ -515,6 +559,49 @@ class ContinuousRun:
         pending.append(_Pending((tokens, logprobs, ids, lps), [(b, self.owner[b]) for b in live]))  # type: ignore[misc]
         for b in live:
             self.sent[b] += 1
+
+    def _decode_program(self) -> tuple[Any, dict[str, Any]]:
+        if self.sample_topk:
+            return programs.decode_step_topk, {"graphdef": self.graphdef, "k": self.sample_topk}
+        return programs.decode_step, {"graphdef": self.graphdef}
+
+    def _decode_args(self, *values: Any) -> dict[str, Any]:
+        """The decode step's arguments by name: tokens, positions, adapters, sampling values,
+        steps and cache, then the model's state."""
+        names = ("last_tokens_b", "positions_b", "adapters_b", "params", "step", "cache")
+        return {"lora": self.lora, "rest": self.rest, **dict(zip(names, values, strict=True))}
+
+    # ----------------------------------------------------------------- compiling ahead
+    def _ready(self, fn: Any, static: dict[str, Any], args: dict[str, Any]) -> bool:
+        """Whether ``fn`` is compiled for ``args``; if not, and compiling ahead, starts its
+        compile and returns False (the caller does something else meanwhile)."""
+        if not self.compile_ahead or PROGRAMS.ready(fn, static, **args):
+            return True
+        self.compile_waits += 1
+        return False
+
+    def _resize_ready(self, batch: int) -> bool:
+        """Whether the resize to ``batch`` rows and the decode step at that size are compiled
+        (see :meth:`_ready`): a run resizes only then, and meanwhile goes on decoding at its
+        current size. The decode step's arguments are this batch's, resized (a resized array
+        keeps its sharding)."""
+
+        def resized(x: Any, axis: int = 0) -> Any:
+            return spec_like(x, (*x.shape[:axis], batch, *x.shape[axis + 1 :]))
+
+        rows = np.zeros(batch, np.int32)
+        resize = {"cache": self.cache, "tokens_b": self.tokens, "src_b": rows}
+        old = self.cache
+        cache = KVCache(
+            resized(old.k_lbskh, 1), resized(old.v_lbskh, 1), resized(old.mask_bs), old.index
+        )
+        params = jax.tree.map(resized, self.params)
+        fn, static = self._decode_program()
+        decode = self._decode_args(
+            resized(self.tokens), rows, resized(self.adapters), params, rows, cache
+        )
+        # Both asked (not short-circuited), so both compile meanwhile.
+        return self._ready(programs.resize_rows, {}, resize) & self._ready(fn, static, decode)
 
     def _collect(self, item: _Pending) -> None:
         """Fetch one dispatch's outputs and feed them to the rows it served."""

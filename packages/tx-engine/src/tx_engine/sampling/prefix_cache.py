@@ -117,11 +117,14 @@ class PrefixCache:
         return (c, t) if c + t <= prompt_t else None
 
     def context_slots(self, match: Match) -> np.ndarray:
-        """The pool slots of ``match``'s context, in token order; marks the entry as used."""
+        """The pool slots of ``match``'s context, in token order."""
+        return self._entries[match.entry].slots[: match.context]
+
+    def reuse(self, match: Match) -> None:
+        """Count ``match`` as used by an admission, and its entry as the most recent."""
         self._entries.move_to_end(match.entry)
         self.hits += 1
         self.reused_tokens += match.context
-        return self._entries[match.entry].slots[: match.context]
 
     # ----------------------------------------------------------------- saving
     def save(

@@ -62,7 +62,7 @@ class FlatState:
     the state, inside a program or outside.
     """
 
-    __slots__ = ("leaves", "spec")
+    __slots__ = ("__weakref__", "leaves", "spec")  # weakref: keyed by tx_engine.step.ahead
 
     def __init__(self, leaves: tuple[Any, ...], spec: _TreeSpec) -> None:
         self.leaves, self.spec = leaves, spec
