@@ -116,6 +116,56 @@ def test_training_runs_between_the_decode_steps_of_a_long_sample(
     assert loss_after < loss_before  # the step between decode steps was applied
 
 
+@pytest.fixture
+def two_slots(tmp_path: Path) -> Iterator[RunningServer]:
+    engine = EngineSettings(
+        max_lora_rank=8, max_lora_adapters=2, max_seq_len=64, sample_tokens_per_batch=2048
+    )
+    with run_hub_model_server(
+        tmp_path, base_models=[BASE], engine=engine, sample_gather_seconds=0.1
+    ) as server:
+        yield server
+
+
+def test_requests_that_find_every_slot_pinned_by_the_batch_run_after_it(
+    two_slots: RunningServer,
+    sdk_service: Callable[[RunningServer], tinker.ServiceClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two slots, both holding samplers that a long batch reads (the two training runs
+    parked to make room). A ``forward_backward`` of one run, and a sample request of a third
+    sampler joining the batch, find no slot they may take: instead of failing they run once
+    the batch is over, with the results they get alone."""
+    sc = sdk_service(two_slots)
+    runs = [sc.create_lora_training_client(BASE, rank=8, seed=s).result(timeout=120) for s in (1, 2)]  # fmt: skip
+    expected_loss = runs[0].forward([DATUM], "cross_entropy").result(timeout=120).metrics["loss:sum"]  # fmt: skip
+    samplers = [tc.save_weights_and_get_sampling_client().result(timeout=120) for tc in runs]
+    third = runs[1].save_weights_and_get_sampling_client().result(timeout=120)  # another path
+    short = types.SamplingParams(max_tokens=8, seed=3, stop=[])
+    alone = third.sample(PROMPT, 1, short).result(timeout=120).sequences[0]
+    for sampler in samplers:  # compiles, and leaves both samplers in the slots
+        sampler.sample(PROMPT, 1, LONG).result(timeout=120)
+
+    caplog.set_level(logging.INFO, logger="tx_server.worker")
+    long = [sampler.sample(PROMPT, 1, LONG) for sampler in samplers]
+    _wait_until_running(two_slots)
+    time.sleep(0.3)  # past the worker's gather window: the batch is decoding now
+    fb = runs[0].forward_backward([DATUM], "cross_entropy")
+    joiner = third.sample(PROMPT, 1, short)
+
+    assert fb.result(timeout=120).metrics["loss:sum"] == pytest.approx(expected_loss, rel=1e-6)
+    assert joiner.result(timeout=120).sequences[0].tokens == alone.tokens
+    for future in long:
+        assert len(future.result(timeout=120).sequences[0].tokens) == LONG.max_tokens
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("found no free adapter slot run after the sampling batch" in m for m in messages)
+    assert any("sample requests that found no free adapter slot run now" in m for m in messages)
+    sample_end = max(r.finished_at for r in _rows(two_slots, ["sample"])[-3:-1])
+    fb_row = _rows(two_slots, ["forward_backward"])[-1]
+    assert fb_row.status == FutureStatus.COMPLETED
+    assert fb_row.finished_at >= sample_end
+
+
 JOINING = types.SamplingParams(max_tokens=30, seed=9, stop=[])
 
 

@@ -44,7 +44,7 @@ from tx_server.worker.slots import SamplerSlots
 from tx_server.worker.snapshots import SnapshotWriter, snapshot_owners
 from tx_types import AdamParams, OptimStepRequest
 
-__all__ = ["EngineHost", "LoadedModel", "create_from_config", "resolve_model_dir"]
+__all__ = ["EngineHost", "LoadedModel", "SlotsBusyError", "create_from_config", "resolve_model_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,12 @@ def _hub_cache() -> str:
         os.path.expanduser("~"), ".cache", "huggingface"
     )
     return os.path.join(home, "hub")
+
+
+class SlotsBusyError(BadRequestError):
+    """Every slot of an engine holds a training run of the current round or a sampler that a
+    running sampling batch reads. Between decode steps that is temporary: the executor runs
+    the request after the batch (:mod:`.executor`); otherwise it is the request's error."""
 
 
 @dataclass
@@ -146,7 +152,7 @@ class EngineHost:
             except NoFreeSlotError:
                 if not (self.samplers.evict(base_model, engine) or self._park(base_model)):
                     limit = self.settings.engine.max_lora_adapters
-                    raise BadRequestError(
+                    raise SlotsBusyError(
                         f"no free adapter slot for {base_model!r}: all {limit} slots "
                         f"(max_lora_adapters={limit}) hold training runs of the current round "
                         "or samplers that a running sampling batch reads; raise "

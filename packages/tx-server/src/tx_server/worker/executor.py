@@ -9,6 +9,12 @@ as bad input, each request is rerun alone so one tenant's bad batch fails only t
 Sample requests of the claim are then run as one batch per base model
 (:mod:`tx_server.worker.sampling`, which also explains how training and sampling alternate);
 what is submitted meanwhile runs between their decode steps (:mod:`tx_server.worker.interleave`).
+
+A request that runs between decode steps but finds every adapter slot taken by its round's
+runs and by samplers the batch reads (:class:`~.engines.SlotsBusyError`) waits for the batch to
+end instead of failing: it runs right after, when those samplers may go, with every later
+request of its model (they stay claimed meanwhile, so the queue hands out nothing of that model
+that must follow them).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from tx_server.futures import JSON, PROTOBUF, RequestType
 from tx_server.settings import Settings
 from tx_server.wake import SyncSubscription
 from tx_server.work_queue import ClaimedRequest, WorkQueue
-from tx_server.worker.engines import EngineHost, LoadedModel
+from tx_server.worker.engines import EngineHost, LoadedModel, SlotsBusyError
 from tx_server.worker.fused import Collect, collect_all, run_fused_later
 from tx_server.worker.handlers import BarrierHandlers
 from tx_server.worker.interleave import DecodeBreaks
@@ -88,6 +94,10 @@ class Executor:
         self.sampling = SamplingRunner(settings, self.host, queue)
         self.engine_calls = 0
         """Forward/backward engine calls made so far (how well requests were fused)."""
+        self._after_batch: list[ClaimedRequest] | None = None
+        """While a sampling batch runs: requests of decode breaks that wait for its end."""
+        self._waiting_models: set[str] = set()
+        """Models with a request in ``_after_batch``: their later requests wait too."""
 
     def sweep(self) -> None:
         """Free the slots of runs that stopped being live (call between claims, never within).
@@ -128,7 +138,15 @@ class Executor:
                 join=self.sampling.join_pending,
                 training_wanted=bool(training),
             )
-        joined = self.sampling.run(samples, breaks)
+        self._after_batch = []
+        try:
+            joined = self.sampling.run(samples, breaks)
+        finally:
+            waiting, self._after_batch = self._after_batch, None
+            self._waiting_models.clear()
+        if waiting:
+            log.info("%d requests that found no free adapter slot run after the sampling batch", len(waiting))  # fmt: skip
+            self._run_training(waiting)
         if breaks is not None:
             breaks.raise_failure()
         return samples + joined
@@ -163,7 +181,7 @@ class Executor:
         self.host.begin_round(models)
         passes: list[_Pass] = []
         for req in requests:
-            if req.request_type in _PASSES:
+            if req.request_type in _PASSES and not self._waits(req):
                 try:
                     passes.append(self._prepare(req))
                 except Exception as exc:
@@ -175,7 +193,7 @@ class Executor:
         collect_all(earlier)
         steps = []
         for req in requests:
-            if req.request_type == RequestType.OPTIM_STEP:
+            if req.request_type == RequestType.OPTIM_STEP and not self._waits(req):
                 try:
                     steps.append(prepare_optim_step(self.host, req))
                 except Exception as exc:
@@ -189,7 +207,8 @@ class Executor:
             collect_all(step_results)
             step_results = []
             for req in others:
-                self._run_barrier(req)
+                if not self._waits(req):
+                    self._run_barrier(req)
         return step_results
 
     def _prepare(self, req: ClaimedRequest) -> _Pass:
@@ -239,4 +258,21 @@ class Executor:
         self.queue.complete(req.request_id, body, JSON)
 
     def _fail(self, req: ClaimedRequest, exc: BaseException) -> None:
+        if isinstance(exc, SlotsBusyError) and self._after_batch is not None:
+            self._wait_for_batch(req)
+            return
         self.queue.fail_claimed(req, exc, failure_category(exc))
+
+    def _waits(self, req: ClaimedRequest) -> bool:
+        """Whether ``req`` must wait for the sampling batch: an earlier request of its model
+        does (see the module docstring)."""
+        if req.model_id is None or req.model_id not in self._waiting_models:
+            return False
+        self._wait_for_batch(req)
+        return True
+
+    def _wait_for_batch(self, req: ClaimedRequest) -> None:
+        assert self._after_batch is not None
+        self._after_batch.append(req)
+        if req.model_id is not None:
+            self._waiting_models.add(req.model_id)

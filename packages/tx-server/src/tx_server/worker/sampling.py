@@ -20,6 +20,11 @@ All sample requests of a claim — of every tenant and sampler on one base model
 alone, so one tenant's bad request fails only that request. Each request is answered as soon as
 its own samples are done (``on_ready``), so a short request does not wait for the longest one
 it was batched with; a failure later in the call fails only the requests not answered yet.
+
+A request whose sampler checkpoint finds every adapter slot taken by samplers that requests
+before it read (more distinct samplers in a claim, or joining a batch, than slots) waits for
+those batches to end and runs after them, in the same claim, instead of failing
+(:class:`~tx_server.worker.engines.SlotsBusyError`).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from tx_server.errors import category_of
 from tx_server.futures import PROTOBUF, RequestType
 from tx_server.settings import Settings
 from tx_server.work_queue import ClaimedRequest, WorkQueue
-from tx_server.worker.engines import EngineHost
+from tx_server.worker.engines import EngineHost, SlotsBusyError
 from tx_server.worker.fused import run_fused
 from tx_types import SampleRequest
 from tx_types.proto import encode_sample_response
@@ -76,6 +81,7 @@ class SamplingRunner:
         self._pinned: set[int] = set()  # sampler slots the claim reads
         self._active: _Active | None = None  # the engine call in progress
         self._joined: list[ClaimedRequest] = []  # claimed by join_pending during this run
+        self._slots_busy: list[ClaimedRequest] = []  # to run once the pinned samplers may go
 
     def run(
         self, claimed: Sequence[ClaimedRequest], interruption: Interruption | None = None
@@ -86,15 +92,20 @@ class SamplingRunner:
         ``interruption`` may run between decode steps, and add requests with
         :meth:`join_pending`; the sampler slots read are pinned meanwhile.
         """
-        self._groups, self._pinned, self._joined = {}, set(), []
-        with self.host.samplers.pinned(self._pinned):
-            for req in claimed:
-                if (job := self._prepared(req)) is not None:
-                    self._later(job)
-            while self._groups:  # joins may add groups of other base models
-                base_model = next(iter(self._groups))
-                jobs = self._groups.pop(base_model)
-                self._run_group(self.sampler(base_model), jobs, interruption)
+        self._joined, todo = [], list(claimed)
+        while todo:
+            self._groups, self._pinned, self._slots_busy = {}, set(), []
+            with self.host.samplers.pinned(self._pinned):
+                for req in todo:
+                    if (job := self._prepared(req)) is not None:
+                        self._later(job)
+                while self._groups:  # joins may add groups of other base models
+                    base_model = next(iter(self._groups))
+                    jobs = self._groups.pop(base_model)
+                    self._run_group(self.sampler(base_model), jobs, interruption)
+            todo = self._slots_busy
+            if todo:
+                log.info("%d sample requests that found no free adapter slot run now", len(todo))
         return self._joined
 
     @property
@@ -130,12 +141,18 @@ class SamplingRunner:
         return len(claimed)
 
     def _prepared(self, req: ClaimedRequest) -> _Job | None:
-        """``req`` prepared (its sampler checkpoint loaded and pinned), or None if it failed."""
+        """``req`` prepared (its sampler checkpoint loaded and pinned), or None if it failed
+        or must wait for the pinned samplers (see the module docstring)."""
         try:
             return self._prepare(req)
+        except SlotsBusyError as exc:
+            if self._pinned:  # they go once this claim's batches so far are done
+                self._slots_busy.append(req)
+            else:
+                self._fail(req, exc)
         except Exception as exc:
             self._fail(req, exc)
-            return None
+        return None
 
     def _later(self, job: _Job) -> None:
         """Run ``job`` in its base model's engine call of this claim (not started yet)."""
