@@ -142,10 +142,10 @@ def test_live_rows_keep_decoding_while_a_joiners_admission_compiles(
     tiny_qwen3_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two rows start; one stops at once. A request joins with a prompt bucket (32) no
-    admission has used: its program compiles on the background thread, held there for 5
-    decode steps of the live row (without compiling ahead, the run would block on it for
-    good), and the request is admitted once it is ready. Every request gets what it gets
-    alone."""
+    admission has used: what it needs compiles on the background thread (its admission, and
+    a resize if the batch has shrunk meanwhile), held there for 5 decode steps of the live
+    row (without compiling ahead, the run would block on it for good), and the request is
+    admitted once it is ready. Every request gets what it gets alone."""
     eng = TrainingEngine(tiny_qwen3_dir, EngineConfig(max_lora_adapters=1, max_lora_rank=8))
     eng.create_adapter(rank=8, seed=1)
     sampler = Sampler(eng, max_cache_tokens=256, max_batch=4)
@@ -161,6 +161,9 @@ def test_live_rows_keep_decoding_while_a_joiners_admission_compiles(
 
     table = _Held()
     monkeypatch.setattr(continuous, "PROGRAMS", table)
+    table.release.set()
+    sampler.sample(first)  # the programs of the call without the joiner: not held
+    table.release.clear()
     joins = _JoinThenRelease(sampler, table, joiner)
     waits = sampler.compile_waits
     got = sampler.sample(first, interruption=joins)
