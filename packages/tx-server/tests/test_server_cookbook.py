@@ -230,3 +230,118 @@ def test_dpo_starts_at_log_two_and_learns_the_preference(
     assert abs(first["margin"]) < 1e-5, first
     assert last["dpo_loss"] < 0.5 * math.log(2), [row["dpo_loss"] for row in metrics]
     assert last["accuracy"] == 1.0, last
+
+
+DISTILL_SCRIPT = """
+import asyncio
+import sys
+
+import chz
+from tinker_cookbook import renderers
+from tinker_cookbook.distillation import train_on_policy
+from tinker_cookbook.distillation.datasets import (
+    DistillationDatasetConfig,
+    PromptOnlyDataset,
+    TeacherConfig,
+)
+from tinker_cookbook.rl.types import RLDatasetBuilder
+from tinker_cookbook.tokenizer_utils import get_tokenizer
+
+model, teacher_path, log = sys.argv[1:]
+
+
+@chz.chz
+class LocalPrompts(RLDatasetBuilder):
+    topic: str
+    groups_per_batch: int = 4
+    group_size: int = 4
+
+    async def __call__(self):
+        tokenizer = get_tokenizer(model)
+        renderer = renderers.get_renderer("qwen3", tokenizer=tokenizer)
+        prompts = [f"Tell me about {self.topic} number {i}." for i in range(32)]
+        dataset = PromptOnlyDataset(
+            prompts, self.groups_per_batch, self.group_size, renderer, tokenizer
+        )
+        return dataset, None
+
+
+asyncio.run(
+    train_on_policy.main(
+        train_on_policy.Config(
+            learning_rate=1e-2,
+            dataset_configs=[
+                DistillationDatasetConfig(
+                    dataset_builder=LocalPrompts(topic="rivers"),
+                    teacher_config=TeacherConfig(base_model=model),
+                    groups_per_batch=4,
+                ),
+                DistillationDatasetConfig(
+                    dataset_builder=LocalPrompts(topic="mountains"),
+                    teacher_config=TeacherConfig(
+                        base_model=model, load_checkpoint_path=teacher_path
+                    ),
+                    groups_per_batch=4,
+                ),
+            ],
+            model_name=model,
+            recipe_name="tx_distillation_check",
+            renderer_name="qwen3",
+            max_tokens=16,
+            lora_rank=8,
+            log_path=log,
+            eval_every=0,
+            save_every=0,
+        )
+    )
+)
+"""
+
+
+def trained_teacher(server: RunningServer) -> str:
+    """A sampler checkpoint that has learnt to say " yes" whatever came before: a teacher
+    far from the base model."""
+    from tinker import types
+    from tinker_cookbook.tokenizer_utils import get_tokenizer
+
+    tokens = get_tokenizer(MODEL).encode(" yes" * 24)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": types.TensorData(data=tokens[1:], dtype="int64")},
+    )
+    service = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    try:
+        tc = service.create_lora_training_client(MODEL, rank=8, seed=5).result(timeout=300)
+        for _ in range(12):
+            tc.forward_backward([datum], "cross_entropy")
+            tc.optim_step(types.AdamParams(learning_rate=1e-2))
+        return str(tc.save_weights_for_sampler("yes-teacher").result(timeout=300).path)
+    finally:
+        service.holder.close()
+
+
+def test_on_policy_distillation_scores_the_students_samples_as_its_sampler_does(
+    served: RunningServer, tmp_path: Path
+) -> None:
+    """The cookbook's on-policy distillation (``distillation.train_on_policy.main``, driven by
+    a script with local prompts, as the recipe's docstring advises) with two teachers: the
+    base model itself, and a checkpoint taught to say " yes" (by its ``tinker://`` path).
+
+    The student starts as the base model, so at the first step its sampled logprobs minus
+    the base teacher's ``compute_logprobs`` of the same tokens (the recipe's ``teacher_kl``)
+    are 0 unless the sampler and the scorer disagree: measured 1e-8. The other teacher is
+    far off (~4 nats per token), which shows its checkpoint is the one scoring. Every step
+    trains the student (its distance from the base grows). That it also nears the far teacher
+    is not asserted: reverse KL from a teacher whose tokens the student never samples moves
+    slowly (measured flat over 8 steps on this random tiny model, at 1e-3 and 1e-2)."""
+    script = tmp_path / "distill.py"
+    script.write_text(DISTILL_SCRIPT)
+    log = tmp_path / "distill"
+    run_python(served, str(script), MODEL, trained_teacher(served), str(log))
+    metrics = jsonl(log / "metrics.jsonl")
+    assert [row["progress/batch"] for row in metrics] == list(range(8)), metrics
+    base_kl = [row["teacher_kl/dataset_0"] for row in metrics]
+    yes_kl = [row["teacher_kl/dataset_1"] for row in metrics]
+    assert abs(base_kl[0]) < 1e-5, base_kl
+    assert min(yes_kl) > 1.0, yes_kl
+    assert base_kl[-1] > 0.01, base_kl
