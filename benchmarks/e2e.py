@@ -318,14 +318,16 @@ def joining_a_running_batch(url: str, model: str, plan: Plan) -> dict[str, float
             """Medians (ms) of the short request's round trip, and of the time the batch
             ``start()`` sent (its long request's future) still ran after it was sent."""
             answered, ended = [], []
-            for _ in range(3):  # the first round compiles the joined admission
+            # The first rounds compile the joined admission, and whatever batch size the
+            # request finds (a batch may have shrunk yet or not: that depends on timing).
+            for _ in range(5):
                 long_future = start()
                 sent = time.perf_counter()
                 joiner.sample(prompt, 1, short).result()
                 answered.append(time.perf_counter() - sent)
                 long_future.result()
                 ended.append(time.perf_counter() - sent)
-            return statistics.median(answered[1:]) * 1e3, statistics.median(ended[1:]) * 1e3
+            return statistics.median(answered[2:]) * 1e3, statistics.median(ended[2:]) * 1e3
 
         def with_a_free_row() -> Any:
             long_future, stop_future = (batch.sample(prompt, 1, p) for p in (long, stopping))
