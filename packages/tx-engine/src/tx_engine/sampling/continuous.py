@@ -50,8 +50,8 @@ loop's thread would stall every live row for as long as it takes (~0.6 s for an 
 the tiny preset, 2.2 s for a decode step of the small one, tens of seconds for a large model on
 a GPU). So while rows are live, such a program compiles on a background thread
 (:mod:`tx_engine.step.ahead`) and the run keeps decoding: the queue head is admitted, and a
-resize done, at the first step after its program is ready. The run's admissions and decode
-steps are therefore called through :data:`~tx_engine.step.ahead.PROGRAMS`. A run with no live
+resize done, at the first step after its programs are ready. The run's admissions, decode
+steps and resizes are therefore called through :data:`~tx_engine.step.ahead.PROGRAMS`. A run with no live
 row compiles in place (no one waits), and so does everything with ``compile_ahead`` off,
 which keeps the schedule independent of compile times (tests of the schedule use that). Rows'
 outputs never depend on the schedule.
