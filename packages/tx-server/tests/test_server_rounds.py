@@ -56,3 +56,23 @@ def test_rounds_hold_at_most_max_models_models() -> None:
         flat = [r.request_id for rnd in rounds for r in rnd if r.model_id == model]
         assert flat == [r.request_id for r in reqs if r.model_id == model]
     assert plan_rounds(reqs, max_models=4) == plan_rounds(reqs)
+
+
+def test_runs_holding_a_slot_take_the_first_rounds_places() -> None:
+    """Three runs, two slots, B and C loaded: A (parked) waits for round two rather than
+    displacing one of them; every model's order is kept."""
+    reqs = [
+        _req("a1", "A"), _req("a2", "A", True), _req("b1", "B"), _req("b2", "B", True),
+        _req("c1", "C"), _req("c2", "C", True), _req("a3", "A"), _req("x", None),
+    ]  # fmt: skip
+    rounds = plan_rounds(reqs, max_models=2, loaded=lambda m: m in {"B", "C"})
+    assert [[r.request_id for r in rnd] for rnd in rounds] == [
+        ["b1", "b2", "c1", "c2"],
+        ["x", "a1", "a2"],
+        ["a3"],
+    ]
+    assert [[r.request_id for r in rnd] for rnd in plan_rounds(reqs, max_models=2)] == [
+        ["a1", "a2", "b1", "b2"],
+        ["c1", "c2", "a3"],
+        ["x"],
+    ]

@@ -154,7 +154,8 @@ class Executor:
     def _run_training(self, training: Sequence[ClaimedRequest]) -> None:
         pending: list[Collect] = []
         try:
-            for requests in plan_rounds(training, self.settings.engine.max_lora_adapters):
+            limit, held = self.settings.engine.max_lora_adapters, self.host.find
+            for requests in plan_rounds(training, limit, lambda m: held(m) is not None):
                 pending = self._run_round(requests, pending)
             collect_all(pending)
         finally:

@@ -11,12 +11,15 @@ independent, so how their segments line up across rounds changes no result.
 
 With ``max_models``, a segment that would make a round use more models than that starts in a
 later round instead: a round's runs must all hold an adapter slot at once
-(:mod:`.engines` parks the others), and an engine has ``max_lora_adapters`` of them.
+(:mod:`.engines` parks the others), and an engine has ``max_lora_adapters`` of them. Runs that
+hold a slot now take the first rounds' places: with one run more than slots in a claim, only
+that run waits for a later round (and parks one that is done), instead of a run that had a
+slot being parked for it in round one and restored, parking another, in round two.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tx_server.work_queue import ClaimedRequest
 
@@ -24,10 +27,14 @@ __all__ = ["plan_rounds"]
 
 
 def plan_rounds(
-    requests: Sequence[ClaimedRequest], max_models: int | None = None
+    requests: Sequence[ClaimedRequest],
+    max_models: int | None = None,
+    loaded: Callable[[str], bool] | None = None,
 ) -> list[list[ClaimedRequest]]:
     """``requests`` (claim order) as rounds of at most ``max_models`` models each; each round
-    keeps the claim's order."""
+    keeps the claim's order, except that the models ``loaded`` says hold a slot come first."""
+    if loaded is not None:  # a stable sort: each model's own order is kept
+        requests = sorted(requests, key=lambda r: r.model_id is not None and not loaded(r.model_id))
     rounds: list[list[ClaimedRequest]] = []
     models: list[set[str]] = []  # of each round
     next_round: dict[str, int] = {}  # where a model's next segment may start
