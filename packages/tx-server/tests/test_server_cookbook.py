@@ -299,12 +299,12 @@ asyncio.run(
 
 
 def trained_teacher(server: RunningServer) -> str:
-    """A sampler checkpoint that has learnt to say " yes" whatever came before: a teacher
-    far from the base model."""
+    """A sampler checkpoint that has learnt to repeat one token whatever came before: a
+    teacher far from the base model. (Token ids, not text: a tokenizer looked up by hub name
+    in this process would miss the offline aliases, which huggingface_hub reads at import.)"""
     from tinker import types
-    from tinker_cookbook.tokenizer_utils import get_tokenizer
 
-    tokens = get_tokenizer(MODEL).encode(" yes" * 24)
+    tokens = [1000] * 25
     datum = types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={"target_tokens": types.TensorData(data=tokens[1:], dtype="int64")},
@@ -315,7 +315,7 @@ def trained_teacher(server: RunningServer) -> str:
         for _ in range(12):
             tc.forward_backward([datum], "cross_entropy")
             tc.optim_step(types.AdamParams(learning_rate=1e-2))
-        return str(tc.save_weights_for_sampler("yes-teacher").result(timeout=300).path)
+        return str(tc.save_weights_for_sampler("repeat-teacher").result(timeout=300).path)
     finally:
         service.holder.close()
 
@@ -325,7 +325,8 @@ def test_on_policy_distillation_scores_the_students_samples_as_its_sampler_does(
 ) -> None:
     """The cookbook's on-policy distillation (``distillation.train_on_policy.main``, driven by
     a script with local prompts, as the recipe's docstring advises) with two teachers: the
-    base model itself, and a checkpoint taught to say " yes" (by its ``tinker://`` path).
+    base model itself, and a checkpoint taught to repeat one token (by its ``tinker://``
+    path).
 
     The student starts as the base model, so at the first step its sampled logprobs minus
     the base teacher's ``compute_logprobs`` of the same tokens (the recipe's ``teacher_kl``)
@@ -341,7 +342,7 @@ def test_on_policy_distillation_scores_the_students_samples_as_its_sampler_does(
     metrics = jsonl(log / "metrics.jsonl")
     assert [row["progress/batch"] for row in metrics] == list(range(8)), metrics
     base_kl = [row["teacher_kl/dataset_0"] for row in metrics]
-    yes_kl = [row["teacher_kl/dataset_1"] for row in metrics]
+    far_kl = [row["teacher_kl/dataset_1"] for row in metrics]
     assert abs(base_kl[0]) < 1e-5, base_kl
-    assert min(yes_kl) > 1.0, yes_kl
+    assert min(far_kl) > 1.0, far_kl
     assert base_kl[-1] > 0.01, base_kl
