@@ -72,6 +72,17 @@ def jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def run_trainer_script(
+    server: RunningServer, tmp_path: Path, name: str, source: str, *args: str
+) -> list[dict[str, Any]]:
+    """Run ``source`` (a script calling a recipe's trainer) as ``python <name>.py <args> <log
+    dir>`` (:func:`run_python`); the ``metrics.jsonl`` rows the trainer logged."""
+    script, log = tmp_path / f"{name}.py", tmp_path / name
+    script.write_text(source)
+    run_python(server, str(script), *args, str(log))
+    return jsonl(log / "metrics.jsonl")
+
+
 def test_sl_basic_trains_on_a_conversation_file_and_saves_usable_checkpoints(
     served: RunningServer, tmp_path: Path
 ) -> None:
@@ -219,11 +230,7 @@ def test_dpo_starts_at_log_two_and_learns_the_preference(
     logprobs differ from the trainer's. Then the preference is learnt."""
     data = tmp_path / "comparisons.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in comparisons(32)))
-    script = tmp_path / "dpo.py"
-    script.write_text(DPO_SCRIPT)
-    log = tmp_path / "dpo"
-    run_python(served, str(script), MODEL, str(data), str(log))
-    metrics = jsonl(log / "metrics.jsonl")
+    metrics = run_trainer_script(served, tmp_path, "dpo", DPO_SCRIPT, MODEL, str(data))
     assert [row["step"] for row in metrics] == list(range(8)), metrics
     first, last = metrics[0], metrics[-1]
     assert abs(first["dpo_loss"] - math.log(2)) < 1e-5, first
@@ -335,11 +342,8 @@ def test_on_policy_distillation_scores_the_students_samples_as_its_sampler_does(
     trains the student (its distance from the base grows). That it also nears the far teacher
     is not asserted: reverse KL from a teacher whose tokens the student never samples moves
     slowly (measured flat over 8 steps on this random tiny model, at 1e-3 and 1e-2)."""
-    script = tmp_path / "distill.py"
-    script.write_text(DISTILL_SCRIPT)
-    log = tmp_path / "distill"
-    run_python(served, str(script), MODEL, trained_teacher(served), str(log))
-    metrics = jsonl(log / "metrics.jsonl")
+    teacher = trained_teacher(served)
+    metrics = run_trainer_script(served, tmp_path, "distill", DISTILL_SCRIPT, MODEL, teacher)
     assert [row["progress/batch"] for row in metrics] == list(range(8)), metrics
     base_kl = [row["teacher_kl/dataset_0"] for row in metrics]
     far_kl = [row["teacher_kl/dataset_1"] for row in metrics]

@@ -51,10 +51,10 @@ the tiny preset, 2.2 s for a decode step of the small one, tens of seconds for a
 a GPU). So while rows are live, such a program compiles on a background thread
 (:mod:`tx_engine.step.ahead`) and the run keeps decoding: the queue head is admitted, and a
 resize done, at the first step after its programs are ready. The run's admissions, decode
-steps and resizes are therefore called through :data:`~tx_engine.step.ahead.PROGRAMS`. A run with no live
-row compiles in place (no one waits), and so does everything with ``compile_ahead`` off,
-which keeps the schedule independent of compile times (tests of the schedule use that). Rows'
-outputs never depend on the schedule.
+steps and resizes are therefore called through :data:`~tx_engine.step.ahead.PROGRAMS`. A run
+with no live row compiles in place (no one waits), and so does everything with
+``compile_ahead`` off, which keeps the schedule independent of compile times (tests of the
+schedule use that). Rows' outputs never depend on the schedule.
 
 Interruptions: a run of long rows decodes for seconds or minutes. An :class:`Interruption`
 lets other work on the same engine (the server: training steps that arrived meanwhile) run

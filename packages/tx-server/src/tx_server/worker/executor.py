@@ -145,7 +145,10 @@ class Executor:
             waiting, self._after_batch = self._after_batch, None
             self._waiting_models.clear()
         if waiting:
-            log.info("%d requests that found no free adapter slot run after the sampling batch", len(waiting))  # fmt: skip
+            log.info(
+                "%d requests that found no free adapter slot run after the sampling batch",
+                len(waiting),
+            )
             self._run_training(waiting)
         if breaks is not None:
             breaks.raise_failure()
