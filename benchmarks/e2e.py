@@ -447,7 +447,12 @@ def engine_reference(preset: str, plan: Plan) -> dict[str, float]:
 
     train(1)
     result = {"train_tok_s": plan.train_steps * plan.batch * plan.seq / train(plan.train_steps)}
-    sampler = Sampler(engine, max_cache_tokens=settings.sample_tokens_per_batch, max_batch=64)
+    sampler = Sampler(
+        engine,
+        max_cache_tokens=settings.sample_tokens_per_batch,
+        max_batch=64,
+        decode_chunk=settings.sample_decode_chunk,
+    )
     request = SampleRequestArrays(
         np.arange(100, 132, dtype=np.int32),
         num_samples=plan.samples,

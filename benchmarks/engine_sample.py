@@ -2,13 +2,16 @@
 
     uv run python benchmarks/engine_sample.py                      # tiny-qwen3 + small
     uv run python benchmarks/engine_sample.py --presets small --batches 1,64 --new-tokens 32
+    uv run python benchmarks/engine_sample.py --decode-chunks 1,8   # steps per dispatch
 
-Two measurements per (preset, batch):
+Two measurements per (preset, decode chunk, batch):
 
 * ``tok/s``: end-to-end :meth:`Sampler.sample` (prefill, decode, host stop checks) of ``batch``
-  rows × ``--new-tokens`` tokens with ``stop=[]``, warm (programs already compiled).
-* ``ms/step``: the compiled decode step alone (the program the sampler uses: graphdef-bound,
-  model state pre-flattened), called back to back on a live cache.
+  rows × ``--new-tokens`` tokens with ``stop=[]``, warm (programs already compiled), with
+  ``decode_chunk`` = the row's ``chunk`` (decode steps per dispatch).
+* ``ms/step``: the compiled decode program alone (the one the sampler uses: graphdef-bound,
+  model state pre-flattened), called back to back on a live cache, ``chunk`` steps per call,
+  per step.
 
 What the bound columns mean (all measured in the same run, on this machine):
 
@@ -43,6 +46,7 @@ from tx_engine.engine import TrainingEngine
 from tx_engine.host_memory import reexec_with_tuned_malloc
 from tx_engine.sampler import Sampler, SampleRequestArrays
 from tx_engine.sampling import RowSamplingParams, SamplingRow
+from tx_engine.sampling.continuous import DEFAULT_DECODE_CHUNK
 from tx_engine.testing import ensure_model
 
 PROMPT_LEN = 16
@@ -86,8 +90,9 @@ def tree_bytes(tree: Any) -> int:
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def decode_ms(engine: TrainingEngine, batch: int, cache_len: int, iters: int) -> float:
-    """Mean wall time of one compiled decode step at ``batch`` rows (after one warm-up call)."""
+def decode_ms(engine: TrainingEngine, batch: int, cache_len: int, iters: int, chunk: int) -> float:
+    """Mean wall time of one decode step at ``batch`` rows, ``chunk`` steps per call of the
+    compiled decode program (after one warm-up call)."""
     e = engine
     tokens = np.full((1, PROMPT_LEN), 7, np.int32)
     ones = np.ones_like(tokens)
@@ -106,35 +111,30 @@ def decode_ms(engine: TrainingEngine, batch: int, cache_len: int, iters: int) ->
     graph = e.graphdef_for_slots({0}, keep_lora=True)
     lora, rest = e.flat_model_state()  # flat, as a run takes them from the engine
 
-    def step(i: int) -> None:
+    def steps(i: int) -> None:  # steps i .. i + chunk - 1
         nonlocal cache, tok
         pos = jnp.full((batch,), PROMPT_LEN + i, jnp.int32)
-        tok, _, cache = programs.decode_step(
-            graph,
-            lora,
-            rest,
-            tok,
-            pos,
-            adapters,
-            dparams,
-            jnp.asarray(i + 1, jnp.int32),
-            cache,
-        )
+        out = programs.decode_chunk(
+            graph, lora, rest, tok, pos, adapters, dparams, jnp.asarray(i + 1, jnp.int32),
+            cache, np.int32(chunk), chunk=chunk,
+        )  # fmt: skip
+        tok, cache = out.last_b, out.cache
 
-    step(0)
+    steps(0)
     tok.block_until_ready()
+    calls = max(1, iters // chunk)
     t0 = time.perf_counter()
-    for i in range(1, iters + 1):
-        step(i)
+    for c in range(calls):
+        steps(chunk * (c + 1))
     tok.block_until_ready()
-    return (time.perf_counter() - t0) / iters * 1e3
+    return (time.perf_counter() - t0) / (calls * chunk) * 1e3
 
 
 def bench(
-    preset: str, batches: list[int], new_tokens: int, bw: float, flops: float
+    preset: str, chunk: int, batches: list[int], new_tokens: int, bw: float, flops: float
 ) -> list[dict[str, Any]]:
     engine = TrainingEngine(ensure_model(preset), EngineConfig(max_lora_adapters=1))
-    sampler = Sampler(engine, max_batch=max(64, *batches))
+    sampler = Sampler(engine, max_batch=max(64, *batches), decode_chunk=chunk)
     cfg = engine.model_config
     weight_bytes = tree_bytes(engine._rest) + tree_bytes(engine._lora) // engine.num_slots
     # Matmul weights: every 2-D+ base weight (the tied embedding is the lm_head's matrix).
@@ -163,7 +163,8 @@ def bench(
         itemsize = jnp.dtype(engine.config.dtype).itemsize
         kv_bytes = 2 * cfg.num_hidden_layers * batch * cache_len * cfg.num_key_value_heads
         kv_bytes *= cfg.head_dim * itemsize
-        ms = decode_ms(engine, batch, cache_len, iters=min(16, cache_len - PROMPT_LEN - 2))
+        iters = min(max(16, chunk), cache_len - PROMPT_LEN - 2 - chunk)
+        ms = decode_ms(engine, batch, cache_len, iters, chunk)
         attn_flops = 4 * batch * cache_len * cfg.num_hidden_layers
         attn_flops *= cfg.num_attention_heads * cfg.head_dim
         mem_ms = (weight_bytes + kv_bytes) / bw * 1e3
@@ -171,6 +172,7 @@ def bench(
         rows.append(
             {
                 "preset": preset,
+                "chunk": chunk,
                 "batch": batch,
                 "tok/s": batch * new_tokens / elapsed,
                 "ms/step": ms,
@@ -186,7 +188,7 @@ def bench(
 
 def _fmt(row: dict[str, Any]) -> str:
     return (
-        f"{row['preset']:>11} {row['batch']:>5} {row['tok/s']:>10.1f} {row['ms/step']:>9.2f} "
+        f"{row['preset']:>11} {row['chunk']:>5} {row['batch']:>5} {row['tok/s']:>10.1f} {row['ms/step']:>9.2f} "
         f"{row['mem ms']:>8.2f} {row['flop ms']:>8.2f} {row['bound ms']:>9.2f} "
         f"{row['ms/step'] / row['bound ms']:>7.2f}x {row['MB/step']:>8.1f}"
     )
@@ -197,6 +199,7 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny-qwen3,small")
     parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--decode-chunks", default=str(DEFAULT_DECODE_CHUNK))
     args = parser.parse_args()
     copy_bw, gemv_bw, flops = copy_bandwidth(), gemv_bandwidth(), matmul_flops()
     bw = max(copy_bw, gemv_bw)
@@ -207,11 +210,13 @@ def main() -> None:
         f"{flops / 1e9:.0f} GFLOP/s; bound = max of the two; x bound = ms/step / bound"
     )
     print(
-        f"{'preset':>11} {'batch':>5} {'tok/s':>10} {'ms/step':>9} {'mem ms':>8} "
+        f"{'preset':>11} {'chunk':>5} {'batch':>5} {'tok/s':>10} {'ms/step':>9} {'mem ms':>8} "
         f"{'flop ms':>8} {'bound ms':>9} {'x bound':>8} {'MB/step':>8}"
     )
+    batches = [int(b) for b in args.batches.split(",")]
     for preset in args.presets.split(","):
-        bench(preset, [int(b) for b in args.batches.split(",")], args.new_tokens, bw, flops)
+        for chunk in (int(c) for c in args.decode_chunks.split(",")):
+            bench(preset, chunk, batches, args.new_tokens, bw, flops)
 
 
 if __name__ == "__main__":

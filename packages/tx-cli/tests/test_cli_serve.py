@@ -62,7 +62,7 @@ def test_tx_serve_trains_through_the_official_sdk(
         *("--database-url", f"sqlite:///{tmp_path / 'tx.db'}"),
         *("--checkpoint-root", str(tmp_path / "ckpt"), "--max-lora-rank", "8"),
         *("--sample-tokens-per-batch", "4096", "--prefix-cache-tokens", "1024"),
-        *("--tokens-per-micro-batch", "1024"),
+        *("--tokens-per-micro-batch", "1024", "--decode-chunk", "4"),
     ]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -95,7 +95,7 @@ def test_tx_serve_trains_through_the_official_sdk(
             pytest.fail("tx serve did not stop on SIGINT")
     # The flags reached the worker's engine (it logs what it built).
     assert "1024 tokens per micro-batch; sampling: 4096 KV slots per batch" in output
-    assert "prefix cache 1024 token slots" in output
+    assert "prefix cache 1024 token slots, 4 decode steps per dispatch" in output
 
 
 def test_engine_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,6 +114,7 @@ def test_engine_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) 
     [
         ("--sample-tokens-per-batch", "0"),
         ("--prefix-cache-tokens", "-1"),
+        ("--decode-chunk", "0"),
         ("--dtype", "float8"),
         ("--ep-size", "0"),
         ("--port", "70000"),

@@ -148,7 +148,8 @@ def test_live_rows_keep_decoding_while_a_joiners_admission_compiles(
     admitted once it is ready. Every request gets what it gets alone."""
     eng = TrainingEngine(tiny_qwen3_dir, EngineConfig(max_lora_adapters=1, max_lora_rank=8))
     eng.create_adapter(rank=8, seed=1)
-    sampler = Sampler(eng, max_cache_tokens=256, max_batch=4)
+    # One step per dispatch: the interruption counts decode steps.
+    sampler = Sampler(eng, max_cache_tokens=256, max_batch=4, decode_chunk=1)
     short = SampleRequestArrays(PROMPT[:4], max_tokens=30, seed=2, stop=[])
     stop = int(sampler.sample([short])[0].sequences[0].tokens[1])
     first = [  # both in 64-slot caches: one run

@@ -82,8 +82,8 @@ def test_training_between_decode_steps_changes_neither_samples_nor_steps(
     expected = Sampler(ref, max_cache_tokens=256, max_batch=4).sample(requests)
     expected_losses = [_train_step(ref, i) for i in range(STEPS)]
 
-    mixed = _engine(tiny_qwen3_dir)
-    sampler = Sampler(mixed, max_cache_tokens=256, max_batch=4)
+    mixed = _engine(tiny_qwen3_dir)  # one step per dispatch: interruptions count steps
+    sampler = Sampler(mixed, max_cache_tokens=256, max_batch=4, decode_chunk=1)
     training = _TrainEveryThirdStep(mixed)
     got = sampler.sample(requests, interruption=training)
 
@@ -122,7 +122,8 @@ def test_a_call_without_due_interruptions_never_runs_one(
     sampler = Sampler(eng, max_cache_tokens=256, max_batch=4)
     never = Never()
     sampler.sample(requests, interruption=never)
-    assert never.asked >= sampler.decode_steps - 1 > 0  # asked before every step but the first
+    # Asked before every dispatch but the first.
+    assert never.asked >= sampler.decode_dispatches - 1 > 0
     assert sampler.interruptions == 0
 
 

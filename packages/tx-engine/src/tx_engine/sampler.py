@@ -25,11 +25,13 @@ How a call is run:
    and the batch grows (up to ``max_batch`` and the cache budget) when none are free. With
    ``prefix_cache_tokens``, prompts' and ended rows' keys/values are kept, and a prompt that
    extends a kept sequence (a conversation's next turn, a shared system prompt) prefills only
-   its new tokens (:mod:`tx_engine.sampling.prefix_cache`).
+   its new tokens (:mod:`tx_engine.sampling.prefix_cache`). One dispatch runs up to
+   ``decode_chunk`` decode steps on the device; stops are checked, and rows refilled, between
+   dispatches.
 4. Shapes are bucketed so warm-up covers everything: ``B``, admission rows and top-k sizes to
    powers of two, prompt length to a power of two ≥ ``min_prompt_bucket``, ``S`` to the power
    of two ≥ ``T + max_new - 1``. max_tokens, temperature, top-k, top-p, seeds, positions and
-   per-row steps are array values: no recompilation.
+   per-row steps, and the steps per dispatch, are array values: no recompilation.
 
 A row's tokens depend only on its request (seed, sample index, prompt, values): not on the
 batch it shares, the row it lands on or the cache slots it occupies.
@@ -60,7 +62,14 @@ from tx_engine import step as programs
 from tx_engine.engine import TrainingEngine
 from tx_engine.errors import AdapterError, InputError
 from tx_engine.sampling import SamplingRow, StopCriteria
-from tx_engine.sampling.continuous import ContinuousRun, Interruption, Job, Row, pow2
+from tx_engine.sampling.continuous import (
+    DEFAULT_DECODE_CHUNK,
+    ContinuousRun,
+    Interruption,
+    Job,
+    Row,
+    pow2,
+)
 from tx_engine.sampling.params import ALT_DRAWS_SAMPLE_INDEX
 from tx_engine.sampling.prefix_cache import PrefixCache
 from tx_engine.sampling.stopping import DecodeFn, StopReason
@@ -181,6 +190,9 @@ class Sampler:
     :attr:`prefix_cache`. ``compile_ahead``: a new admission shape or batch size that live rows
     would wait for compiles on a background thread while they keep decoding
     (:mod:`tx_engine.sampling.continuous`); ``compile_waits`` counts the steps something waited.
+    ``decode_chunk``: the most decode steps one dispatch runs before the host checks stops and
+    admits waiting samples ("Decode chunks" in :mod:`tx_engine.sampling.continuous`);
+    ``decode_dispatches`` counts the dispatches.
     """
 
     def __init__(
@@ -194,14 +206,16 @@ class Sampler:
         eos_token_ids: Sequence[int] | None = None,
         prefix_cache_tokens: int = 0,
         compile_ahead: bool = True,
+        decode_chunk: int = DEFAULT_DECODE_CHUNK,
     ) -> None:
-        for name, value in (
-            ("max_cache_tokens", max_cache_tokens),
-            ("max_batch", max_batch),
-            ("min_prompt_bucket", min_prompt_bucket),
+        for name, value, least in (
+            ("max_cache_tokens", max_cache_tokens, 2),
+            ("max_batch", max_batch, 2),
+            ("min_prompt_bucket", min_prompt_bucket, 2),
+            ("decode_chunk", decode_chunk, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-                raise InputError(f"{name} must be an int >= 2, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"{name} must be an int >= {least}, got {value!r}")
         if pow2(max_batch) != max_batch:
             raise InputError(f"max_batch must be a power of two, got {max_batch}")
         if isinstance(prefix_cache_tokens, bool) or not isinstance(prefix_cache_tokens, int) or prefix_cache_tokens < 0:  # fmt: skip
@@ -217,8 +231,9 @@ class Sampler:
         self.min_prompt_bucket = min_prompt_bucket
         self.decode_fn = decode_fn
         self.compile_ahead = compile_ahead
+        self.decode_chunk = decode_chunk
         self.decode_steps = self.cache_shifts = self.prefilled_prompts = self.interruptions = 0
-        self.resizes = self.compile_waits = 0
+        self.resizes = self.compile_waits = self.decode_dispatches = 0
         self._call: _Call | None = None  # the sample() call in progress
         hf = engine.model_config.hf_config
         context = int(hf.get("max_position_embeddings") or max_cache_tokens)
@@ -242,8 +257,8 @@ class Sampler:
         (every pair once, several at a time when they end together), so a server can answer a
         short request while longer ones of the same call still decode. Everything is
         validated before anything runs, so a bad request raises before any result is handed
-        out. ``interruption``, if given, is asked before each decode step whether other work
-        should run now (:mod:`tx_engine.sampling.continuous`); that work must leave the
+        out. ``interruption``, if given, is asked before each decode dispatch (of up to
+        ``decode_chunk`` steps) whether other work should run now (:mod:`tx_engine.sampling.continuous`); that work must leave the
         adapter slots of ``requests`` alone, and may add requests with :meth:`join`.
         """
         call = _Call(on_ready)
@@ -266,6 +281,7 @@ class Sampler:
                     max_batch=most,
                     prefix_cache=self.prefix_cache,
                     compile_ahead=self.compile_ahead,
+                    decode_chunk=self.decode_chunk,
                 )
                 call.current = run
                 run.run()
@@ -276,6 +292,7 @@ class Sampler:
                 self.interruptions += run.interruptions
                 self.resizes += run.resizes
                 self.compile_waits += run.compile_waits
+                self.decode_dispatches += run.decode_dispatches
         finally:
             self._call = previous
         finished = [r for r in call.results if r is not None]

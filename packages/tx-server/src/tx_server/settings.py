@@ -30,9 +30,9 @@ def default_data_dir() -> Path:
 class EngineSettings(BaseModel):
     """Shapes and budgets of the worker's engine (names match ``tx_engine.EngineConfig``).
 
-    ``max_seq_len``, ``sample_tokens_per_batch`` and ``sample_prefix_cache_tokens`` are the
-    server's own: the worker rejects longer inputs with a user error, caps one sampling batch
-    and sizes its samplers' prefix caches; the rest is passed to the engine unchanged.
+    ``max_seq_len`` and the ``sample_*`` fields are the server's own: the worker rejects
+    longer inputs with a user error, caps one sampling batch, sizes its samplers' prefix caches
+    and sets their decode steps per dispatch; the rest is passed to the engine unchanged.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -53,6 +53,10 @@ class EngineSettings(BaseModel):
     finished samples, so a prompt that extends one (the next turn of a conversation or an RL
     episode, a shared system prompt) prefills only its new tokens. Memory on top of
     ``sample_tokens_per_batch``."""
+    sample_decode_chunk: int = Field(default=8, ge=1)
+    """Decode steps per sampling dispatch: the host checks stops and admits waiting requests
+    between dispatches. More amortises the host's per-step cost (the larger cost of a decode
+    step on an accelerator); fewer wastes fewer steps on rows that stop mid-dispatch."""
     min_seq_len: int = Field(default=16, ge=1)
     seq_len_buckets: tuple[int, ...] = ()
     batch_buckets: tuple[int, ...] = ()
@@ -63,7 +67,12 @@ class EngineSettings(BaseModel):
     mesh_ep: int = Field(default=1, ge=1)
 
     _SERVER_ONLY: ClassVar[frozenset[str]] = frozenset(
-        {"max_seq_len", "sample_tokens_per_batch", "sample_prefix_cache_tokens"}
+        {
+            "max_seq_len",
+            "sample_tokens_per_batch",
+            "sample_prefix_cache_tokens",
+            "sample_decode_chunk",
+        }
     )
 
     def engine_config_kwargs(self) -> dict[str, Any]:

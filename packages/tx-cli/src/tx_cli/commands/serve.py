@@ -87,6 +87,14 @@ def serve(
             help="Token slots of each base model's sampling prefix cache (0 = off)",
         ),
     ] = None,
+    sample_decode_chunk: Annotated[
+        int | None,
+        typer.Option(
+            "--decode-chunk",
+            metavar="INTEGER",
+            help="Decode steps per sampling dispatch (stops are checked between dispatches)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the Tinker API (and its worker) until interrupted."""
     top = {
@@ -109,6 +117,7 @@ def serve(
         "tokens_per_micro_batch": tokens_per_micro_batch,
         "sample_tokens_per_batch": sample_tokens_per_batch,
         "sample_prefix_cache_tokens": sample_prefix_cache_tokens,
+        "sample_decode_chunk": sample_decode_chunk,
     }
     # Parameters are named after their settings fields, so a field's flag is its option's.
     flag_of = {p.name: p.opts[0] for p in ctx.command.params if p.name and p.opts}

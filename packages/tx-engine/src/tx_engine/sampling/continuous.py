@@ -19,9 +19,27 @@ Admitting a group with prompt bucket ``T`` and largest ``max_new = m`` needs ``i
 drops slots no live row needs. If no ``delta`` fits, the head waits for more rows to finish
 (FIFO; a request alone on an empty cache always fits, so the loop always progresses).
 
-Host/device overlap: decode step ``n+1`` is dispatched before step ``n``'s tokens are fetched
-for the stop checks (one step ahead); every dispatch records which rows it served, so a row
-that stopped, or was refilled, between dispatch and fetch never receives a stale token.
+Host/device overlap: decode dispatch ``n+1`` is sent before dispatch ``n``'s tokens are
+fetched for the stop checks (one dispatch ahead); every dispatch records which rows it served,
+so a row that stopped, or was refilled, between dispatch and fetch never receives a stale token.
+
+Decode chunks: one dispatch runs up to ``decode_chunk`` decode steps
+(:func:`tx_engine.step.decode_chunk`, a device loop), and the host checks stops, admits and
+resizes between dispatches. A decode step of a small batch reads the weights once and does
+little else, so the host's work per step (building the step's arrays, the dispatch, the fetch,
+the stop checks) costs as much as the step itself or more: on 2 CPU cores, 8 steps per
+dispatch decode 1.2-2.5× faster on the tiny preset and 1.05-1.15× on the small one
+(``benchmarks/engine_sample.py --decode-chunks 1,8``), and on an accelerator, where a step
+takes a fraction of a millisecond, the host is the whole cost. The price: a row that stops on
+a stop token or string mid-dispatch keeps decoding (its extra tokens are dropped, as one step
+ahead already did) until the dispatch ends, and a waiting sample is admitted, or an
+interruption run, up to a dispatch later. A dispatch runs no more steps than the live row
+nearest its ``max_tokens`` still needs, so a row that ends by length ends with a dispatch:
+its request is handed out, and its row refilled, at the step it would be with single steps
+(and no step writes past the slots the rows hold). The step count is data, so every count up
+to ``decode_chunk`` shares one program. Rows get the tokens single steps give them (their
+logprobs up to float32 summation order).
+
 Shapes are bucketed (``S`` fixed per run; ``B`` and admission ``P``/``R`` rows to powers of
 two, prompt bucket ``T``) and all per-row values (positions, steps, sampling values, adapters)
 are arrays, so a run compiles nothing new inside its buckets.
@@ -87,7 +105,10 @@ from tx_engine.sampling.prefix_cache import Match, PrefixCache, head
 from tx_engine.sampling.stopping import StopState
 from tx_engine.step.ahead import PROGRAMS, spec_like
 
-__all__ = ["ContinuousRun", "Interruption", "Job", "Row", "pow2"]
+__all__ = ["DEFAULT_DECODE_CHUNK", "ContinuousRun", "Interruption", "Job", "Row", "pow2"]
+
+DEFAULT_DECODE_CHUNK = 8
+"""Decode steps per dispatch by default (see "Decode chunks" in the module docstring)."""
 
 _GREEDY = SamplingRow(temperature=0.0)  # what idle rows decode with: cheap, output ignored
 
@@ -145,13 +166,18 @@ class _Take:
 
 @dataclass
 class _Pending:
-    """Device outputs not fetched yet, and the (output index, row) pairs they belong to."""
+    """Device outputs not fetched yet, and the (output index, row) pairs they belong to.
+
+    ``steps``: a decode dispatch's arrays have a leading step axis, of which the first
+    ``steps`` were run; an admission's (0) have none: one token per admitted row.
+    """
 
     arrays: tuple[Any, Any, Any, Any]  # tokens, logprobs, top-k ids, top-k logprobs
     rows: list[tuple[int, Row]]
     scores: programs.PromptScores | None = None
     scored: list[tuple[int, Job]] = field(default_factory=list)
     t: int = 0
+    steps: int = 0
 
 
 RowsDone = Callable[[list[Row]], None]
@@ -161,7 +187,7 @@ class Interruption(Protocol):
     """Other work that a run lets in between two of its decode steps."""
 
     def due(self) -> bool:
-        """Whether to run it now; asked before every decode step, so it must be cheap."""
+        """Whether to run it now; asked before every decode dispatch, so it must be cheap."""
 
     def run(self) -> None:
         """Run it. It may step, load or free any adapter slot but the run's own."""
@@ -178,6 +204,7 @@ class ContinuousRun:
     ``compile_ahead``: compile a new admission or batch size on a background thread while live
     rows decode (see "Compiling ahead" in the module docstring); False compiles in place,
     which makes the schedule (which step admits what) independent of compile times.
+    ``decode_chunk``: the most decode steps one dispatch runs (see "Decode chunks").
     """
 
     def __init__(
@@ -193,9 +220,10 @@ class ContinuousRun:
         max_batch: int | None = None,
         prefix_cache: PrefixCache | None = None,
         compile_ahead: bool = True,
+        decode_chunk: int = DEFAULT_DECODE_CHUNK,
     ) -> None:
         self.engine, self.jobs, self.queue = engine, jobs, deque(rows)
-        self.compile_ahead = compile_ahead
+        self.compile_ahead, self.chunk = compile_ahead, decode_chunk
         self.prefix_cache = prefix_cache
         self.on_rows_done, self.interruption = on_rows_done, interruption
         self.batch, self.cache_len = batch, cache_len
@@ -207,7 +235,7 @@ class ContinuousRun:
         self.start = [0] * batch  # the owner's first prompt slot
         self.index = 0  # host mirror of the cache's shared write index
         self.decode_steps = self.cache_shifts = self.prefilled_prompts = self.interruptions = 0
-        self.resizes = self.compile_waits = 0
+        self.resizes = self.compile_waits = self.decode_dispatches = 0
         # One LoRA rank bucket for the whole run (the largest rank among its jobs' adapters):
         # rank-8 tenants decode at rank 8, and admitting a job never switches programs. A run
         # of base rows keeps the terms (behind decode's lora_on) so adapter rows can join it;
@@ -541,34 +569,44 @@ class ContinuousRun:
 
     # ----------------------------------------------------------------- decoding
     def _decode(self, live: list[int], pending: deque[_Pending]) -> None:
-        """One decode step for every row; the live ones generate their token ``sent``."""
+        """One dispatch of :meth:`_steps` decode steps for every row; the live ones generate
+        their tokens ``sent`` onwards."""
+        n = self._steps(live)
         positions, steps = np.zeros(self.batch, np.int32), np.zeros(self.batch, np.int32)
         for b in live:
             positions[b] = self.prompt_len[b] + self.sent[b] - 1
             steps[b] = self.sent[b]
         fn, static = self._decode_program()
         args = self._decode_args(
-            self.tokens, positions, self.adapters, self.params, steps, self.cache
+            self.tokens, positions, self.adapters, self.params, steps, self.cache, np.int32(n)
         )
         out = PROGRAMS.call(fn, static, **args)
-        tokens, logprobs, self.cache = out[:3]
-        ids, lps = out[3:] if self.sample_topk else (None, None)
-        self.tokens = tokens
-        self.index += 1
-        self.decode_steps += 1
-        pending.append(_Pending((tokens, logprobs, ids, lps), [(b, self.owner[b]) for b in live]))  # type: ignore[misc]
+        self.cache, self.tokens = out.cache, out.last_b
+        self.index += n
+        self.decode_steps += n
+        self.decode_dispatches += 1
+        arrays = (out.tokens_nb, out.logprobs_nb, out.topk_ids_nbk, out.topk_logprobs_nbk)
+        pending.append(_Pending(arrays, [(b, self.owner[b]) for b in live], steps=n))  # type: ignore[misc]
         for b in live:
-            self.sent[b] += 1
+            self.sent[b] += n
+
+    def _steps(self, live: list[int]) -> int:
+        """Decode steps for the next dispatch: up to ``chunk``, and no more than the live row
+        nearest its ``max_tokens`` still needs. So a row that ends by length ends with a
+        dispatch: its request is handed out, a waiting sample takes its row, or the batch
+        shrinks, at the step they would with single steps; and no step writes past the cache
+        slots the rows hold."""
+        return min(self.chunk, *(self.owner[b].state.max_tokens - self.sent[b] for b in live))  # type: ignore[union-attr]
 
     def _decode_program(self) -> tuple[Any, dict[str, Any]]:
-        if self.sample_topk:
-            return programs.decode_step_topk, {"graphdef": self.graphdef, "k": self.sample_topk}
-        return programs.decode_step, {"graphdef": self.graphdef}
+        return programs.decode_chunk, {
+            "graphdef": self.graphdef, "chunk": self.chunk, "k": self.sample_topk
+        }  # fmt: skip
 
     def _decode_args(self, *values: Any) -> dict[str, Any]:
-        """The decode step's arguments by name: tokens, positions, adapters, sampling values,
-        steps and cache, then the model's state."""
-        names = ("last_tokens_b", "positions_b", "adapters_b", "params", "step", "cache")
+        """The decode program's arguments by name: tokens, positions, adapters, sampling
+        values, steps, cache and step count, then the model's state."""
+        names = ("last_tokens_b", "positions_b", "adapters_b", "params", "step", "cache", "n")
         return {"lora": self.lora, "rest": self.rest, **dict(zip(names, values, strict=True))}
 
     # ----------------------------------------------------------------- compiling ahead
@@ -598,24 +636,29 @@ class ContinuousRun:
         params = jax.tree.map(resized, self.params)
         fn, static = self._decode_program()
         decode = self._decode_args(
-            resized(self.tokens), rows, resized(self.adapters), params, rows, cache
+            resized(self.tokens), rows, resized(self.adapters), params, rows, cache, np.int32(1)
         )
         # Both asked (not short-circuited), so both compile meanwhile.
         return self._ready(programs.resize_rows, {}, resize) & self._ready(fn, static, decode)
 
     def _collect(self, item: _Pending) -> None:
-        """Fetch one dispatch's outputs and feed them to the rows it served."""
-        tokens, logprobs, ids, lps = jax.device_get(item.arrays)
+        """Fetch one dispatch's outputs and feed them to the rows it served, step by step."""
+        got = jax.device_get(item.arrays)
+        if not item.steps:  # an admission: one step, no step axis
+            got = tuple(None if x is None else x[None] for x in got)
+        tokens, logprobs = got[0].tolist(), got[1].tolist()
+        ids, lps = (got[2].tolist(), got[3].tolist()) if got[2] is not None else ([], [])
         ended: list[Row] = []
-        for i, row in item.rows:
-            if row.state.done:  # stopped on an earlier token; this one was speculative
-                continue
-            row.logprobs.append(float(logprobs[i]))
-            k = self.jobs[row.job].sample_topk
-            if k:
-                row.topk.append(list(zip(ids[i, :k].tolist(), lps[i, :k].tolist(), strict=True)))
-            if row.state.push(int(tokens[i])):
-                ended.append(row)
+        for j in range(max(1, item.steps)):
+            for i, row in item.rows:
+                if row.state.done:  # stopped on an earlier token; this one was speculative
+                    continue
+                row.logprobs.append(logprobs[j][i])
+                k = self.jobs[row.job].sample_topk
+                if k:
+                    row.topk.append(list(zip(ids[j][i][:k], lps[j][i][:k], strict=True)))
+                if row.state.push(tokens[j][i]):
+                    ended.append(row)
         if item.scores is not None:
             self._store_scores(item)
         if ended and self.prefix_cache is not None:

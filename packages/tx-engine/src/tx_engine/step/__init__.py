@@ -52,7 +52,8 @@ finished rows of a running cache, ending just before the shared write slot) and
 :func:`shift_cache` (slide every row left when the write slot reaches the end) and
 :func:`resize_rows` (more decode rows for samples that join a running batch), and
 :func:`save_prefix` (keep rows' keys/values for a later prompt that extends them);
-:func:`decode_step_topk` is the decode step that also returns per-token top-k logprobs.
+:func:`decode_step_topk` is the decode step that also returns per-token top-k logprobs, and
+:func:`decode_chunk` runs up to ``chunk`` decode steps (either kind) in one dispatch.
 
 Full fine-tuning (:func:`full_train_step`, used by ``tx train`` without ``--lora-rank``)
 differentiates the same :func:`_loss` with respect to *all* weights and applies an optax
@@ -63,10 +64,12 @@ from tx_engine.step.graph import TRACE_COUNTS, Batch, State, StaticGraph, graph_
 from tx_engine.step.sampling import (
     NO_SCORING,
     AdmitOut,
+    DecodeChunk,
     PrefillOut,
     PromptScores,
     Scoring,
     admit,
+    decode_chunk,
     decode_step,
     decode_step_topk,
     empty_cache,
@@ -89,6 +92,7 @@ __all__ = [
     "TRACE_COUNTS",
     "AdmitOut",
     "Batch",
+    "DecodeChunk",
     "PrefillOut",
     "PromptScores",
     "Scoring",
@@ -96,6 +100,7 @@ __all__ = [
     "StaticGraph",
     "admit",
     "apply_update",
+    "decode_chunk",
     "decode_step",
     "decode_step_topk",
     "empty_cache",

@@ -461,3 +461,74 @@ decode_step = jax.jit(_decode_step, static_argnames=("graphdef",), donate_argnam
 decode_step_topk = jax.jit(
     _decode_step_topk, static_argnames=("graphdef", "k"), donate_argnames=("cache",)
 )
+
+
+class DecodeChunk(NamedTuple):
+    """What :func:`decode_chunk` returns. ``*_nb`` / ``*_nbk`` have ``chunk`` leading steps, of
+    which the first ``n`` were run (the rest are zeros); ``last_b`` is what the next decode
+    step feeds (step ``n-1``'s tokens). The top-k fields are None unless ``k`` is set."""
+
+    tokens_nb: Array
+    logprobs_nb: Array
+    last_b: Array
+    cache: KVCache
+    topk_ids_nbk: Array | None
+    topk_logprobs_nbk: Array | None
+
+
+def _decode_chunk(
+    graphdef: nnx.GraphDef[Any] | StaticGraph,
+    lora: State | FlatState,
+    rest: State | FlatState,
+    last_tokens_b: Array,
+    positions_b: Array,
+    adapters_b: Array,
+    params: RowSamplingParams,
+    step: Array,
+    cache: KVCache,
+    n: Array,
+    *,
+    chunk: int,
+    k: int = 0,
+) -> DecodeChunk:
+    """``n`` (``1 <= n <= chunk``, a device value) decode steps in one dispatch: step ``j``
+    feeds step ``j-1``'s tokens at ``positions_b + j`` and samples token ``step + j``.
+
+    The same computation as ``n`` calls of :func:`decode_step` (or, with ``k``,
+    :func:`decode_step_topk`), token for token; what it saves is ``n - 1`` host round trips.
+    A decode step of a small batch reads the weights once and does little else, so on an
+    accelerator the host's per-step work (dispatch, fetch, stop checks) is the larger cost;
+    the sampling run (:mod:`tx_engine.sampling.continuous`) checks stops every ``n`` steps
+    instead. ``n`` is data, so every step count up to ``chunk`` shares one program.
+    """
+    TRACE_COUNTS["decode_chunk"] += 1
+    model: Any = _merge(graphdef, lora, rest)
+    b = last_tokens_b.shape[0]
+    out = {
+        "tokens": jnp.zeros((chunk, b), jnp.int32),
+        "logprobs": jnp.zeros((chunk, b), jnp.float32),
+    }
+    if k:
+        out["ids"] = jnp.zeros((chunk, b, k), jnp.int32)
+        out["lps"] = jnp.zeros((chunk, b, k), jnp.float32)
+
+    def one_step(j: Array, carry: tuple[Any, ...]) -> tuple[Any, ...]:
+        last_b, cache, out = carry
+        logits_bv, tokens_b, logprobs_b, cache = _decode_and_sample(
+            model, last_b, positions_b + j, adapters_b, params, step + j, cache
+        )
+        got = {"tokens": tokens_b, "logprobs": logprobs_b}
+        if k:
+            got["ids"], got["lps"] = topk_logprobs(logits_bv, k, params.temperature)
+        out = {name: out[name].at[j].set(got[name]) for name in out}
+        return tokens_b, cache, out
+
+    last_b, cache, out = jax.lax.fori_loop(0, n, one_step, (last_tokens_b, cache, out))
+    return DecodeChunk(
+        out["tokens"], out["logprobs"], last_b, cache, out.get("ids"), out.get("lps")
+    )
+
+
+decode_chunk = jax.jit(
+    _decode_chunk, static_argnames=("graphdef", "chunk", "k"), donate_argnames=("cache",)
+)

@@ -135,10 +135,10 @@ class EngineHost:
             log.info(
                 "engine for %s: %s, %d adapter slots up to rank %d, mesh dp=%d fsdp=%d tp=%d "
                 "ep=%d, %d tokens per micro-batch; sampling: %d KV slots per batch, prefix "
-                "cache %d token slots",
+                "cache %d token slots, %d decode steps per dispatch",
                 base_model, e.dtype, e.max_lora_adapters, e.max_lora_rank, e.mesh_dp, e.mesh_fsdp,
                 e.mesh_tp, e.mesh_ep, e.tokens_per_micro_batch, e.sample_tokens_per_batch,
-                e.sample_prefix_cache_tokens,
+                e.sample_prefix_cache_tokens, e.sample_decode_chunk,
             )  # fmt: skip
         return self._engines[base_model]
 

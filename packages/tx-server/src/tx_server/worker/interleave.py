@@ -7,7 +7,8 @@ sample, every training step would take as long as someone else's longest rollout
 another tenant's sample request, even once rows of the batch had finished and stood idle.
 
 How: :class:`DecodeBreaks` is the sampler's :class:`~tx_engine.sampler.Interruption`. Before
-each decode step it reads the work subscription without blocking. A submission that names a
+each decode dispatch (of up to ``sample_decode_chunk`` steps) it reads the work subscription
+without blocking. A submission that names a
 model (training, saves, loads) makes a *training break* wanted; a sampling submission (which
 names none) makes a *join* wanted.
 

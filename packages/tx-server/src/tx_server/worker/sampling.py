@@ -168,6 +168,7 @@ class SamplingRunner:
                 max_batch=_MAX_BATCH,
                 decode_fn=_decoder(engine.model_dir),
                 prefix_cache_tokens=self.settings.engine.sample_prefix_cache_tokens,
+                decode_chunk=self.settings.engine.sample_decode_chunk,
             )
         return self._samplers[base_model]
 
