@@ -7,6 +7,7 @@
 * a :class:`Sampler` with 8 or 3 steps per dispatch returns what it returns with 1, for
   requests that stop on tokens mid-dispatch, wait for rows, sample several rows, use an adapter
   or ask for top-k sample logprobs;
+* a dispatch runs one step where steps are long (the dispatch time cap);
 * rows that end by length waste no steps: a dispatch ends where the row nearest its
   ``max_tokens`` does, so a waiting sample is admitted at the same step as with single steps.
 """
@@ -25,7 +26,7 @@ from tx_engine.config import EngineConfig
 from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, TrainingEngine
 from tx_engine.layers.attention import KVCache
 from tx_engine.sampler import Sampler, SampleRequestArrays, SampleResult
-from tx_engine.sampling import RowSamplingParams, SamplingRow
+from tx_engine.sampling import RowSamplingParams, SamplingRow, continuous
 
 PROMPT = np.array([11, 250, 37, 1999, 5, 88, 640, 12, 3, 901], np.int32)
 
@@ -166,3 +167,19 @@ def test_rows_that_end_by_length_free_at_the_same_step(engine: TrainingEngine) -
         counts[chunk] = (sampler.decode_steps - steps, sampler.decode_dispatches - dispatches)
     assert counts[8][0] == counts[1][0]
     assert counts[8][1] < counts[1][1] / 2
+
+
+def test_long_steps_run_one_per_dispatch(
+    engine: TrainingEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every step longer than a dispatch may take, each dispatch runs one step (what
+    waits for a dispatch boundary then waits one step), and the samples do not change."""
+    reqs = [SampleRequestArrays(PROMPT[i:], max_tokens=12, seed=i, stop=[]) for i in range(3)]
+    chunked = Sampler(engine, max_cache_tokens=128, max_batch=4, decode_chunk=8)
+    want = chunked.sample(reqs)
+    assert chunked.step_seconds is not None
+    assert chunked.decode_dispatches < chunked.decode_steps
+    monkeypatch.setattr(continuous, "DISPATCH_SECONDS", chunked.step_seconds / 100)
+    steps, dispatches = chunked.decode_steps, chunked.decode_dispatches
+    _assert_same(chunked.sample(reqs), want)
+    assert chunked.decode_dispatches - dispatches == chunked.decode_steps - steps > 0

@@ -192,7 +192,8 @@ class Sampler:
     (:mod:`tx_engine.sampling.continuous`); ``compile_waits`` counts the steps something waited.
     ``decode_chunk``: the most decode steps one dispatch runs before the host checks stops and
     admits waiting samples ("Decode chunks" in :mod:`tx_engine.sampling.continuous`);
-    ``decode_dispatches`` counts the dispatches.
+    ``decode_dispatches`` counts the dispatches; ``step_seconds`` is a decode step's time as the
+    last run measured it (several steps per dispatch only while steps are short).
     """
 
     def __init__(
@@ -232,6 +233,7 @@ class Sampler:
         self.decode_fn = decode_fn
         self.compile_ahead = compile_ahead
         self.decode_chunk = decode_chunk
+        self.step_seconds: float | None = None  # a decode step's time, as the last run measured
         self.decode_steps = self.cache_shifts = self.prefilled_prompts = self.interruptions = 0
         self.resizes = self.compile_waits = self.decode_dispatches = 0
         self._call: _Call | None = None  # the sample() call in progress
@@ -282,6 +284,7 @@ class Sampler:
                     prefix_cache=self.prefix_cache,
                     compile_ahead=self.compile_ahead,
                     decode_chunk=self.decode_chunk,
+                    step_seconds=self.step_seconds,
                 )
                 call.current = run
                 run.run()
@@ -293,6 +296,7 @@ class Sampler:
                 self.resizes += run.resizes
                 self.compile_waits += run.compile_waits
                 self.decode_dispatches += run.decode_dispatches
+                self.step_seconds = run.step_seconds
         finally:
             self._call = previous
         finished = [r for r in call.results if r is not None]

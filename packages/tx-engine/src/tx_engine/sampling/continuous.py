@@ -28,12 +28,16 @@ Decode chunks: one dispatch runs up to ``decode_chunk`` decode steps
 resizes between dispatches. A decode step of a small batch reads the weights once and does
 little else, so the host's work per step (building the step's arrays, the dispatch, the fetch,
 the stop checks) costs as much as the step itself or more: on 2 CPU cores, 8 steps per
-dispatch decode 1.2-2.5× faster on the tiny preset and 1.05-1.15× on the small one
-(``benchmarks/engine_sample.py --decode-chunks 1,8``), and on an accelerator, where a step
+dispatch sample 1.1-2.2× the tokens per second of 1 on the tiny preset and up to 1.1× on the
+small one (``benchmarks/engine_sample.py --decode-chunks 1,8``), and on an accelerator, where a step
 takes a fraction of a millisecond, the host is the whole cost. The price: a row that stops on
 a stop token or string mid-dispatch keeps decoding (its extra tokens are dropped, as one step
 ahead already did) until the dispatch ends, and a waiting sample is admitted, or an
-interruption run, up to a dispatch later. A dispatch runs no more steps than the live row
+interruption run, up to a dispatch later. So a dispatch runs several steps only while steps
+are short: no more than fit :data:`DISPATCH_SECONDS` at the step time the run measures (the
+time between two fetches over the steps fetched), which keeps that wait short. Where a step
+takes longer (the small preset on a CPU: 7-50 ms), the host's share is small anyway, and a
+dispatch runs one step. A dispatch also runs no more steps than the live row
 nearest its ``max_tokens`` still needs, so a row that ends by length ends with a dispatch:
 its request is handed out, and its row refilled, at the step it would be with single steps
 (and no step writes past the slots the rows hold). The step count is data, so every count up
@@ -86,6 +90,7 @@ cache is the run's own.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,10 +110,23 @@ from tx_engine.sampling.prefix_cache import Match, PrefixCache, head
 from tx_engine.sampling.stopping import StopState
 from tx_engine.step.ahead import PROGRAMS, spec_like
 
-__all__ = ["DEFAULT_DECODE_CHUNK", "ContinuousRun", "Interruption", "Job", "Row", "pow2"]
+__all__ = [
+    "DEFAULT_DECODE_CHUNK",
+    "DISPATCH_SECONDS",
+    "ContinuousRun",
+    "Interruption",
+    "Job",
+    "Row",
+    "pow2",
+]
 
 DEFAULT_DECODE_CHUNK = 8
 """Decode steps per dispatch by default (see "Decode chunks" in the module docstring)."""
+
+DISPATCH_SECONDS = 0.02
+"""How long a decode dispatch may take when it runs several steps: what waits for the next
+dispatch boundary (a joining sample, a training break, a stopped row's result) waits about this
+long at most."""
 
 _GREEDY = SamplingRow(temperature=0.0)  # what idle rows decode with: cheap, output ignored
 
@@ -204,7 +222,9 @@ class ContinuousRun:
     ``compile_ahead``: compile a new admission or batch size on a background thread while live
     rows decode (see "Compiling ahead" in the module docstring); False compiles in place,
     which makes the schedule (which step admits what) independent of compile times.
-    ``decode_chunk``: the most decode steps one dispatch runs (see "Decode chunks").
+    ``decode_chunk``: the most decode steps one dispatch runs (see "Decode chunks");
+    ``step_seconds``: a decode step's time as an earlier run measured it, the run's own
+    estimate (:attr:`step_seconds`) until it has measured one.
     """
 
     def __init__(
@@ -221,6 +241,7 @@ class ContinuousRun:
         prefix_cache: PrefixCache | None = None,
         compile_ahead: bool = True,
         decode_chunk: int = DEFAULT_DECODE_CHUNK,
+        step_seconds: float | None = None,
     ) -> None:
         self.engine, self.jobs, self.queue = engine, jobs, deque(rows)
         self.compile_ahead, self.chunk = compile_ahead, decode_chunk
@@ -236,6 +257,8 @@ class ContinuousRun:
         self.index = 0  # host mirror of the cache's shared write index
         self.decode_steps = self.cache_shifts = self.prefilled_prompts = self.interruptions = 0
         self.resizes = self.compile_waits = self.decode_dispatches = 0
+        self.step_seconds = step_seconds
+        self._fetched: float | None = None  # when the last fetch returned (None: not timed)
         # One LoRA rank bucket for the whole run (the largest rank among its jobs' adapters):
         # rank-8 tenants decode at rank 8, and admitting a job never switches programs. A run
         # of base rows keeps the terms (behind decode's lora_on) so adapter rows can join it;
@@ -302,6 +325,7 @@ class ContinuousRun:
         self.interruption.run()
         self.interruptions += 1
         self._read_state()
+        self._fetched = None  # the next fetch's wait is not a decode step's
 
     # ----------------------------------------------------------------- admission
     def _free(self, b: int) -> bool:
@@ -596,7 +620,10 @@ class ContinuousRun:
         dispatch: its request is handed out, a waiting sample takes its row, or the batch
         shrinks, at the step they would with single steps; and no step writes past the cache
         slots the rows hold."""
-        return min(self.chunk, *(self.owner[b].state.max_tokens - self.sent[b] for b in live))  # type: ignore[union-attr]
+        n = min(self.chunk, *(self.owner[b].state.max_tokens - self.sent[b] for b in live))  # type: ignore[union-attr]
+        if self.step_seconds is None:
+            return 1
+        return max(1, min(n, int(DISPATCH_SECONDS / max(self.step_seconds, 1e-6))))
 
     def _decode_program(self) -> tuple[Any, dict[str, Any]]:
         return programs.decode_chunk, {
@@ -644,6 +671,7 @@ class ContinuousRun:
     def _collect(self, item: _Pending) -> None:
         """Fetch one dispatch's outputs and feed them to the rows it served, step by step."""
         got = jax.device_get(item.arrays)
+        self._time_steps(item.steps)
         if not item.steps:  # an admission: one step, no step axis
             got = tuple(None if x is None else x[None] for x in got)
         tokens, logprobs = got[0].tolist(), got[1].tolist()
@@ -665,6 +693,18 @@ class ContinuousRun:
             self._keep_ended(ended)
         if ended and self.on_rows_done is not None:
             self.on_rows_done(ended)
+
+    def _time_steps(self, steps: int) -> None:
+        """Update :attr:`step_seconds` from a decode dispatch's fetch: with one dispatch in
+        flight, the time since the previous fetch is about what the device (or, if it is
+        slower, the host) took for the ``steps`` fetched. An average with the last estimate
+        smooths one slow fetch (a compile in place, a busy host)."""
+        now = time.perf_counter()
+        if steps and self._fetched is not None:
+            seconds = (now - self._fetched) / steps
+            last = self.step_seconds
+            self.step_seconds = seconds if last is None else (last + seconds) / 2
+        self._fetched = now
 
     def _keep_ended(self, ended: list[Row]) -> None:
         """Keep ended rows' prompt and every token they fed back (all but the last), while
