@@ -43,7 +43,10 @@ def measure(preset: str, ahead: bool) -> dict[str, float]:
     engine = TrainingEngine(ensure_model(preset), EngineConfig(max_lora_adapters=1))
     tokens = TOKENS[preset]
     cache = 1 << (len(PROMPT) + tokens - 1).bit_length()
-    sampler = Sampler(engine, max_cache_tokens=4 * cache, max_batch=4, compile_ahead=ahead)
+    # One step per dispatch: the interruption below is asked before each, and times steps.
+    sampler = Sampler(
+        engine, max_cache_tokens=4 * cache, max_batch=4, compile_ahead=ahead, decode_chunk=1
+    )
     first = [SampleRequestArrays(PROMPT, max_tokens=tokens, seed=i, stop=[]) for i in range(2)]
     joiner = SampleRequestArrays(np.arange(100, 120, dtype=np.int32), max_tokens=8, seed=3, stop=[])
     start = time.perf_counter()

@@ -615,11 +615,12 @@ class ContinuousRun:
             self.sent[b] += n
 
     def _steps(self, live: list[int]) -> int:
-        """Decode steps for the next dispatch: up to ``chunk``, and no more than the live row
-        nearest its ``max_tokens`` still needs. So a row that ends by length ends with a
-        dispatch: its request is handed out, a waiting sample takes its row, or the batch
-        shrinks, at the step they would with single steps; and no step writes past the cache
-        slots the rows hold."""
+        """Decode steps for the next dispatch: up to ``chunk``; as many as fit
+        :data:`DISPATCH_SECONDS` at the measured step time (one until a step was measured);
+        and no more than the live row nearest its ``max_tokens`` still needs. So a row that
+        ends by length ends with a dispatch: its request is handed out, a waiting sample takes
+        its row, or the batch shrinks, at the step they would with single steps; and no step
+        writes past the cache slots the rows hold."""
         n = min(self.chunk, *(self.owner[b].state.max_tokens - self.sent[b] for b in live))  # type: ignore[union-attr]
         if self.step_seconds is None:
             return 1
