@@ -22,12 +22,13 @@ from flax import nnx
 
 from tx_engine import step as programs
 from tx_engine.config import EngineConfig
-from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, TrainingEngine
+from tx_engine.engine import TrainingEngine
 from tx_engine.layers.attention import KVCache
 from tx_engine.sampling import RowSamplingParams, SamplingRow, decode_keys
 from tx_engine.sampling.decode import _generic_logits, decode_logits
 from tx_engine.sampling.kernels import _argmax, _gumbel_noise
 from tx_engine.sampling.params import KEY_IMPL
+from tx_engine.testing.adapters import stepped_adapter
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 4099])
@@ -62,11 +63,7 @@ def test_argmax_matches_jnp_argmax_on_ties_nan_and_inf() -> None:
 def _trained_engine(model_dir: Path, dtype: str = "float32") -> TrainingEngine:
     """An engine with one adapter whose ``B`` factors are non-zero (one optimizer step)."""
     eng = TrainingEngine(model_dir, EngineConfig(max_lora_adapters=2, max_lora_rank=8, dtype=dtype))
-    slot = eng.create_adapter(rank=8, seed=1)
-    seq = np.random.default_rng(1).integers(5, 200, 12)
-    datum = DatumArrays(seq[:-1].astype(np.int32), {"target_tokens": seq[1:].astype(np.int64)})
-    eng.forward_backward([AdapterBatch(slot, [datum])])
-    eng.optim_step(slot, AdamParams(learning_rate=1e-2))
+    stepped_adapter(eng, high=200)
     return eng
 
 

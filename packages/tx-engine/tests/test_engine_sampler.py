@@ -258,7 +258,7 @@ def test_no_recompilation_inside_buckets(sampler: Sampler) -> None:
     run(3, 4, 2, seed=4, top_k=1)  # S = pow2(16 + 2 - 1) = 32 still
     assert dict(programs.TRACE_COUNTS) == before
     assert before["admit"] > 0
-    assert before["decode_step"] > 0
+    assert before["decode_chunk"] > 0
 
 
 def test_rows_over_the_cache_budget_wait_for_a_row(

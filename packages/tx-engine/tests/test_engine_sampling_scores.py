@@ -17,9 +17,10 @@ import pytest
 from flax import nnx
 
 from tx_engine.config import EngineConfig
-from tx_engine.engine import AdamParams, AdapterBatch, DatumArrays, TrainingEngine
+from tx_engine.engine import TrainingEngine
 from tx_engine.errors import InputError
 from tx_engine.sampler import Sampler, SampleRequestArrays
+from tx_engine.testing.adapters import stepped_adapter
 
 CONFIG = EngineConfig(max_lora_adapters=1, max_lora_rank=8, batch_buckets=(4,))
 PROMPT = np.array([11, 250, 37, 1999, 5, 88, 640, 12, 3, 901], np.int32)
@@ -28,11 +29,7 @@ PROMPT = np.array([11, 250, 37, 1999, 5, 88, 640, 12, 3, 901], np.int32)
 @pytest.fixture(scope="module")
 def engine(tiny_qwen3_dir: Path) -> TrainingEngine:
     eng = TrainingEngine(tiny_qwen3_dir, CONFIG)
-    slot = eng.create_adapter(rank=8, seed=1)
-    seq = np.random.default_rng(1).integers(5, 2000, 12)
-    datum = DatumArrays(seq[:-1].astype(np.int32), {"target_tokens": seq[1:].astype(np.int64)})
-    eng.forward_backward([AdapterBatch(slot, [datum])])
-    eng.optim_step(slot, AdamParams(learning_rate=1e-2))
+    stepped_adapter(eng)
     return eng
 
 
