@@ -22,10 +22,10 @@ from flax import nnx
 from tx_engine import step as programs
 from tx_engine.config import EngineConfig
 from tx_engine.engine import TrainingEngine
-from tx_engine.layers.attention import KVCache
 from tx_engine.sampling import RowSamplingParams, SamplingRow
 from tx_engine.sampling.decode import _generic_logits, decode_logits
 from tx_engine.testing.adapters import stepped_adapter
+from tx_engine.testing.caches import random_cache
 
 
 def _trained_engine(model_dir: Path) -> TrainingEngine:
@@ -47,23 +47,13 @@ def _engine(trained: dict[str, TrainingEngine], preset: str, request: Any) -> Tr
     return trained[preset]
 
 
-def _cache(engine: TrainingEngine, batch: int = 4, size: int = 16, index: int = 9) -> KVCache:
-    empty = programs.empty_cache(
-        engine._graphdef, engine._lora, engine._rest, batch=batch, cache_len=size
-    )
-    rng = np.random.default_rng(index)
-    k, v = (rng.standard_normal(empty.k_lbskh.shape).astype(np.float32) for _ in range(2))
-    mask = rng.random((batch, size)) < 0.7
-    return KVCache(jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), jnp.asarray(index))
-
-
 def _run(engine: TrainingEngine, adapters: list[int], generic: bool = False) -> Any:
     model: Any = nnx.merge(engine._graphdef, engine._lora, engine._rest)
     tokens = jnp.asarray([1, 2, 3, 4], jnp.int32)
     positions = jnp.asarray([3, 5, 7, 9], jnp.int32)
     fn = _generic_logits if generic else decode_logits
     out = jax.jit(lambda a, c: fn(model, tokens, positions, a, c))(
-        jnp.asarray(adapters, jnp.int32), _cache(engine)
+        jnp.asarray(adapters, jnp.int32), random_cache(engine, 4, 16, 9)
     )
     return jax.device_get(out)
 
@@ -97,8 +87,10 @@ def test_the_switch_is_a_value_not_a_new_program(
     common = (jnp.asarray([5, 6, 7, 8], jnp.int32), jnp.full((4,), 9, jnp.int32))
     step = jnp.asarray(1, jnp.int32)
     lora, rest = engine._lora, engine._rest
-    programs.decode_step(graph, lora, rest, *common, jnp.zeros(4, jnp.int32), params, step, _cache(engine))  # fmt: skip
+    programs.decode_step(graph, lora, rest, *common, jnp.zeros(4, jnp.int32), params, step, random_cache(engine, 4, 16, 9))  # fmt: skip
     before = dict(programs.TRACE_COUNTS)
     mixed = jnp.asarray([0, 1, 0, 1], jnp.int32)
-    programs.decode_step(graph, lora, rest, *common, mixed, params, step, _cache(engine))
+    programs.decode_step(
+        graph, lora, rest, *common, mixed, params, step, random_cache(engine, 4, 16, 9)
+    )
     assert dict(programs.TRACE_COUNTS) == before

@@ -23,12 +23,12 @@ from flax import nnx
 from tx_engine import step as programs
 from tx_engine.config import EngineConfig
 from tx_engine.engine import TrainingEngine
-from tx_engine.layers.attention import KVCache
 from tx_engine.sampling import RowSamplingParams, SamplingRow, decode_keys
 from tx_engine.sampling.decode import _generic_logits, decode_logits
 from tx_engine.sampling.kernels import _argmax, _gumbel_noise
 from tx_engine.sampling.params import KEY_IMPL
 from tx_engine.testing.adapters import stepped_adapter
+from tx_engine.testing.caches import random_cache
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 4099])
@@ -67,23 +67,9 @@ def _trained_engine(model_dir: Path, dtype: str = "float32") -> TrainingEngine:
     return eng
 
 
-def _random_cache(engine: TrainingEngine, batch: int, size: int, index: int) -> KVCache:
-    """A cache with random keys/values and a random (partly masked) key mask."""
-    empty = programs.empty_cache(
-        engine._graphdef, engine._lora, engine._rest, batch=batch, cache_len=size
-    )
-    rng = np.random.default_rng(index)
-    k, v = (rng.standard_normal(empty.k_lbskh.shape).astype(np.float32) for _ in range(2))
-    mask = rng.random((batch, size)) < 0.7
-    dt = empty.k_lbskh.dtype
-    return KVCache(
-        jnp.asarray(k, dt), jnp.asarray(v, dt), jnp.asarray(mask), jnp.asarray(index, jnp.int32)
-    )
-
-
 def _compare(engine: TrainingEngine, atol: float) -> None:
     model: Any = nnx.merge(engine._graphdef, engine._lora, engine._rest)
-    cache = _random_cache(engine, batch=4, size=16, index=9)
+    cache = random_cache(engine, batch=4, size=16, index=9)
     args = (
         jnp.asarray([1, 2, 3, 4], jnp.int32),
         jnp.asarray([3, 5, 7, 9], jnp.int32),
@@ -136,23 +122,23 @@ def test_decode_step_with_the_engines_static_graph_equals_the_bare_graphdef(
     adapters = jnp.asarray([0, 1, 1, 0], jnp.int32)
     step = jnp.asarray([1, 2, 3, 4], jnp.int32)
     common = (engine._lora, engine._rest, tokens, positions, adapters, params, step)
-    want = programs.decode_step(static.graphdef, *common, _random_cache(engine, 4, 16, 9))
-    got = programs.decode_step(static, *common, _random_cache(engine, 4, 16, 9))
+    want = programs.decode_step(static.graphdef, *common, random_cache(engine, 4, 16, 9))
+    got = programs.decode_step(static, *common, random_cache(engine, 4, 16, 9))
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     np.testing.assert_array_equal(np.asarray(got[2].k_lbskh), np.asarray(want[2].k_lbskh))
 
-    topk = programs.decode_step_topk(static, *common, _random_cache(engine, 4, 16, 9), k=4)
+    topk = programs.decode_step_topk(static, *common, random_cache(engine, 4, 16, 9), k=4)
     want_k = programs.decode_step_topk(
-        static.graphdef, *common, _random_cache(engine, 4, 16, 9), k=4
+        static.graphdef, *common, random_cache(engine, 4, 16, 9), k=4
     )
     for a, b in zip(topk[3:], want_k[3:], strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     before = dict(programs.TRACE_COUNTS)
     other = (engine._lora, engine._rest, tokens + 1, positions + 1, adapters[::-1], params)
-    out = programs.decode_step(static, *other, step + 1, _random_cache(engine, 4, 16, 10))
+    out = programs.decode_step(static, *other, step + 1, random_cache(engine, 4, 16, 10))
     assert out[0].shape == (4,)
     rewrapped = programs.StaticGraph(static.graphdef)  # equal wrapper: the same program
-    programs.decode_step(rewrapped, *other, step, _random_cache(engine, 4, 16, 10))
+    programs.decode_step(rewrapped, *other, step, random_cache(engine, 4, 16, 10))
     assert dict(programs.TRACE_COUNTS) == before  # new values, same shapes: no new trace

@@ -24,10 +24,10 @@ import pytest
 from tx_engine import step as programs
 from tx_engine.config import EngineConfig
 from tx_engine.engine import TrainingEngine
-from tx_engine.layers.attention import KVCache
 from tx_engine.sampler import Sampler, SampleRequestArrays, SampleResult
 from tx_engine.sampling import RowSamplingParams, SamplingRow, continuous
 from tx_engine.testing.adapters import stepped_adapter
+from tx_engine.testing.caches import random_cache
 
 PROMPT = np.array([11, 250, 37, 1999, 5, 88, 640, 12, 3, 901], np.int32)
 
@@ -38,16 +38,6 @@ def engine(tiny_qwen3_dir: Path) -> TrainingEngine:
     eng = TrainingEngine(tiny_qwen3_dir, EngineConfig(max_lora_adapters=1, max_lora_rank=8))
     stepped_adapter(eng)
     return eng
-
-
-def _cache(engine: TrainingEngine, batch: int, size: int, index: int) -> KVCache:
-    """Random keys/values, a random (partly masked) key mask, write index ``index``."""
-    lora, rest = engine.flat_model_state()
-    empty = programs.empty_cache(engine._graphdef, lora, rest, batch=batch, cache_len=size)
-    rng = np.random.default_rng(index)
-    k, v = (rng.standard_normal(empty.k_lbskh.shape).astype(np.float32) for _ in range(2))
-    mask = rng.random((batch, size)) < 0.7
-    return KVCache(jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), jnp.asarray(index, jnp.int32))
 
 
 @pytest.mark.parametrize("k", [0, 4])
@@ -62,7 +52,7 @@ def test_a_chunk_of_n_steps_is_n_single_steps(engine: TrainingEngine, k: int) ->
     step = jnp.asarray([1, 2, 3, 4], jnp.int32)
     n, chunk = 5, 8
 
-    want, cache, last = [], _cache(engine, 4, 32, 9), tokens
+    want, cache, last = [], random_cache(engine, 4, 32, 9), tokens
     for j in range(n):
         common = (graph, lora, rest, last, positions + j, adapters, params, step + j)
         if k:
@@ -73,7 +63,7 @@ def test_a_chunk_of_n_steps_is_n_single_steps(engine: TrainingEngine, k: int) ->
             want.append((last, lps))
     got = programs.decode_chunk(
         graph, lora, rest, tokens, positions, adapters, params, step,
-        _cache(engine, 4, 32, 9), np.int32(n), chunk=chunk, k=k,
+        random_cache(engine, 4, 32, 9), np.int32(n), chunk=chunk, k=k,
     )  # fmt: skip
 
     np.testing.assert_array_equal(got.tokens_nb[:n], np.stack([w[0] for w in want]))
@@ -97,7 +87,7 @@ def test_a_chunk_of_n_steps_is_n_single_steps(engine: TrainingEngine, k: int) ->
     traces = dict(programs.TRACE_COUNTS)
     again = programs.decode_chunk(
         graph, lora, rest, tokens, positions, adapters, params, step,
-        _cache(engine, 4, 32, 9), np.int32(n - 2), chunk=chunk, k=k,
+        random_cache(engine, 4, 32, 9), np.int32(n - 2), chunk=chunk, k=k,
     )  # fmt: skip
     assert dict(programs.TRACE_COUNTS) == traces  # the step count is data: the same program
     np.testing.assert_array_equal(again.tokens_nb[: n - 2], got.tokens_nb[: n - 2])

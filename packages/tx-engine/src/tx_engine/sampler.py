@@ -260,8 +260,9 @@ class Sampler:
         short request while longer ones of the same call still decode. Everything is
         validated before anything runs, so a bad request raises before any result is handed
         out. ``interruption``, if given, is asked before each decode dispatch (of up to
-        ``decode_chunk`` steps) whether other work should run now (:mod:`tx_engine.sampling.continuous`); that work must leave the
-        adapter slots of ``requests`` alone, and may add requests with :meth:`join`.
+        ``decode_chunk`` steps) whether other work should run now
+        (:mod:`tx_engine.sampling.continuous`); that work must leave the adapter slots of
+        ``requests`` alone, and may add requests with :meth:`join`.
         """
         call = _Call(on_ready)
         for request in requests:  # all validated before anything runs

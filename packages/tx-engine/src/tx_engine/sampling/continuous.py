@@ -678,12 +678,12 @@ class ContinuousRun:
         tokens, logprobs = got[0].tolist(), got[1].tolist()
         ids, lps = (got[2].tolist(), got[3].tolist()) if got[2] is not None else ([], [])
         ended: list[Row] = []
+        topk = [self.jobs[row.job].sample_topk for _, row in item.rows]  # per row, not per step
         for j in range(max(1, item.steps)):
-            for i, row in item.rows:
+            for (i, row), k in zip(item.rows, topk, strict=True):
                 if row.state.done:  # stopped on an earlier token; this one was speculative
                     continue
                 row.logprobs.append(logprobs[j][i])
-                k = self.jobs[row.job].sample_topk
                 if k:
                     row.topk.append(list(zip(ids[j][i][:k], lps[j][i][:k], strict=True)))
                 if row.state.push(tokens[j][i]):
