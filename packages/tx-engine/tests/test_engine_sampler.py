@@ -235,10 +235,23 @@ def test_bad_requests_name_the_field(sampler: Sampler) -> None:
         (SampleRequestArrays(PROMPT, temperature=-1.0), "temperature"),
         (SampleRequestArrays(PROMPT, top_p=0.0), "top_p"),
         (SampleRequestArrays(PROMPT, stop="x"), "decode_fn"),
+        (SampleRequestArrays(PROMPT, stop=5), "stop"),  # type: ignore[arg-type]
+        (SampleRequestArrays(PROMPT, seed=2**127), "seed"),
     ]
     for req, field in cases:
         with pytest.raises(InputError, match=field):
             sampler.sample([req])
+    # Checked before anything runs: the good request before it is never handed out.
+    ready: list[int] = []
+    with pytest.raises(InputError, match=r"requests\[1\]\.seed"):
+        sampler.sample(
+            [
+                SampleRequestArrays(PROMPT, max_tokens=1),
+                SampleRequestArrays(PROMPT, seed=-(2**128)),
+            ],
+            on_ready=lambda i, _result: ready.append(i),
+        )
+    assert ready == []
     with pytest.raises(AdapterError, match="adapter"):
         sampler.sample([SampleRequestArrays(PROMPT, adapter=3)])
 

@@ -152,3 +152,16 @@ def test_negative_infinite_logits_are_never_drawn() -> None:
     assert set(tokens.tolist()) == {2, 7}
     tokens = _draw(logits, SamplingRow(1.0, top_k=5, top_p=0.999, seed=1))
     assert set(tokens.tolist()) == {2, 7}
+
+
+def test_a_tiny_positive_temperature_is_a_finite_point_mass() -> None:
+    """``logits / T`` must not overflow: two overflowed logits would tie (the lower id would
+    win) and the logprob would be NaN."""
+    logits = np.float32([40.0, 10.0, -5.0, 41.0])
+    for temperature in (1e-4, 1e-30, 1e-37):
+        row = SamplingRow(temperature, seed=3)
+        tokens, logprobs = sample_tokens(
+            jnp.asarray(logits[None]), RowSamplingParams.stack([row]), jnp.zeros((1, 2), jnp.uint32)
+        )
+        assert int(tokens[0]) == 3
+        assert float(logprobs[0]) == 0.0

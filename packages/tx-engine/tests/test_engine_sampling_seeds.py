@@ -138,6 +138,10 @@ def test_resolve_seed_and_key_derivation() -> None:
         row_key_data(2**200, 0)
     with pytest.raises(ValueError, match="seed"):
         resolve_seed("7")  # type: ignore[arg-type]
+    assert resolve_seed(-(2**127)) == -(2**127)  # the wire's int is checked up front, not
+    for seed in (2**127, -(2**127) - 1):  # when a batch's keys are built mid-run
+        with pytest.raises(ValueError, match="seed: must fit in a signed 128-bit integer"):
+            resolve_seed(seed)
 
 
 @pytest.mark.parametrize(
@@ -163,6 +167,8 @@ def test_stack_pads_with_greedy_rows_and_checks_sizes() -> None:
     np.testing.assert_array_equal(params.temperature, np.float32([0.7, 0.0, 0.0, 0.0]))
     np.testing.assert_array_equal(params.top_k, [3, -1, -1, -1])
     assert params.key_data.shape == (4, 2)
+    huge_k = RowSamplingParams.stack([SamplingRow(top_k=2**40)])  # k >= vocab: no filter
+    np.testing.assert_array_equal(huge_k.top_k, [np.iinfo(np.int32).max])
     with pytest.raises(ValueError, match="pad_to"):
         RowSamplingParams.stack([SamplingRow(), SamplingRow()], pad_to=1)
     with pytest.raises(ValueError, match="num_samples"):

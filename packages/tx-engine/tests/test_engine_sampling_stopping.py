@@ -115,6 +115,44 @@ def test_multibyte_stop_split_across_byte_tokens(tok: Tokenizer, eos: int) -> No
     assert tok.decode(state.tokens).endswith("ö")
 
 
+def _byte_decoder(pieces: Sequence[bytes]) -> Callable[[Sequence[int]], str]:
+    """A byte-level vocabulary of ``pieces``, decoded as a byte-level BPE tokenizer does."""
+    return lambda ids: b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_text_before_an_unfinished_character_is_matched_at_once(eos: int) -> None:
+    """A token that completes a stop string and starts a multi-byte character stops at once,
+    not when (or if) that character is completed by later tokens."""
+    eo = "어".encode()  # 3 bytes
+    pieces = [b"Hi ", eo + eo[:1], eo[1:] + eo + eo[:1], eo[1:], b" x"]
+    decode = _byte_decoder(pieces)
+    assert decode([1]) == "어\ufffd"
+    for max_tokens in (1, 5):
+        state = _run(StopCriteria.from_params(["어"], [eos], decode).new_state(max_tokens), [1, 2])
+        assert (state.tokens, state.stop_reason) == ([1], "stop")
+    # Every token ends mid-character: "Hi 어어" is complete after token 2 all the same.
+    state = _run(StopCriteria.from_params(["Hi 어어"], [eos], decode).new_state(9), [0, 1, 2, 2])
+    assert (state.tokens, state.stop_reason) == ([0, 1, 2], "stop")
+
+
+def test_random_byte_splits_match_the_full_decode_oracle(eos: int) -> None:
+    """Texts cut into byte tokens at random (mid-character too) stop where the full decode of
+    the prefix first contains the stop string, never later."""
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        text = str(rng.choice(TEXTS[:2]))
+        data = text.encode()
+        cuts = np.sort(rng.choice(np.arange(1, len(data)), size=len(data) // 3, replace=False))
+        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        decode = _byte_decoder(pieces)
+        start = int(rng.integers(0, len(text) - 1))
+        stops = [text[start : start + int(rng.integers(1, 4))]]
+        tokens = list(range(len(pieces)))
+        state = _run(StopCriteria.from_params(stops, [eos], decode).new_state(len(tokens)), tokens)
+        expected = next(n for n in range(1, len(tokens) + 1) if stops[0] in decode(tokens[:n]))
+        assert len(state.tokens) == expected, (pieces, stops)
+
+
 def test_several_strings_first_match_wins(tok: Tokenizer, eos: int) -> None:
     tokens = tok.encode(TEXTS[3]).ids
     stops = ["thanks", "\nUser:", "Assistant"]
@@ -170,6 +208,7 @@ def test_special_token_text_as_a_stop_string(tok: Tokenizer, eos: int) -> None:
         ([-1], True, "stop"),
         (["a"], False, "decode_fn"),
         ([True], True, "stop"),
+        (5, True, "stop"),
     ],
 )
 def test_bad_stop_values_name_the_field(

@@ -47,9 +47,7 @@ def sample_tokens(
     logits_bv = logits_bv.astype(jnp.float32)
     temperature_b = jnp.asarray(params.temperature, jnp.float32)
     greedy_b = temperature_b <= 0.0
-    # Greedy rows are scored at T=1; the division also stays finite for them.
-    safe_t_b = jnp.where(greedy_b, 1.0, temperature_b)
-    scaled_bv = logits_bv / safe_t_b[:, None]
+    scaled_bv = logits_bv / _divisor(temperature_b)[:, None]
 
     keep_bv = _keep_mask(scaled_bv, params)
     noise_bv = _gumbel_noise(step_keys, logits_bv.shape[-1])
@@ -156,9 +154,20 @@ def _tempered(logits_xv: jax.Array, temperature: jax.typing.ArrayLike | None) ->
     logits_xv = logits_xv.astype(jnp.float32)
     if temperature is None:
         return logits_xv
-    t = jnp.asarray(temperature, jnp.float32)
-    t = jnp.where(t <= 0.0, 1.0, t)
+    t = _divisor(jnp.asarray(temperature, jnp.float32))
     return logits_xv / t.reshape(t.shape + (1,) * (logits_xv.ndim - t.ndim))
+
+
+MIN_TEMPERATURE = 1e-30
+"""The smallest temperature the logits are divided by. A positive ``T`` below it would send
+``logits / T`` to ±inf in float32 (NaN logprobs, and ties between overflowed tokens); at it
+the tempered distribution is already a point mass on the top token, so nothing else changes."""
+
+
+def _divisor(t: jax.Array) -> jax.Array:
+    """What tempered logits divide by: ``T``, at least :data:`MIN_TEMPERATURE`; 1 for greedy
+    rows (``T <= 0``), which are scored at ``T = 1``."""
+    return jnp.where(t <= 0.0, 1.0, jnp.maximum(t, MIN_TEMPERATURE))
 
 
 def token_logprobs(

@@ -33,6 +33,7 @@ import numpy as np
 KEY_IMPL = "threefry2x32"  # fixed, so key data is always uint32[2] whatever jax's default
 KEY_WORDS = 2
 _SEED_BYTES = 16  # seeds are arbitrary ints on the wire; accept anything in signed 128 bits
+_TOP_K_OFF = np.iinfo(np.int32).max  # a top_k no vocabulary reaches: filters nothing
 # The key stream of a request's prompt_alt_tokens draws: a sample index no real sample reaches,
 # so the draws are independent of every sample's tokens yet fixed by the seed.
 ALT_DRAWS_SAMPLE_INDEX = 2**64 - 1
@@ -48,6 +49,8 @@ def resolve_seed(seed: int | None) -> int:
         return secrets.randbits(63)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise ValueError(f"seed: must be an integer or None, got {seed!r}")
+    if not -(2 ** (8 * _SEED_BYTES - 1)) <= int(seed) < 2 ** (8 * _SEED_BYTES - 1):
+        raise ValueError(f"seed: must fit in a signed {8 * _SEED_BYTES}-bit integer, got {seed}")
     return int(seed)
 
 
@@ -137,7 +140,7 @@ class RowSamplingParams:
         key_data = np.zeros((size, KEY_WORDS), np.uint32)
         for i, row in enumerate(rows):
             temperature[i] = row.temperature
-            top_k[i] = row.top_k
+            top_k[i] = min(row.top_k, _TOP_K_OFF)  # any k >= vocab is "off"; int32 must hold it
             top_p[i] = row.top_p
             key_data[i] = row_key_data(row.seed, row.sample_index)
         return cls(temperature, top_k, top_p, key_data)

@@ -17,9 +17,10 @@ Stop strings are matched incrementally, never re-decoding the whole sequence: th
 the offsets of the last emitted chunk (vLLM's prefix/read offsets) and decodes only
 ``tokens[prefix:]``, the previous chunk plus the new tokens. Decoding the new tokens *after*
 the previous chunk and subtracting its text makes tokenizers whose decode depends on context
-(leading-space stripping in SentencePiece) come out right, and text is held back while it ends
-in an incomplete UTF-8 sequence (U+FFFD), so a stop string made of a multi-byte character split
-over several byte-level tokens still matches. Only the last ``len(longest stop) - 1`` characters
+(leading-space stripping in SentencePiece) come out right. While the pending text ends in an
+incomplete UTF-8 sequence (U+FFFD), only that trailing run is held back: the chunk is decoded
+again with the next token, so a stop string made of a multi-byte character split over several
+byte-level tokens still matches, and the complete text before it is matched at once. Only the last ``len(longest stop) - 1`` characters
 of text are kept to catch a stop string that spans the old text and the new.
 """
 
@@ -28,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+import numpy as np
 
 DecodeFn = Callable[[Sequence[int]], str]
 StopReason = Literal["stop", "length"]
@@ -59,6 +62,10 @@ class StopCriteria:
             return cls(token_ids=frozenset(int(t) for t in eos_token_ids))
         if isinstance(stop, str):
             stop = [stop]
+        if not isinstance(stop, Sequence | np.ndarray):
+            raise ValueError(
+                f"stop: must be a string, a list of strings or a list of token ids, got {stop!r}"
+            )
         items = list(stop)
         if all(isinstance(s, str) for s in items) and items:
             strings = tuple(str(s) for s in items)
@@ -67,7 +74,7 @@ class StopCriteria:
             if decode_fn is None:
                 raise ValueError("decode_fn: required to match stop strings")
             return cls(strings=strings, decode_fn=decode_fn)
-        ids = [int(s) for s in items if isinstance(s, int) and not isinstance(s, bool)]
+        ids = [int(s) for s in items if isinstance(s, int | np.integer) and not isinstance(s, bool)]
         if len(ids) == len(items):
             if any(t < 0 for t in ids):
                 raise ValueError(f"stop: token ids must be >= 0, got {ids}")
@@ -94,6 +101,8 @@ class StopState:
     _prefix_offset: int = field(default=0, init=False, repr=False)
     _read_offset: int = field(default=0, init=False, repr=False)
     _tail: str = field(default="", init=False, repr=False)
+    # Characters of the pending chunk (tokens[read:]) already emitted while it ended mid-character.
+    _emitted: int = field(default=0, init=False, repr=False)
 
     @property
     def done(self) -> bool:
@@ -136,13 +145,23 @@ class StopState:
         return hit
 
     def _emit_new_text(self) -> str:
-        """Text added by the pending tokens, or "" while it ends mid-character."""
+        """Text added by the pending tokens that was not emitted yet, up to any incomplete
+        character at its end (a trailing run of U+FFFD): a token may complete text and start
+        a multi-byte character at once, and that text must be matched now, not once the
+        character is complete (which may take several tokens, or never come)."""
         decode = self.criteria.decode_fn
         assert decode is not None  # from_params guarantees it whenever strings are set
         prefix_text = decode(self.tokens[self._prefix_offset : self._read_offset])
         full_text = decode(self.tokens[self._prefix_offset :])
-        if len(full_text) <= len(prefix_text) or full_text.endswith(_INCOMPLETE):
+        if len(full_text) <= len(prefix_text):
             return ""
+        pending = full_text[len(prefix_text) :]
+        complete = pending.rstrip(_INCOMPLETE)
+        new_text = complete[self._emitted :]
+        if len(complete) < len(pending):  # ends mid-character: keep decoding from here
+            self._emitted = max(self._emitted, len(complete))
+            return new_text
         self._prefix_offset = self._read_offset
         self._read_offset = len(self.tokens)
-        return full_text[len(prefix_text) :]
+        self._emitted = 0
+        return new_text
