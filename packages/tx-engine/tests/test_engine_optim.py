@@ -164,6 +164,43 @@ def test_unstepped_slot_is_bit_exact_even_with_nonfinite_grads() -> None:
     ]
 
 
+def test_a_nonfinite_step_is_skipped_for_its_slot_only() -> None:
+    """A stepped slot whose gradient is NaN/inf (slots 0, 1), or whose update overflows at a
+    huge learning rate (slot 2, finite gradient), keeps params, moments and count, and says
+    so in ``skipped``; an applied NaN would poison the adapter for good. The other slot of
+    the same call (3) steps as usual."""
+    rng = np.random.default_rng(4)
+    four = optim.AdamHyper(*(np.append(h, h[:1]) for h in hyper()))
+    params = jax.tree.map(lambda x: np.concatenate([x, x[:1]]), make_tree(rng))
+    params, state, _ = STEP(
+        params, make_tree_like(rng, params), optim.init_state(params), four, np.ones(4, bool)
+    )
+    grads = make_tree_like(rng, params)
+    for k, n in paths():
+        grads[k][n][0, 0] = np.nan
+        grads[k][n][1, 0] = np.inf
+    lr = np.array(four.learning_rate)
+    lr[2] = 3e38  # finite, and a float32, but the update is not
+    four = four._replace(learning_rate=lr)
+    new_params, new_state, metrics = STEP(params, grads, state, four, np.ones(4, bool))
+    np.testing.assert_array_equal(metrics.skipped, [1.0, 1.0, 1.0, 0.0])
+    np.testing.assert_array_equal(new_state.count, [1, 1, 1, 2])
+    for tree_old, tree_new in (
+        (params, new_params),
+        (state.m, new_state.m),
+        (state.v, new_state.v),
+    ):
+        for k, n in paths():
+            old, new = leaf(tree_old, k, n), leaf(tree_new, k, n)
+            np.testing.assert_array_equal(new[:3], old[:3])  # bit-for-bit
+            assert np.isfinite(new[3]).all()
+            assert not np.array_equal(new[3], old[3])
+
+
+def make_tree_like(rng, params):
+    return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+
+
 def test_each_slot_steps_exactly_as_if_it_were_alone() -> None:
     """Another tenant's weight decay, clipping and gradients never reach a slot."""
     rng = np.random.default_rng(3)

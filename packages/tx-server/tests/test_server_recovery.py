@@ -176,6 +176,40 @@ def test_steps_whose_snapshots_never_reached_the_disk_are_replayed(
                 time.sleep(0.1)
 
 
+def test_a_nonfinite_step_is_refused_spends_its_gradient_and_replays_so(
+    tmp_path: Path, open_service_client: Callable[..., Any]
+) -> None:
+    """Huge weights make the loss (and gradient) inf: the optim_step after it fails as a
+    ``user`` error and leaves the adapter as it was, instead of NaN-poisoning it for good; the
+    next steps train normally. A restore replays the refused step too, so the inf gradient is
+    spent there as well and the restored run equals the live one."""
+    with api_only(tmp_path) as server:
+        sc = open_service_client(server.url, API_KEY)
+        with worker_thread(server.settings):
+            tc = sc.create_lora_training_client(BASE, rank=4, seed=7).result(timeout=120)
+            train_step(tc, 0)
+            before = logprobs(tc)
+            huge = datum(1)
+            huge.loss_fn_inputs["weights"] = types.TensorData(
+                data=[3e38] * (len(TOKENS) - 1), dtype="float32"
+            )
+            out = tc.forward_backward([huge], "cross_entropy").result(timeout=120)
+            assert not np.isfinite(out.metrics["loss:sum"])
+            with pytest.raises(tinker.RequestFailedError) as refused:
+                tc.optim_step(types.AdamParams(learning_rate=5e-2)).result(timeout=120)
+            assert refused.value.category == tinker.types.RequestErrorCategory.User
+            assert "not finite" in str(refused.value)
+            np.testing.assert_array_equal(logprobs(tc), before)  # unchanged, not NaN
+            train_step(tc, 2)
+            trained = logprobs(tc)
+            assert np.isfinite(trained).all()
+            assert not np.allclose(trained, before, atol=1e-4)
+        shutil.rmtree(server.settings.checkpoint_root / tc.model_id / "recovery")
+        with worker_thread(server.settings):  # the seeded init plus every completed request
+            np.testing.assert_allclose(logprobs(tc), trained, rtol=1e-5, atol=1e-5)
+        sc.holder.close()
+
+
 @pytest.mark.filterwarnings("ignore:DEPRECATED. TrainingClient.load_state:FutureWarning")
 def test_a_request_waiting_for_the_worker_is_long_polled(
     tmp_path: Path, open_service_client: Callable[..., Any]

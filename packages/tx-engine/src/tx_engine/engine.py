@@ -472,7 +472,12 @@ class TrainingEngine(AdapterCheckpoints):
         return self.optim_steps({slot: adam_params or AdamParams()})[slot]
 
     def optim_steps(self, params: Mapping[int, AdamParams]) -> dict[int, dict[str, float]]:
-        """Step several slots in one compiled call; other slots are left bit-for-bit unchanged."""
+        """Step several slots in one compiled call; other slots are left bit-for-bit unchanged.
+
+        Each slot's metrics: ``grad_norm``, ``update_norm``, ``param_norm``, ``learning_rate``,
+        ``step`` and ``skipped``: 1.0 when the slot's gradient or update was not finite, so the
+        step was not applied (weights, moments and count unchanged) but its accumulated
+        gradient was still consumed (see :mod:`tx_engine.optim`)."""
         return self.optim_steps_later(params)()
 
     def optim_steps_later(

@@ -7,6 +7,12 @@ slot only, hyperparameters are ``[A]`` arrays, the step count is ``[A]``, and
 ``step_mask[i] = False`` leaves slot ``i`` (params, moments, count) bit-for-bit untouched — the
 new values are selected with ``jnp.where``, never recomputed with a zero learning rate.
 
+A step whose gradient, new parameters or new moments are not all finite (an ``inf`` loss from
+huge weights, a learning rate that overflows the update) is *skipped* for that slot: params,
+moments and count stay as they were and ``StepMetrics.skipped`` says so (torch's ``GradScaler``
+and optax's ``apply_if_finite`` do the same). Applied, one NaN would poison the adapter for
+good — every later step and forward pass NaN — and one tenant's bad batch cannot be undone.
+
 One step for a slot with ``step_mask`` true, exactly torch's single-tensor ``AdamW``::
 
     g     = g * min(1, clip / (||g||_slot + 1e-6))     if grad_clip_norm > 0 (clip_grad_norm_)
@@ -100,6 +106,7 @@ class StepMetrics(NamedTuple):
     param_norm: Array  # after the step
     learning_rate: Array
     step: Array  # the slot's optimizer step count after this step (float32)
+    skipped: Array  # 1.0 where a requested step was not finite and was not applied, else 0.0
 
 
 def _num_adapters(params: PyTree) -> int:
@@ -131,6 +138,15 @@ def _slot_norm(tree: PyTree) -> Array:
         for x in jax.tree.leaves(tree)
     ]
     return jnp.sqrt(sum(sq[1:], sq[0]))
+
+
+def _slot_finite(tree: PyTree) -> Array:
+    """``[A]`` bool: whether every value of each slot is finite (no NaN, no inf). Not the norm:
+    a sum of squares overflows for finite values past ~1e19."""
+    flags = [
+        jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1) for x in jax.tree.leaves(tree)
+    ]
+    return jnp.logical_and.reduce(jnp.stack(flags), axis=0)
 
 
 def _clip_scale(grad_norm: Array, clip: ArrayLike) -> Array:
@@ -173,10 +189,11 @@ def apply_update(
     scale = _clip_scale(grad_norm, hyper.grad_clip_norm)
     t = (state.count + 1).astype(jnp.float32)
     treedef, leaves = _flatten_alike(params=params, grads=grads, m=state.m, v=state.v)
+    stepped = [_adamw_leaf(p, g, m, v, hyper, t, scale) for p, g, m, v in zip(*leaves, strict=True)]
+    applied = step_mask & _slot_finite([leaves[1], stepped])
     new_p, new_m, new_v = [], [], []
-    for p, g, m, v in zip(*leaves, strict=True):
-        p2, m2, v2 = _adamw_leaf(p, g, m, v, hyper, t, scale)
-        keep = _per_slot(step_mask, p)
+    for (p, _g, m, v), (p2, m2, v2) in zip(zip(*leaves, strict=True), stepped, strict=True):
+        keep = _per_slot(applied, p)
         new_p.append(jnp.where(keep, p2, p))
         new_m.append(jnp.where(keep, m2, m))
         new_v.append(jnp.where(keep, v2, v))
@@ -184,13 +201,14 @@ def apply_update(
     delta = [
         a.astype(jnp.float32) - b.astype(jnp.float32) for a, b in zip(new_p, leaves[0], strict=True)
     ]
-    count = jnp.where(step_mask, state.count + 1, state.count)
+    count = jnp.where(applied, state.count + 1, state.count)
     metrics = StepMetrics(
         grad_norm=grad_norm,
         update_norm=_slot_norm(delta),
         param_norm=_slot_norm(new_p),
         learning_rate=jnp.asarray(hyper.learning_rate),
         step=count.astype(jnp.float32),
+        skipped=(step_mask & ~applied).astype(jnp.float32),
     )
     state_out = OptState(
         jax.tree.unflatten(treedef, new_m), jax.tree.unflatten(treedef, new_v), count

@@ -201,7 +201,8 @@ def adamw_slots(
     contiguous: bool = False,
 ) -> tuple[State, optim.OptState, State, optim.StepMetrics]:
     """The read half of :func:`apply_update`: new ``[U, …, r]`` params, moments, counts and
-    (cleared where stepped) accumulator of ``slots``, and the per-entry metrics."""
+    accumulator of ``slots`` (cleared wherever a step was asked for, also when the step was
+    skipped as not finite: those gradients are spent), and the per-entry metrics."""
     TRACE_COUNTS["apply_update"] += 1
 
     def take(tree: State) -> State:

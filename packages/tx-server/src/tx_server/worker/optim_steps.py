@@ -10,11 +10,19 @@ models and commute. Bad input (a rejected hyperparameter) is isolated by
 Once the step is dispatched the run is marked for a recovery snapshot (:mod:`.snapshots`: cut
 and written when the worker is idle); the future completes with the step's metrics when the
 executor collects them (:mod:`.executor`).
+
+A step the engine skipped because its gradient or update was not finite (``skipped``, see
+:mod:`tx_engine.optim`: the adapter is unchanged, the gradient spent) is answered with a
+``user`` error that says so. Its row is still *completed*, with that error as its result
+body (what ``retrieve_future`` returns for a failed request, so the SDK raises
+``RequestFailedError``): the step did run, and restart recovery must replay it to spend the
+same gradient (:mod:`.recovery` replays completed requests only).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,11 +32,24 @@ from tx_server.futures import JSON
 from tx_server.work_queue import ClaimedRequest, WorkQueue
 from tx_server.worker.engines import EngineHost, LoadedModel
 from tx_server.worker.fused import Collect, collect_all, run_fused_later
-from tx_types import AdamParams, OptimStepRequest, OptimStepResponse
+from tx_types import (
+    AdamParams,
+    OptimStepRequest,
+    OptimStepResponse,
+    RequestErrorCategory,
+    RequestFailedResponse,
+)
 
 __all__ = ["OptimStep", "dispatch_optim_steps", "prepare_optim_step"]
 
 log = logging.getLogger(__name__)
+
+_SKIPPED = (
+    "optim_step: the accumulated gradient, or the update it gives at this learning rate, is "
+    "not finite (NaN or inf), so the step was skipped: the adapter's weights and optimizer "
+    "state are unchanged and the gradient was discarded. Check the forward_backward inputs "
+    "(weights, advantages, logprobs: a loss of inf or NaN) and adam_params.learning_rate."
+)
 
 
 @dataclass(frozen=True)
@@ -85,7 +106,13 @@ def dispatch_optim_steps(
     done: list[tuple[str, bytes, str]] = []
 
     def complete(s: OptimStep, metrics: dict[str, float]) -> None:
-        body = OptimStepResponse(metrics=metrics).model_dump_json().encode()
+        if metrics.pop("skipped", 0.0):
+            log.warning("optim_step of model %s skipped: not finite", s.model_id)
+            failed = RequestFailedResponse(error=_SKIPPED, category=RequestErrorCategory.User)
+            done.append((s.request.request_id, failed.model_dump_json().encode(), JSON))
+            return
+        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}  # JSON has no NaN/inf
+        body = OptimStepResponse(metrics=finite).model_dump_json().encode()
         done.append((s.request.request_id, body, JSON))
 
     parts = [
