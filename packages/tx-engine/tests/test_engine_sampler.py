@@ -224,6 +224,12 @@ def test_max_tokens_none_fills_the_limit_and_too_long_is_refused(engine: Trainin
     assert seq.stop_reason == "length"
     with pytest.raises(InputError, match=r"requests\[1\].*max_tokens"):
         small.sample([SampleRequestArrays(PROMPT, max_tokens=2), SampleRequestArrays(PROMPT, max_tokens=23)])  # fmt: skip
+    # A server's advertised context length below the cache budget is the limit instead.
+    capped = Sampler(engine, max_cache_tokens=64, max_batch=8, max_sequence_tokens=24)
+    seq = capped.sample([SampleRequestArrays(PROMPT, stop=[], seed=0)])[0].sequences[0]
+    assert len(seq.tokens) == 24 - len(PROMPT)
+    with pytest.raises(InputError, match="max_sequence_tokens"):
+        capped.sample([SampleRequestArrays(np.arange(24, dtype=np.int32))])
 
 
 def test_bad_requests_name_the_field(sampler: Sampler) -> None:

@@ -188,6 +188,23 @@ def test_bad_sample_requests_fail_as_user_errors(
     assert len(_sample(base, GREEDY).sequences[0].tokens) == len(TOKENS) - 3  # still serving
 
 
+def test_sampling_stays_inside_the_advertised_context_length(
+    live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
+) -> None:
+    """max_seq_len (64 here) is the context length the server advertises: a longer prompt is
+    refused as a user error, and no max_tokens fills up to it, not up to the KV budget (512)."""
+    assert live.settings.engine.max_seq_len == 64  # what get_server_capabilities reports
+    base = sdk_service(live).create_sampling_client(base_model=BASE).result(timeout=120)
+    params = types.SamplingParams(temperature=1.0, seed=0, stop=[])
+    out = base.sample(PROMPT, 1, params).result(timeout=120)
+    assert len(out.sequences[0].tokens) == 64 - len(TOKENS[:3])
+    long_prompt = types.ModelInput.from_ints([5] * 69)
+    with pytest.raises(tinker.RequestFailedError) as refused:
+        base.sample(long_prompt, 1, types.SamplingParams(max_tokens=1)).result(timeout=120)
+    assert refused.value.category == types.RequestErrorCategory.User
+    assert "64 tokens" in refused.value.message
+
+
 def test_sample_and_prompt_scores_of_every_kind(
     live: RunningServer, sdk_service: Callable[[RunningServer], tinker.ServiceClient]
 ) -> None:

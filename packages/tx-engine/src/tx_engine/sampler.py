@@ -194,6 +194,9 @@ class Sampler:
     admits waiting samples ("Decode chunks" in :mod:`tx_engine.sampling.continuous`);
     ``decode_dispatches`` counts the dispatches; ``step_seconds`` is a decode step's time as the
     last run measured it (several steps per dispatch only while steps are short).
+    ``max_sequence_tokens``: the longest prompt + generation a request may ask for (a server's
+    advertised context length); the limit is the smallest of it, ``max_cache_tokens`` and the
+    model's context (``max_position_embeddings``).
     """
 
     def __init__(
@@ -208,12 +211,14 @@ class Sampler:
         prefix_cache_tokens: int = 0,
         compile_ahead: bool = True,
         decode_chunk: int = DEFAULT_DECODE_CHUNK,
+        max_sequence_tokens: int | None = None,
     ) -> None:
         for name, value, least in (
             ("max_cache_tokens", max_cache_tokens, 2),
             ("max_batch", max_batch, 2),
             ("min_prompt_bucket", min_prompt_bucket, 2),
             ("decode_chunk", decode_chunk, 1),
+            ("max_sequence_tokens", 2 if max_sequence_tokens is None else max_sequence_tokens, 2),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InputError(f"{name} must be an int >= {least}, got {value!r}")
@@ -239,7 +244,7 @@ class Sampler:
         self._call: _Call | None = None  # the sample() call in progress
         hf = engine.model_config.hf_config
         context = int(hf.get("max_position_embeddings") or max_cache_tokens)
-        self.max_sequence_tokens = min(context, max_cache_tokens)
+        self.max_sequence_tokens = min(context, max_cache_tokens, max_sequence_tokens or context)
         self.eos_token_ids = (
             tuple(int(t) for t in eos_token_ids)
             if eos_token_ids is not None
@@ -411,7 +416,7 @@ class Sampler:
             raise InputError(
                 f"{where}: prompt ({prompt_len} tokens) + max_tokens ({mt}) exceeds "
                 f"the sampler limit of {self.max_sequence_tokens} tokens "
-                "(min of max_cache_tokens and the model's context)"
+                "(min of max_sequence_tokens, max_cache_tokens and the model's context)"
             )
         return int(max_new)
 

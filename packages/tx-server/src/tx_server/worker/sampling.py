@@ -169,6 +169,7 @@ class SamplingRunner:
                 decode_fn=_decoder(engine.model_dir),
                 prefix_cache_tokens=self.settings.engine.sample_prefix_cache_tokens,
                 decode_chunk=self.settings.engine.sample_decode_chunk,
+                max_sequence_tokens=self.settings.engine.max_seq_len,  # the advertised context
             )
         return self._samplers[base_model]
 
