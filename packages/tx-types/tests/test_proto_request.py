@@ -317,7 +317,7 @@ def _inputs(draw: st.DrawFn) -> ForwardBackwardInput:
     config = draw(
         st.dictionaries(
             st.sampled_from(["a", "b", "c"]),
-            st.one_of(st.floats(allow_nan=False), st.text(max_size=5)),
+            st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=5)),
         )
     )
     return ForwardBackwardInput(data=data, loss_fn="cross_entropy", loss_fn_config=config or None)

@@ -17,11 +17,22 @@ import operator
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WrapValidator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WrapValidator,
+)
 from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "FLOAT32_MAX",
     "FiniteFloat",
+    "Float32",
+    "Int32",
+    "Int64",
     "ModelID",
     "RequestID",
     "TokenId",
@@ -52,6 +63,27 @@ class WireModel(BaseModel):
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 """A float that must not be NaN or ±inf (optimizer and sampling hyper-parameters)."""
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32."""
+
+
+def _fits_float32(value: float) -> float:
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{value!r} does not fit in float32 (|value| <= {FLOAT32_MAX:.8g})")
+    return value
+
+
+Float32 = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_fits_float32)]
+"""A finite float that fits float32. The engine computes in float32, where a larger
+hyper-parameter (a learning rate of 1e308) becomes inf and poisons the weights."""
+
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+"""An int the server stores in a BIGINT column (``seq_id``): JSON ints are unbounded, and a
+larger one would fail in the database, after validation, as a server error."""
+
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+"""An int the server stores in an INTEGER column (``model_seq_id``, 32 bits on PostgreSQL)."""
 
 
 def _as_token_ids(value: Any, handler: Any, info: ValidationInfo) -> list[int]:

@@ -7,7 +7,9 @@ validation error naming the field. ``OptimStepRequest`` accepts ``optim_params``
 and ``optimizer_params`` and writes ``adam_params`` / ``optimizer_params`` like the SDK.
 
 Hyper-parameters must be finite and within the ranges torch's AdamW accepts (lr ≥ 0,
-0 ≤ beta < 1, eps ≥ 0, weight_decay ≥ 0); ``grad_clip_norm`` ≤ 0 disables clipping.
+0 ≤ beta < 1, eps ≥ 0, weight_decay ≥ 0); ``grad_clip_norm`` ≤ 0 disables clipping. Each must
+also fit float32 (``Float32``): the update runs in float32, where a learning rate of
+1e308 would be inf and turn every weight into NaN.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pydantic import (
     model_serializer,
 )
 
-from ._base import FiniteFloat, ModelID, WireModel
+from ._base import Float32, Int64, ModelID, WireModel
 
 __all__ = [
     "AdamOptimizerConfig",
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 _Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
-_NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+_NonNegative = Annotated[Float32, Field(ge=0)]
 
 
 class AdamOptimizerConfig(WireModel):
@@ -72,7 +74,7 @@ class AdamParams(WireModel):
     beta2: _Beta = 0.95
     eps: _NonNegative = 1e-12
     weight_decay: _NonNegative = 0.0
-    grad_clip_norm: FiniteFloat = 0.0
+    grad_clip_norm: Float32 = 0.0
     """Global-norm clipping threshold; 0 (or less) disables clipping."""
 
 
@@ -81,7 +83,7 @@ class DimuonParams(WireModel):
 
     type: Literal["dimuon"] = "dimuon"
     learning_rate: _NonNegative
-    grad_clip_norm: FiniteFloat = 0.0
+    grad_clip_norm: Float32 = 0.0
     beta1: _Beta = 0.9
 
 
@@ -103,7 +105,7 @@ class OptimStepRequest(WireModel):
         validation_alias=AliasChoices("optim_params", "adam_params", "optimizer_params")
     )
     model_id: ModelID
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     type: Literal["optim_step"] = "optim_step"
 
     @model_serializer(mode="wrap")

@@ -5,8 +5,9 @@ the scheme; ``segment`` is ``weights`` (checkpoint type ``training``), ``sampler
 (``sampler``) or ``external_weights`` (``external``) and ``checkpoint_id = "{segment}/{name}"``.
 
 Why stricter than the SDK: the server turns names into directory names, so a name must match
-``[A-Za-z0-9._-]+`` and may not be ``.`` or ``..``; a run id must be non-empty and free of
-whitespace, ``/``, ``\\``, ``?`` and ``#`` (it contains ``:`` — ``{session}:train:{n}``).
+``[A-Za-z0-9._-]+``, may not be ``.`` or ``..`` and is at most ``MAX_CHECKPOINT_NAME_BYTES``
+long; a run id must be non-empty and free of whitespace, ``/``, ``\\``, ``?`` and ``#`` (it
+contains ``:`` — ``{session}:train:{n}``).
 Every rejection is an ``InvalidTinkerPathError`` (a ValueError) saying what is wrong.
 """
 
@@ -20,6 +21,7 @@ from .errors import InvalidTinkerPathError
 
 __all__ = [
     "CHECKPOINT_NAME_PATTERN",
+    "MAX_CHECKPOINT_NAME_BYTES",
     "SEGMENT_TO_CHECKPOINT_TYPE",
     "TINKER_SCHEME",
     "CheckpointType",
@@ -32,6 +34,11 @@ CheckpointType = Literal["training", "sampler", "external"]
 
 TINKER_SCHEME = "tinker://"
 CHECKPOINT_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+MAX_CHECKPOINT_NAME_BYTES = 200
+"""A name is one directory name on the server, and file systems cap a name at 255 bytes
+(NAME_MAX). 200 leaves room for the prefixes and suffixes that sibling temporary or renamed
+directories add, and is far more than any real name needs; a longer one is rejected here, as
+a validation error naming the field, instead of failing in the worker after it was queued."""
 _RUN_ID_PATTERN = re.compile(r"[^\s/\\?#]+")
 SEGMENT_TO_CHECKPOINT_TYPE: dict[str, CheckpointType] = {
     "weights": "training",
@@ -43,10 +50,16 @@ _TYPE_TO_SEGMENT = {v: k for k, v in SEGMENT_TO_CHECKPOINT_TYPE.items()}
 
 def validate_checkpoint_name(name: str) -> str:
     """Return ``name`` if it is a safe checkpoint name, else raise InvalidTinkerPathError."""
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_CHECKPOINT_NAME_BYTES:
+        raise InvalidTinkerPathError(
+            f"invalid checkpoint name {name[:40]!r}…: {size} bytes long, the limit is "
+            f"{MAX_CHECKPOINT_NAME_BYTES} bytes"
+        )
     if not CHECKPOINT_NAME_PATTERN.fullmatch(name) or name in (".", ".."):
         raise InvalidTinkerPathError(
-            f"invalid checkpoint name {name!r}: use 1+ characters from [A-Za-z0-9._-], "
-            "not '.' or '..'"
+            f"invalid checkpoint name {name!r}: use 1 to {MAX_CHECKPOINT_NAME_BYTES} characters "
+            "from [A-Za-z0-9._-], not '.' or '..'"
         )
     return name
 

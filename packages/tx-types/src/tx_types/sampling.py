@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, field_validator, model_validator
 
-from ._base import TokenId, TokenIds, WireModel
+from ._base import Float32, Int32, Int64, TokenId, TokenIds, WireModel
 from .model_input import ModelInput
 from .tensor_data import TensorData
 
@@ -54,7 +54,7 @@ class SamplingParams(WireModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     seed: int | None = None
     stop: str | list[str] | list[TokenId] | None = None
-    temperature: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    temperature: Annotated[Float32, Field(ge=0)] = 1.0
     top_k: int = -1
     top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
 
@@ -75,7 +75,7 @@ class SampleRequest(WireModel):
     base_model: str | None = None
     model_path: str | None = None
     sampling_session_id: str | None = None
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: _NonNegInt = 0
     topk_sample_logprobs: _NonNegInt = 0
@@ -183,7 +183,7 @@ class CreateSamplingSessionRequest(WireModel):
     """``POST /api/v1/create_sampling_session``: sample a base model or saved weights."""
 
     session_id: str
-    sampling_session_seq_id: Annotated[int, Field(ge=0)]
+    sampling_session_seq_id: Annotated[Int32, Field(ge=0)]
     base_model: str | None = None
     model_path: str | None = None
     type: Literal["create_sampling_session"] = "create_sampling_session"

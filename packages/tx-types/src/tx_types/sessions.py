@@ -8,6 +8,7 @@ server and client agree on them.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -32,7 +33,9 @@ class CreateSessionRequest(WireModel):
     """``POST /api/v1/create_session``.
 
     ``user_metadata`` is required-but-nullable in the SDK, which always sends a dict; here a
-    missing or null value becomes ``{}`` so our dumps are always accepted by the SDK.
+    missing or null value becomes ``{}`` so our dumps are always accepted by the SDK. It is
+    stored as JSON, so NaN/Infinity (which Python's parser accepts, PostgreSQL's JSON type and
+    strict clients do not) are rejected anywhere inside it.
     """
 
     tags: list[str] = Field(default_factory=list)
@@ -46,6 +49,25 @@ class CreateSessionRequest(WireModel):
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         return {} if value is None else value
+
+    @field_validator("user_metadata")
+    @classmethod
+    def _json_compliant(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _reject_non_finite(value, "user_metadata")
+        return value
+
+
+def _reject_non_finite(value: Any, where: str) -> None:
+    """ValueError naming the first NaN/±inf inside ``value`` (iterative: any nesting depth)."""
+    stack = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{path} is {item!r}: NaN and Infinity are not valid JSON")
+        if isinstance(item, dict):
+            stack.extend((v, f"{path}[{k!r}]") for k, v in item.items())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
 
 
 class CreateSessionResponse(WireModel):

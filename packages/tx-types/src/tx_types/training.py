@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from ._base import ModelID, WireModel
+from ._base import FiniteFloat, Int32, Int64, ModelID, WireModel
 from .datum import Datum, LossFnOutput, LossFnType
 from .optimizer import AdamOptimizerConfig, OptimizerConfig
 
@@ -49,7 +49,7 @@ class CreateModelRequest(WireModel):
     """``POST /api/v1/create_model`` → future of ``CreateModelResponse``."""
 
     session_id: str
-    model_seq_id: Annotated[int, Field(ge=0)]
+    model_seq_id: Annotated[Int32, Field(ge=0)]
     base_model: str
     user_metadata: dict[str, Any] | None = None
     lora_config: LoraConfig | None = None
@@ -102,7 +102,7 @@ class ForwardBackwardInput(WireModel):
 
     data: Annotated[list[Datum], Field(min_length=1)]
     loss_fn: LossFnType
-    loss_fn_config: dict[str, float | str] | None = None
+    loss_fn_config: dict[str, FiniteFloat | str] | None = None
 
 
 class ForwardBackwardRequest(WireModel):
@@ -110,7 +110,7 @@ class ForwardBackwardRequest(WireModel):
 
     forward_backward_input: ForwardBackwardInput
     model_id: ModelID
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
 
 
 class ForwardRequest(WireModel):
@@ -118,7 +118,7 @@ class ForwardRequest(WireModel):
 
     forward_input: ForwardBackwardInput
     model_id: ModelID
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
 
 
 class ForwardBackwardOutput(WireModel):

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from ._base import ModelID, WireModel
+from ._base import Int32, Int64, ModelID, WireModel
 from .optimizer import AdamOptimizerConfig, OptimizerConfig
 from .paths import ParsedCheckpointTinkerPath, validate_checkpoint_name
 from .sampling import SamplingClientKind
@@ -63,7 +63,7 @@ class SaveWeightsRequest(WireModel):
 
     model_id: ModelID
     path: CheckpointName | None = None
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     ttl_seconds: int | None = None
     overwrite: bool = False
     user_metadata: dict[str, str] | None = None
@@ -80,9 +80,9 @@ class SaveWeightsForSamplerRequest(WireModel):
 
     model_id: ModelID
     path: CheckpointName | None = None
-    sampling_session_seq_id: int | None = None
+    sampling_session_seq_id: Int32 | None = None
     kind: SamplingClientKind = "snapshot"
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     ttl_seconds: int | None = None
     user_metadata: dict[str, str] | None = None
     type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
@@ -112,7 +112,7 @@ class SaveWeightsExternalRequest(WireModel):
 
     model_id: ModelID
     path: CheckpointName
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     ttl_seconds: int | None = None
     age_encryption_recipients: Annotated[list[str], Field(max_length=10)] | None = None
     type: Literal["save_weights_external"] = "save_weights_external"
@@ -133,9 +133,9 @@ class LoadWeightsRequest(WireModel):
     """Load a ``tinker://`` checkpoint into a model, or create a model from it."""
 
     model_id: ModelID | None = None
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: Int32 | None = None
     base_model: str | None = None
     user_metadata: dict[str, Any] | None = None
     path: TinkerPath
@@ -171,7 +171,7 @@ class CopyWeightsRequest(WireModel):
     """Copy a checkpoint to another project/session (synchronous, not a future)."""
 
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: Int32 | None = None
     destination_project_id: str | None = None
     source_path: TinkerPath
     ttl_seconds: int | None = None

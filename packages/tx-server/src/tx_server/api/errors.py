@@ -6,14 +6,22 @@ this server raises (:data:`tx_server.errors.ERROR_TABLE`), for FastAPI's validat
 for unexpected exceptions. Two API-only errors have their own handlers: backpressure (429 with
 ``Retry-After``/``retry-after-ms``, which both SDK retry layers honour) and a bad or expired
 archive download link (403, as object stores answer an invalid signed URL).
+
+Validation errors (422, category ``user``) are rendered here rather than by FastAPI's default
+handler, which echoes each offending ``input`` back: a NaN/Infinity literal (Python's ``json``
+accepts them) or bytes that are not UTF-8 then fail to serialise — a 500 that the SDK retries
+for minutes — and a large bad body is sent back whole. Each error keeps what names the problem
+(``loc``, ``msg``, ``type``) and drops ``input`` and ``ctx``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from tx_server.api.archive import ArchiveLinkError
@@ -23,6 +31,9 @@ from tx_server.futures import BackpressureError
 __all__ = ["install_error_handlers"]
 
 log = logging.getLogger(__name__)
+
+_MAX_MESSAGE_CHARS = 1000
+"""A validator's message may quote the bad value (a 1 MB checkpoint name); keep answers small."""
 
 
 def _tx_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -47,6 +58,23 @@ def _bad_link(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc), "category": "user"}, status_code=403)
 
 
+def _validation_item(error: Any) -> dict[str, Any]:
+    """One pydantic error as plain JSON: where (``loc``), what (``msg``) and its ``type``."""
+    if not isinstance(error, dict):
+        return {"loc": [], "msg": str(error)[:_MAX_MESSAGE_CHARS], "type": "value_error"}
+    loc = [part if isinstance(part, int) else str(part) for part in error.get("loc", ())]
+    message = str(error.get("msg", "invalid value"))
+    if len(message) > _MAX_MESSAGE_CHARS:
+        message = message[:_MAX_MESSAGE_CHARS] + "…"
+    return {"loc": loc, "msg": message, "type": str(error.get("type", "value_error"))}
+
+
+def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    body = {"detail": [_validation_item(e) for e in exc.errors()], "category": "user"}
+    return JSONResponse(body, status_code=422)
+
+
 def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error", exc_info=exc)
     return JSONResponse({"detail": "internal server error", "category": "server"}, 500)
@@ -55,6 +83,7 @@ def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the JSON error handlers on ``app``."""
     app.add_exception_handler(TxServerError, _tx_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(BackpressureError, _backpressure)
     app.add_exception_handler(ArchiveLinkError, _bad_link)
     app.add_exception_handler(Exception, _unexpected)

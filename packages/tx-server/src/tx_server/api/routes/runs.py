@@ -1,7 +1,9 @@
 """Training runs and their checkpoints (RestClient, spec §4.4, §6.10).
 
-Only the caller's runs are listed (``access_scope`` other than ``owned`` sees the same set:
-published checkpoints are shared by path, see :mod:`tx_server.api.routes.checkpoints`).
+Only the caller's runs are listed (``access_scope=accessible`` sees the same set: published
+checkpoints are shared by path, see :mod:`tx_server.api.routes.checkpoints`); any other scope is
+a 422. ``offset`` is bounded so that it always fits the database's 64-bit integers: a larger one
+failed inside the query (a 500, retried by the SDK for minutes).
 Checkpoints whose TTL ran out are never listed, even before the cleanup removes them.
 Deleting a checkpoint removes its row first, then its files, so a half-deleted checkpoint is
 never listed.
@@ -10,7 +12,7 @@ never listed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 from sqlalchemy import func, select
@@ -32,6 +34,12 @@ from tx_types import (
 )
 
 router = APIRouter(tags=["training_runs"])
+
+_MAX_OFFSET = 2**62
+"""Far past any real list, and ``offset + limit`` still fits a signed 64-bit integer."""
+
+AccessScope = Literal["owned", "accessible"]
+"""The ``access_scope`` values of the SDK's RestClient (spec §4.4)."""
 
 
 def _checkpoint(row: CheckpointRow) -> Checkpoint:
@@ -93,14 +101,20 @@ async def list_training_runs(
     tenant: TenantDep,
     state: StateDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=_MAX_OFFSET)] = 0,
+    access_scope: AccessScope = "owned",  # validated only: both scopes see the same runs
 ) -> TrainingRunsResponse:
     """The caller's training runs, newest first."""
     return await run_in_threadpool(_list_runs, state, tenant, limit, offset)
 
 
 @router.get("/training_runs/{run_id}", response_model=TrainingRun)
-async def get_training_run(run_id: str, tenant: TenantDep, state: StateDep) -> TrainingRun:
+async def get_training_run(
+    run_id: str,
+    tenant: TenantDep,
+    state: StateDep,
+    access_scope: AccessScope = "owned",  # validated only: both scopes see the same runs
+) -> TrainingRun:
     """One training run of the caller (404 for unknown and foreign ids)."""
     row = await run_in_threadpool(get_owned_model, state, tenant, run_id)
     return await run_in_threadpool(_run, state, row)
