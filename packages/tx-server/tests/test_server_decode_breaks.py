@@ -47,7 +47,7 @@ DATUM = types.Datum(
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     engine = EngineSettings(
-        max_lora_rank=8, max_lora_adapters=8, max_seq_len=64, sample_tokens_per_batch=2048
+        max_lora_rank=8, max_lora_adapters=8, max_seq_len=1024, sample_tokens_per_batch=2048
     )
     root = tmp_path_factory.mktemp("interleave")
     # A wide gather window: requests sent together surely form one batch on any machine.
@@ -119,7 +119,7 @@ def test_training_runs_between_the_decode_steps_of_a_long_sample(
 @pytest.fixture
 def two_slots(tmp_path: Path) -> Iterator[RunningServer]:
     engine = EngineSettings(
-        max_lora_rank=8, max_lora_adapters=2, max_seq_len=64, sample_tokens_per_batch=2048
+        max_lora_rank=8, max_lora_adapters=2, max_seq_len=1024, sample_tokens_per_batch=2048
     )
     with run_hub_model_server(
         tmp_path, base_models=[BASE], engine=engine, sample_gather_seconds=0.1

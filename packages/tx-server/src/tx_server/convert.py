@@ -30,6 +30,7 @@ from tx_types import (
 from tx_types.proto._tensors import tensor_data_to_numpy
 
 __all__ = [
+    "CUSTOM_LOSS_MESSAGE",
     "adam_params",
     "datum_arrays",
     "forward_backward_output",
@@ -59,14 +60,27 @@ def datum_arrays(data: Sequence[Datum]) -> list[DatumArrays]:
 
 def loss_config(fwd: ForwardBackwardInput) -> dict[str, float] | None:
     """Numeric loss config for the engine; string values belong to losses it does not run."""
+    if fwd.loss_fn == "custom":
+        raise InputError(CUSTOM_LOSS_MESSAGE)
     if not fwd.loss_fn_config:
         return None
     config = {}
     for key, value in fwd.loss_fn_config.items():
         if isinstance(value, str):
-            raise InputError(f"loss_fn_config[{key!r}]: {fwd.loss_fn!r} takes numbers only")
+            raise InputError(
+                f"loss_fn_config[{key!r}]: text value {value!r}; {fwd.loss_fn!r} takes numbers only"
+            )
         config[key] = float(value)
     return config
+
+
+CUSTOM_LOSS_MESSAGE = (
+    "loss_fn 'custom' (a loss uploaded with create_custom_loss, named by loss_fn_config "
+    "{'loss_id': ...}) is not supported: this server does not run custom losses server-side "
+    "(client/config custom_loss_server_side is off). Pass the loss function itself to "
+    "forward_backward_custom, which runs it client-side on the logprobs of a forward pass"
+)
+"""Why a ``custom`` loss fails (spec §6.4, §7): only the client-side mode (§7 A) works here."""
 
 
 def forward_backward_output(group: GroupOutput) -> ForwardBackwardOutput:

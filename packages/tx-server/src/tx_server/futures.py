@@ -27,6 +27,7 @@ import enum
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import Any, cast
 
 import anyio.to_thread
@@ -34,7 +35,7 @@ from sqlalchemy import Connection, Select, Table, bindparam, func, insert, selec
 from sqlalchemy.exc import IntegrityError
 
 from tx_server.db.database import Database
-from tx_server.db.models import FutureRow, FutureStatus, ModelRow, utcnow
+from tx_server.db.models import FutureRow, FutureStatus, ModelRow, SessionRow, utcnow
 from tx_server.errors import (
     BadRequestError,
     NotFoundError,
@@ -53,6 +54,7 @@ __all__ = [
     "CompletionWaiters",
     "FutureOutcome",
     "FutureStore",
+    "ModelOwner",
     "RequestType",
     "Submission",
     "await_outcome",
@@ -110,8 +112,22 @@ _BY_SESSION_SEQ = select(*_KEY_COLUMNS).where(
     _F.session_id == bindparam("session_id"), _F.model_seq_id == bindparam("seq")
 )
 _INSERT = insert(_TABLE)
-_MODELS = cast(Table, ModelRow.__table__).c
-_MODEL_OWNER = select(_MODELS.tenant_id).where(_MODELS.id == bindparam("model_id"))
+_MODELS_TABLE = cast(Table, ModelRow.__table__)
+_MODELS = _MODELS_TABLE.c
+_SESSIONS_TABLE = cast(Table, SessionRow.__table__)
+_SESSIONS = _SESSIONS_TABLE.c
+# Ownership and the session's liveness in one primary-key join: this is every training step's
+# path, so a finished session costs no extra round trip to detect.
+_MODEL_OWNER = (
+    select(
+        _MODELS.tenant_id,
+        _MODELS.session_id,
+        _SESSIONS.finished_at,
+        _SESSIONS.last_heartbeat_at,
+    )
+    .select_from(_MODELS_TABLE.outerjoin(_SESSIONS_TABLE, _SESSIONS.id == _MODELS.session_id))
+    .where(_MODELS.id == bindparam("model_id"))
+)
 _UNFINISHED_COUNT = select(func.count()).select_from(_TABLE).where(_F.status.in_(UNFINISHED))
 
 
@@ -161,6 +177,16 @@ class Submission:
         if self.session_id is not None and self.model_seq_id is not None:
             return _BY_SESSION_SEQ, {"session_id": self.session_id, "seq": self.model_seq_id}
         return None
+
+
+@dataclass(frozen=True)
+class ModelOwner:
+    """A model's tenant and session, with what decides whether the session still runs."""
+
+    tenant_id: str
+    session_id: str
+    session_finished_at: datetime | None
+    session_last_heartbeat_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -235,6 +261,15 @@ class FutureStore:
                 self.bus.publish(tx, WORK, submission.model_id or "")
             return request_id
 
+    def find_duplicate(self, tenant_id: str, submission: Submission) -> str | None:
+        """The request id of an earlier submission with the same key, None if there is none."""
+        key = submission.idempotency_key()
+        if key is None:
+            return None
+        with self.db.core_read() as conn:
+            earlier = conn.execute(*key).first()
+        return None if earlier is None else _check_duplicate(tenant_id, submission, *earlier)
+
     def _check_capacity(self, conn: Connection, tenant_id: str) -> None:
         """BackpressureError when one more unfinished request would exceed a limit.
 
@@ -259,11 +294,11 @@ class FutureStore:
                     limits.retry_after,
                 )
 
-    def owns_model(self, tenant_id: str, model_id: str) -> bool:
-        """Whether ``model_id`` exists and belongs to ``tenant_id``."""
+    def model_owner(self, model_id: str) -> ModelOwner | None:
+        """Who owns ``model_id`` and whether its session still runs; None if it is unknown."""
         with self.db.core_read() as conn:
-            owner = conn.scalar(_MODEL_OWNER, {"model_id": model_id})
-        return bool(owner == tenant_id)
+            row = conn.execute(_MODEL_OWNER, {"model_id": model_id}).first()
+        return None if row is None else ModelOwner(*row)
 
     def outcome(self, tenant_id: str, request_id: str) -> FutureOutcome | None:
         """The finished outcome, None while pending/running; NotFoundError if absent."""
@@ -282,11 +317,25 @@ def _check_duplicate(
     if owner != tenant_id:
         raise BadRequestError("this request key belongs to another tenant's session")
     if request_type != submission.request_type.value:
+        field, scope = _key_words(submission)
         raise BadRequestError(
-            f"seq_id {submission.seq_id} was already used by a {request_type!r} request, "
+            f"{field} was already used by a {request_type!r} request {scope}, "
             f"not {submission.request_type.value!r}"
         )
     return request_id
+
+
+def _key_words(submission: Submission) -> tuple[str, str]:
+    """The idempotency key of ``submission`` in words: the number, and what it numbers within
+    (checked in the order of :meth:`Submission.idempotency_key`)."""
+    if submission.model_id is not None and submission.seq_id is not None:
+        return f"seq_id {submission.seq_id}", f"of model {submission.model_id!r}"
+    if submission.sampling_session_id is not None and submission.seq_id is not None:
+        return (
+            f"seq_id {submission.seq_id}",
+            f"of sampling session {submission.sampling_session_id!r}",
+        )
+    return f"model_seq_id {submission.model_seq_id}", f"of session {submission.session_id!r}"
 
 
 class CompletionWaiters:

@@ -1,8 +1,10 @@
 """Client sessions: create (idempotent per transport retry), heartbeat, finish (first wins).
 
 A finished session answers heartbeats with 410, which stops the SDK's heartbeat loop (spec
-§4.6). Sessions of another tenant are reported as absent (404), never as forbidden, so ids
-leak nothing.
+§4.6), and new work on its models and samplers with 410 too (spec §4.1, §10 case 15): the SDK
+raises a 410 on a submission at once, without retrying. Requests accepted before the finish
+are not withdrawn, and their outcomes stay retrievable. Sessions of another tenant are
+reported as absent (404), never as forbidden, so ids leak nothing.
 
 Expiry: a session without a heartbeat for ``timeout_seconds`` is finished with reason
 ``expired`` — by the API's maintenance task (:meth:`SessionService.expire_stale`) and, so the
@@ -82,6 +84,21 @@ class SessionService:
         if row.finished_at is not None:  # raised after the commit, so an expiry sticks
             raise SessionFinishedError(_finished_message(row))
         return row
+
+    def may_have_ended(
+        self, finished_at: datetime | None, last_heartbeat_at: datetime | None
+    ) -> bool:
+        """Whether a session with these column values is finished or past its timeout.
+
+        No query: callers read the two columns along with what they look up anyway (the
+        submission paths join them to the model or sampler), and call :meth:`get_active` only
+        when this is true, which settles it (and records an expiry).
+        """
+        if finished_at is not None:
+            return True
+        if self.timeout is None or last_heartbeat_at is None:
+            return False
+        return last_heartbeat_at < utcnow() - self.timeout
 
     def create(
         self,

@@ -91,8 +91,20 @@ class ClientFlags(BaseModel):
 
     proto_compress_fwdbwd: bool = False
     parallel_fwdbwd_chunks: bool = True
-    fwdbwd_max_chunk_len: int = Field(default=1024, ge=1)
-    fwdbwd_max_chunk_bytes_count: int = Field(default=5_000_000, ge=1)
+    fwdbwd_max_chunk_len: int = Field(
+        default=1024,
+        ge=1,
+        description="Most datums per forward_backward request: the SDK splits a batch into "
+        "requests of at most this many, and the server rejects a request with more as a user "
+        "error (one oversized request would hold the worker for every tenant).",
+    )
+    fwdbwd_max_chunk_bytes_count: int = Field(
+        default=5_000_000,
+        ge=1,
+        description="Estimated bytes per forward_backward request at which the SDK starts a "
+        "new one (it charges 4 bytes per input token); also sets the default of "
+        "Settings.max_fwdbwd_tokens.",
+    )
 
 
 class Settings(BaseSettings):
@@ -172,10 +184,40 @@ class Settings(BaseSettings):
         "break of t s the batch decodes t*(1-share)/share s); 0 makes training wait for the "
         "whole batch.",
     )
+    max_num_samples: int = Field(
+        default=1024,
+        ge=1,
+        description="Most samples one asample request may ask for (num_samples); a request "
+        "over it fails at once as a user error naming num_samples. Bounds one request's work "
+        "and its sample_sequence_ids.",
+    )
+    max_fwdbwd_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most model-input tokens in one forward_backward request (all its datums "
+        "together); over it the request fails at once as a user error. None: "
+        "client.fwdbwd_max_chunk_bytes_count // 4 or engine.max_seq_len, whichever is larger, "
+        "which no request of the SDK's chunker exceeds (it charges 4 bytes per token and sends "
+        "a datum over the byte budget alone, and a longer datum fails anyway).",
+    )
+    max_fwdbwd_body_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="Most bytes of one forward_backward HTTP body, both as sent and after zstd "
+        "decompression; over it the request fails at once as a user error (the body is "
+        "drained, never held in memory).",
+    )
     base_models: list[str] = Field(default_factory=list)
     log_level: str = "info"
     engine: EngineSettings = Field(default_factory=EngineSettings)
     client: ClientFlags = Field(default_factory=ClientFlags)
+
+    @property
+    def fwdbwd_token_limit(self) -> int:
+        """The effective :attr:`max_fwdbwd_tokens` (its default resolved)."""
+        if self.max_fwdbwd_tokens is not None:
+            return self.max_fwdbwd_tokens
+        return max(self.client.fwdbwd_max_chunk_bytes_count // 4, self.engine.max_seq_len)
 
     @field_validator("compilation_cache_dir", mode="before")
     @classmethod

@@ -34,10 +34,22 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, delete, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Delete,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from tx_server.db.database import Database
-from tx_server.db.models import FutureRow, FutureStatus, utcnow
+from tx_server.db.models import FutureRow, FutureStatus, ModelRow, utcnow
 from tx_server.errors import NotFoundError, ServerFaultError, WireCategory, failure_message
 from tx_server.futures import JSON, PROTOBUF
 from tx_server.wake import FUTURES, WORK, SyncSubscription, WakeBus, wake_bus_for
@@ -58,6 +70,7 @@ that its model is gone (see :mod:`tx_server.worker.recovery`), and each one is a
 # The hot statements, built once (see tx_server.db.database on why Core, not the ORM).
 _TABLE = cast(Table, FutureRow.__table__)
 _F = _TABLE.c
+_MODELS = cast(Table, ModelRow.__table__)
 _RUNNING_MODELS = select(_F.model_id, _F.barrier).where(
     _F.status == FutureStatus.RUNNING, _F.model_id.is_not(None)
 )
@@ -193,7 +206,12 @@ class WorkQueue:
             raise ServerFaultError(f"requests {missed} were unknown or already finished")
 
     def fail(self, request_id: str, message: str, category: WireCategory) -> None:
-        """Record a terminal failure (``user`` / ``server`` / ``unknown``) and wake pollers."""
+        """Record a terminal failure (``user`` / ``server`` / ``unknown``) and wake pollers.
+
+        A failed model-creating request (``create_model``, or ``load_weights`` creating a run)
+        also removes the run's ``models`` row, which the API wrote on arrival: the model never
+        existed, so ``get_info`` and the training-run listing must not show it.
+        """
         if category not in ("user", "server", "unknown"):
             raise ValueError(f"category must be user, server or unknown, got {category!r}")
         self._finish(
@@ -201,6 +219,7 @@ class WorkQueue:
             new_status=FutureStatus.FAILED,
             new_error=message or "request failed",
             new_category=category,
+            drop_uncreated=True,
         )
 
     def fail_claimed(
@@ -215,7 +234,7 @@ class WorkQueue:
             )
         self.fail(request.request_id, failure_message(error), category)
 
-    def _finish(self, request_id: str, **values: object) -> None:
+    def _finish(self, request_id: str, *, drop_uncreated: bool = False, **values: object) -> None:
         with self.db.core_write() as tx:
             done = tx.conn.execute(
                 _FINISH, {"rid": request_id, "done_at": utcnow(), **values}
@@ -225,6 +244,8 @@ class WorkQueue:
                 if exists is None:
                     raise NotFoundError(f"unknown request_id {request_id!r}")
                 raise ServerFaultError(f"request {request_id} already finished ({exists})")
+            if drop_uncreated:
+                tx.conn.execute(_drop_uncreated_models(_F.request_id == request_id))
             self.bus.publish(tx, FUTURES, request_id)
 
     def fail_running(self, message: str = RESTART_MESSAGE) -> int:
@@ -249,9 +270,20 @@ class WorkQueue:
                         finished_at=utcnow(),
                     )
                 )
+                session.execute(_drop_uncreated_models(FutureRow.request_id.in_(ids)))
                 for request_id in ids:
                     self.bus.publish(session, FUTURES, request_id)
             return len(ids)
+
+
+def _drop_uncreated_models(which: ColumnElement[bool]) -> Delete:
+    """Delete the ``models`` rows of the model-creating requests among ``which``."""
+    creating = or_(
+        _F.request_type == "create_model",
+        and_(_F.request_type == "load_weights", _F.model_seq_id.is_not(None)),
+    )
+    created_by = select(_F.model_id).where(which, creating, _F.model_id.is_not(None))
+    return delete(_MODELS).where(_MODELS.c.id.in_(created_by))
 
 
 def _check_content_type(content_type: str) -> None:

@@ -33,7 +33,7 @@ from tx_types import (
 from tx_types.proto import tinker_public_pb2 as pb
 from tx_types.proto._arrays import INT32, from_bytes, tensor_to_dense
 from tx_types.proto._tensors import tensor_data_from_numpy, tensor_data_to_message
-from tx_types.proto.errors import ProtoDecodeError, invalid
+from tx_types.proto.errors import ProtoDecodeError, RequestTooLargeError, invalid
 
 __all__ = [
     "DecodedForwardBackwardRequest",
@@ -60,12 +60,17 @@ def decode_forward_backward_request(
     content_encoding: str | None = None,
     *,
     max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES,
+    max_datums: int | None = None,
+    max_tokens: int | None = None,
 ) -> DecodedForwardBackwardRequest:
     """Decode a ``forward_backward`` request body sent by the SDK (or tx-client).
 
     ``content_encoding`` is the HTTP ``Content-Encoding`` header: ``None``/``identity`` or
     ``zstd``. ``max_decompressed_bytes`` caps both the zstd output and the dense size of any CSR
-    tensor, so a small malicious body cannot exhaust memory.
+    tensor, so a small malicious body cannot exhaust memory. ``max_datums`` / ``max_tokens``
+    (None: no limit) cap the datums and the model-input tokens of all datums together; they
+    are checked on the parsed message, before any datum is built. A body over a limit raises
+    :class:`RequestTooLargeError`.
     """
     raw = _decompress(body, content_encoding, max_decompressed_bytes)
     msg = pb.ForwardBackwardRequest()
@@ -77,6 +82,7 @@ def decode_forward_backward_request(
         ) from None
     if not msg.model_id:
         raise ProtoDecodeError("ForwardBackwardRequest.model_id: missing")
+    _check_size(msg, max_datums, max_tokens)
     data = [_decode_datum(d, f"data[{i}]", max_decompressed_bytes) for i, d in enumerate(msg.data)]
     try:
         # model_validate: loss_fn is an arbitrary string here, the Literal check is pydantic's.
@@ -93,18 +99,41 @@ def decode_forward_backward_request(
     )
 
 
+def _check_size(
+    msg: pb.ForwardBackwardRequest, max_datums: int | None, max_tokens: int | None
+) -> None:
+    if max_datums is not None and len(msg.data) > max_datums:
+        raise RequestTooLargeError(
+            f"ForwardBackwardRequest.data: {len(msg.data)} datums exceed the limit of "
+            f"{max_datums} per request"
+        )
+    if max_tokens is not None:
+        # encoded_text tokens travel as packed int32: 4 bytes each, counted without decoding.
+        tokens = sum(
+            len(chunk.encoded_text.tokens) // 4
+            for datum in msg.data
+            for chunk in datum.model_input
+            if chunk.WhichOneof("chunk") == "encoded_text"
+        )
+        if tokens > max_tokens:
+            raise RequestTooLargeError(
+                f"ForwardBackwardRequest.data: {tokens} model-input tokens exceed the limit of "
+                f"{max_tokens} per request"
+            )
+
+
 def _decompress(body: bytes, content_encoding: str | None, cap: int) -> bytes:
     encoding = (content_encoding or "identity").strip().lower()
     if encoding == "identity":
         if len(body) > cap:
-            raise ProtoDecodeError(f"request body: {len(body)} bytes exceeds {cap}")
+            raise RequestTooLargeError(f"request body: {len(body)} bytes exceeds {cap}")
         return body
     if encoding != "zstd":
         raise ProtoDecodeError(f"Content-Encoding {content_encoding!r}: only zstd is supported")
     try:
         size = zstandard.frame_content_size(body)
         if size > cap:
-            raise ProtoDecodeError(f"zstd body: decompressed size {size} exceeds {cap} bytes")
+            raise RequestTooLargeError(f"zstd body: decompressed size {size} exceeds {cap} bytes")
         # Without a size in the frame header, max_output_size is what bounds the allocation.
         return zstandard.ZstdDecompressor().decompress(body, max_output_size=cap)
     except zstandard.ZstdError as exc:

@@ -44,13 +44,14 @@ from tx_types.proto._request import (
 )
 from tx_types.proto._sample import decode_sample_response, encode_sample_response
 from tx_types.proto._topk import MASK_LOGPROB
-from tx_types.proto.errors import ProtoDecodeError
+from tx_types.proto.errors import ProtoDecodeError, RequestTooLargeError
 
 __all__ = [
     "DEFAULT_MAX_DECOMPRESSED_BYTES",
     "MASK_LOGPROB",
     "DecodedForwardBackwardRequest",
     "ProtoDecodeError",
+    "RequestTooLargeError",
     "decode_forward_backward_output",
     "decode_forward_backward_request",
     "decode_sample_response",

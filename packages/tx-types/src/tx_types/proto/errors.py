@@ -6,7 +6,7 @@ from pydantic import ValidationError
 
 from tx_types.errors import TxTypesError
 
-__all__ = ["ProtoDecodeError", "invalid"]
+__all__ = ["ProtoDecodeError", "RequestTooLargeError", "invalid"]
 
 
 class ProtoDecodeError(TxTypesError, ValueError):
@@ -16,6 +16,14 @@ class ProtoDecodeError(TxTypesError, ValueError):
     indices, and values the wire types reject. It is a ``TxTypesError`` (the package root) and a
     ``ValueError``, so callers that only know the builtin still catch it; the server maps it to a *user* error (HTTP 400),
     because it always means the client sent something malformed. The message names the field.
+    """
+
+
+class RequestTooLargeError(ProtoDecodeError):
+    """A well-formed message over a size limit the decoder was given (datums, tokens, bytes).
+
+    A ``ProtoDecodeError`` so callers that only catch that still reject it; raised before the
+    datums are built, so an oversized body costs no more than its protobuf parse.
     """
 
 

@@ -9,7 +9,10 @@ A bad ``asample`` body (out-of-range sampling params, unknown sampler, options t
 implement) is answered with a future recorded as failed with category ``user``: the SDK sends
 ``asample`` without transport retries and would turn a 4xx into a generic error, whereas a
 failed future raises ``RequestFailedError`` with the message. ``sample_sequence_ids`` are always
-present (spec §0 item 4): ``{request_id}:{i}``, unique because request ids are.
+present (spec §0 item 4): ``{request_id}:{i}``, unique because request ids are, one per
+requested sample (the SDK asserts as many as it gets sequences). ``num_samples`` is bounded by
+``max_num_samples``: a larger request fails on arrival, as a user error naming ``num_samples``.
+A sampler whose session is finished takes no new requests (410, spec §4.1).
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from tx_server.api.access import readable_checkpoint
 from tx_server.api.deps import StateDep, TenantDep
+from tx_server.api.routes.models import require_live_session
 from tx_server.api.state import AppState
-from tx_server.db.models import ModelRow, SamplingSessionRow
+from tx_server.db.models import ModelRow, SamplingSessionRow, SessionRow
 from tx_server.errors import BadRequestError, NotFoundError
 from tx_server.futures import RequestType, Submission
 from tx_server.worker.storage import checkpoint_dir, find_checkpoint
@@ -135,51 +140,71 @@ def _storage_path(state: AppState, tenant: str, row: SamplingSessionRow) -> str 
     return str(checkpoint_dir(root, parsed.training_run_id, "sampler", parsed.name))
 
 
-def _unsupported(body: SampleRequest) -> str | None:
+def _unsupported(state: AppState, body: SampleRequest) -> str | None:
     if body.sampling_session_id is None:
         return "sampling_session_id is required (create a sampling client first)"
+    limit = state.settings.max_num_samples
+    if body.num_samples > limit:
+        return (
+            f"num_samples {body.num_samples} exceeds this server's limit of {limit} samples "
+            "per request (max_num_samples); split it into several requests"
+        )
     return None
 
 
-def _prepare_sample(state: AppState, tenant: str, raw: bytes) -> Submission:
-    """The queued submission for an ``asample`` body, failed at once if the body is bad."""
+def _live_sampler(
+    state: AppState, tenant: str, sampler_id: str, submission: Submission
+) -> SamplingSessionRow:
+    """The caller's sampler (else NotFoundError); 410 once its session is finished.
+
+    The session's two columns come with the sampler in one joined lookup (every sample's path).
+    """
+    query = (
+        select(SamplingSessionRow, SessionRow.finished_at, SessionRow.last_heartbeat_at)
+        .outerjoin(SessionRow, SessionRow.id == SamplingSessionRow.session_id)
+        .where(SamplingSessionRow.id == sampler_id)
+    )
+    with state.db.read() as session:
+        found = session.execute(query).first()
+    if found is None or found[0].tenant_id != tenant:
+        raise NotFoundError(f"unknown sampling session {sampler_id!r}")
+    row, finished_at, last_heartbeat_at = found
+    require_live_session(state, tenant, submission, row.session_id, finished_at, last_heartbeat_at)
+    return row
+
+
+def _prepare_sample(state: AppState, tenant: str, raw: bytes) -> tuple[Submission, int]:
+    """The queued submission for an ``asample`` body, failed at once if the body is bad, and
+    how many ``sample_sequence_ids`` to answer with (``num_samples`` of a valid body)."""
     try:
         body = SampleRequest.model_validate_json(raw)
     except ValidationError as exc:
         message = f"asample request is invalid: {exc}"
-        return Submission(RequestType.SAMPLE, b"", failed=(message, "user"))
-    problem = _unsupported(body)
+        return Submission(RequestType.SAMPLE, b"", failed=(message, "user")), 1
+    problem = _unsupported(state, body)
     key: dict[str, Any] = {"sampling_session_id": body.sampling_session_id, "seq_id": body.seq_id}
     if problem is not None:
-        return Submission(RequestType.SAMPLE, b"", failed=(problem, "user"), **key)
+        return Submission(RequestType.SAMPLE, b"", failed=(problem, "user"), **key), 1
     try:
         assert body.sampling_session_id is not None
-        sampler = _owned_sampler(state, tenant, body.sampling_session_id)
+        keyed = Submission(RequestType.SAMPLE, b"", **key)
+        sampler = _live_sampler(state, tenant, body.sampling_session_id, keyed)
         storage = _storage_path(state, tenant, sampler)
     except NotFoundError as exc:
-        return Submission(RequestType.SAMPLE, b"", failed=(str(exc), "user"), **key)
+        return Submission(RequestType.SAMPLE, b"", failed=(str(exc), "user"), **key), 1
     payload = {
         "request": body.model_dump(mode="json"),
         "base_model": sampler.base_model,
         "storage_path": storage,
     }
-    return Submission(RequestType.SAMPLE, json.dumps(payload).encode(), **key)
-
-
-def _num_samples(raw: bytes) -> int:
-    """``num_samples`` of a possibly invalid body, for the ids of a failed future (≥ 1)."""
-    try:
-        value = json.loads(raw).get("num_samples", 1)
-    except (ValueError, AttributeError):
-        return 1
-    return value if isinstance(value, int) and 1 <= value <= 1024 else 1
+    return Submission(RequestType.SAMPLE, json.dumps(payload).encode(), **key), body.num_samples
 
 
 @router.post("/asample", response_model=UntypedAPIFuture, response_model_exclude_none=True)
 async def asample(request: Request, tenant: TenantDep, state: StateDep) -> UntypedAPIFuture:
     """Queue ``num_samples`` generations (also ``compute_logprobs``); answer with the ids."""
     raw = await request.body()
-    submission = await run_in_threadpool(_prepare_sample, state, tenant, raw)
+    submission, count = await run_in_threadpool(_prepare_sample, state, tenant, raw)
     request_id = await run_in_threadpool(state.futures.submit, tenant, submission)
-    ids = [f"{request_id}:{i}" for i in range(_num_samples(raw))]
+    ids = [f"{request_id}:{i}" for i in range(count)]
     return UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids)

@@ -16,7 +16,13 @@ from starlette.concurrency import run_in_threadpool
 
 from tx_server.api.access import readable_checkpoint
 from tx_server.api.deps import StateDep, TenantDep
-from tx_server.api.routes.models import get_owned_model, model_id_for, submit
+from tx_server.api.routes.models import (
+    created_before,
+    get_owned_model,
+    model_id_for,
+    submit,
+    submit_for_model,
+)
 from tx_server.api.state import AppState
 from tx_server.db.models import CheckpointRow, ModelRow
 from tx_server.errors import BadRequestError, NotFoundError
@@ -61,7 +67,6 @@ async def save_weights(
     it when the worker registers the files (see :mod:`tx_server.db.models`).
     """
     check_ttl(state, body.ttl_seconds)
-    await run_in_threadpool(get_owned_model, state, tenant, body.model_id)
     name = body.path or f"step-{body.seq_id or 0}"
     checkpoint_dir(state.settings.checkpoint_root, body.model_id, "training", name)
     submission = Submission(
@@ -70,7 +75,7 @@ async def save_weights(
         model_id=body.model_id,
         seq_id=body.seq_id,
     )
-    return await submit(state, tenant, submission, body.model_id)
+    return await submit_for_model(state, tenant, submission, body.model_id)
 
 
 @router.post("/save_weights_for_sampler", response_model=UntypedAPIFuture)
@@ -91,7 +96,7 @@ async def save_weights_for_sampler(
         model_id=body.model_id,
         seq_id=body.seq_id,
     )
-    return await submit(state, tenant, submission, body.model_id)
+    return await submit_for_model(state, tenant, submission, body.model_id)
 
 
 def _readable_checkpoint(
@@ -124,6 +129,8 @@ def _register_loaded_model(
     with state.db.write() as session:
         if session.get(ModelRow, model_id) is not None:
             return  # a transport retry
+        if created_before(session, session_id, model_seq_id):
+            return  # ... of one that failed (its run was removed): the failure stands
         session.add(
             ModelRow(
                 id=model_id,
@@ -169,7 +176,9 @@ async def load_weights(
         session_id=body.session_id if creating else None,
         model_seq_id=body.model_seq_id if creating else None,
     )
-    return await submit(state, tenant, submission, model_id)
+    if creating:  # _prepare_load checked that the session is active
+        return await submit(state, tenant, submission, model_id)
+    return await submit_for_model(state, tenant, submission, model_id)
 
 
 @router.post("/weights_info", response_model=WeightsInfoResponse, response_model_exclude_none=True)
