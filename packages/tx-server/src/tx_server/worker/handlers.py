@@ -25,7 +25,7 @@ from tx_server.errors import BadRequestError
 from tx_server.futures import RequestType
 from tx_server.work_queue import ClaimedRequest
 from tx_server.worker.engines import EngineHost, create_from_config
-from tx_server.worker.storage import checkpoint_dir, dir_size, find_checkpoint
+from tx_server.worker.storage import checkpoint_dir, dir_size, ephemeral_name, find_checkpoint
 from tx_types import (
     CreateModelRequest,
     CreateModelResponse,
@@ -112,7 +112,7 @@ class BarrierHandlers:
             )
         else:
             seq = int(body["sampling_session_seq_id"])
-            name = f"ephemeral-{seq}"
+            name = ephemeral_name(seq)
             target = checkpoint_dir(self.root, model_id, "sampler", name)
             export_for_sampler(loaded.engine, loaded.slot, target, peft=False)
             session_id = data["session_id"]

@@ -17,10 +17,28 @@ from tx_server.db.models import CheckpointRow
 from tx_server.errors import BadRequestError
 from tx_types.paths import validate_checkpoint_name
 
-__all__ = ["SEGMENTS", "TYPES", "checkpoint_dir", "dir_size", "find_checkpoint", "remove_dir"]
+__all__ = [
+    "EPHEMERAL_PREFIX",
+    "SEGMENTS",
+    "TYPES",
+    "checkpoint_dir",
+    "dir_size",
+    "ephemeral_name",
+    "find_checkpoint",
+    "remove_dir",
+]
 
 SEGMENTS = {"training": "weights", "sampler": "sampler_weights", "external": "external_weights"}
 TYPES = {segment: kind for kind, segment in SEGMENTS.items()}
+EPHEMERAL_PREFIX = "ephemeral-"
+"""Names of unnamed ``save_weights_for_sampler`` snapshots (``sampler_weights/ephemeral-{seq}``),
+which have no checkpoint row: reserved, so a named checkpoint can never overwrite one or be
+mistaken for one."""
+
+
+def ephemeral_name(sampling_session_seq_id: int) -> str:
+    """The directory name of the unnamed sampler snapshot of that sampling session."""
+    return f"{EPHEMERAL_PREFIX}{sampling_session_seq_id}"
 
 
 def checkpoint_dir(root: Path, run_id: str, checkpoint_type: str, name: str) -> Path:

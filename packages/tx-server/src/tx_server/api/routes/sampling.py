@@ -32,7 +32,7 @@ from tx_server.api.state import AppState
 from tx_server.db.models import ModelRow, SamplingSessionRow, SessionRow
 from tx_server.errors import BadRequestError, NotFoundError
 from tx_server.futures import RequestType, Submission
-from tx_server.worker.storage import checkpoint_dir, find_checkpoint
+from tx_server.worker.storage import EPHEMERAL_PREFIX, checkpoint_dir, find_checkpoint
 from tx_types import (
     CreateSamplingSessionRequest,
     CreateSamplingSessionResponse,
@@ -132,10 +132,12 @@ def _storage_path(state: AppState, tenant: str, row: SamplingSessionRow) -> str 
         if find_checkpoint(session, row.model_path) is not None:
             return readable_checkpoint(session, tenant, row.model_path).storage_path
         source = session.get(ModelRow, row.source_model_id) if row.source_model_id else None
-    if source is None or source.tenant_id != tenant:
-        raise NotFoundError(f"checkpoint {row.model_path!r} no longer exists")
-    # An unnamed save_weights_for_sampler snapshot has no checkpoint row, only its directory.
+    # An unnamed save_weights_for_sampler snapshot has no checkpoint row, only its directory;
+    # any other path without a row was deleted or expired (never read what now sits there).
     parsed = ParsedCheckpointTinkerPath.from_tinker_path(row.model_path)
+    unnamed = parsed.checkpoint_type == "sampler" and parsed.name.startswith(EPHEMERAL_PREFIX)
+    if source is None or source.tenant_id != tenant or not unnamed:
+        raise NotFoundError(f"checkpoint {row.model_path!r} no longer exists")
     root = state.settings.checkpoint_root
     return str(checkpoint_dir(root, parsed.training_run_id, "sampler", parsed.name))
 

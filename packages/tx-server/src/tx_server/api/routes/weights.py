@@ -27,7 +27,7 @@ from tx_server.api.state import AppState
 from tx_server.db.models import CheckpointRow, ModelRow
 from tx_server.errors import BadRequestError, NotFoundError
 from tx_server.futures import RequestType, Submission
-from tx_server.worker.storage import checkpoint_dir
+from tx_server.worker.storage import EPHEMERAL_PREFIX, checkpoint_dir
 from tx_types import (
     LoadWeightsRequest,
     SaveWeightsForSamplerRequest,
@@ -88,6 +88,11 @@ async def save_weights_for_sampler(
     extra: dict[str, Any] = {"base_model": model.base_model, "session_id": model.session_id}
     if body.path is not None:
         checkpoint_dir(state.settings.checkpoint_root, body.model_id, "sampler", body.path)
+        if body.path.startswith(EPHEMERAL_PREFIX):
+            raise BadRequestError(
+                f"path {body.path!r}: names starting with {EPHEMERAL_PREFIX!r} are reserved "
+                "for the unnamed snapshots of save_weights_and_get_sampling_client"
+            )
     elif body.sampling_session_seq_id is None:
         raise BadRequestError("save_weights_for_sampler needs path or sampling_session_seq_id")
     submission = Submission(
@@ -145,13 +150,46 @@ def _register_loaded_model(
         )
 
 
+def _lora_shape(lora: dict[str, Any]) -> dict[str, Any]:
+    """What an adapter's tensors are shaped by (``weights_info``'s defaults for absent keys)."""
+    return {
+        "rank": int(lora.get("rank", 32)),
+        "train_attn": bool(lora.get("train_attn", True)),
+        "train_mlp": bool(lora.get("train_mlp", True)),
+        "train_unembed": bool(lora.get("train_unembed", True)),
+    }
+
+
+def _check_loadable_into(target: ModelRow, source: ModelRow, path: str) -> None:
+    """BadRequestError unless the checkpoint (of run ``source``) fits the run ``target``.
+
+    Loading replaces the adapter's weights in place: a checkpoint of another base model, rank
+    or set of trained layers would silently change what the run is (and what its later saves
+    and ``get_training_run`` report). Create a new run from the checkpoint instead.
+    """
+    if target.base_model != source.base_model:
+        raise BadRequestError(
+            f"{path!r} is a checkpoint of base model {source.base_model!r}; "
+            f"model {target.id!r} is of {target.base_model!r}"
+        )
+    have, want = _lora_shape(target.lora_config), _lora_shape(source.lora_config)
+    if have != want:
+        differ = ", ".join(
+            f"{k} {want[k]} (the run has {have[k]})" for k in have if have[k] != want[k]
+        )
+        raise BadRequestError(
+            f"{path!r} does not fit model {target.id!r}: its LoRA config has {differ}; "
+            "load it into a new training client (create_training_client_from_state) instead"
+        )
+
+
 def _prepare_load(state: AppState, tenant: str, body: LoadWeightsRequest) -> tuple[str, str]:
     """The target model id and the checkpoint's storage path (creating the model if asked)."""
     checkpoint, source = _readable_checkpoint(state, tenant, body.path)
     if checkpoint.checkpoint_type != "training":
         raise BadRequestError(f"{body.path!r} is not a training-state (weights/) checkpoint")
     if body.model_id is not None:
-        get_owned_model(state, tenant, body.model_id)
+        _check_loadable_into(get_owned_model(state, tenant, body.model_id), source, body.path)
         return body.model_id, checkpoint.storage_path
     if body.session_id is None or body.model_seq_id is None:
         raise BadRequestError("load_weights needs model_id, or session_id and model_seq_id")
