@@ -2,8 +2,9 @@
 
 Only the caller's runs are listed (``access_scope=accessible`` sees the same set: published
 checkpoints are shared by path, see :mod:`tx_server.api.routes.checkpoints`); any other scope is
-a 422. ``offset`` is bounded so that it always fits the database's 64-bit integers: a larger one
-failed inside the query (a 500, retried by the SDK for minutes).
+a 422. ``GET /checkpoints`` (``list_user_checkpoints``) pages through the caller's checkpoints
+of all its runs, newest first. ``offset`` is bounded so that it always fits the database's
+64-bit integers: a larger one failed inside the query (a 500, retried by the SDK for minutes).
 Checkpoints whose TTL ran out are never listed, even before the cleanup removes them.
 Deleting a checkpoint removes its row first, then its files, so a half-deleted checkpoint is
 never listed.
@@ -11,6 +12,7 @@ never listed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,7 +24,7 @@ from tx_server.api.access import live_checkpoint, route_tinker_path
 from tx_server.api.deps import StateDep, TenantDep
 from tx_server.api.routes.models import get_owned_model
 from tx_server.api.state import AppState
-from tx_server.db.models import CheckpointRow, ModelRow
+from tx_server.db.models import CheckpointRow, ModelRow, utcnow
 from tx_server.errors import NotFoundError
 from tx_server.worker.storage import SEGMENTS, remove_dir
 from tx_types import (
@@ -120,6 +122,24 @@ async def get_training_run(
     return await run_in_threadpool(_run, state, row)
 
 
+def _listing(
+    rows: Sequence[CheckpointRow],
+    offset: int = 0,
+    limit: int | None = None,
+    total: int | None = None,
+) -> CheckpointsListResponse:
+    """``rows`` as a listing; without ``limit``/``total`` the rows are the whole list."""
+    items = [_checkpoint(r) for r in rows]
+    return CheckpointsListResponse(
+        checkpoints=items,
+        cursor=Cursor(
+            offset=offset,
+            limit=len(items) if limit is None else limit,
+            total_count=len(items) if total is None else total,
+        ),
+    )
+
+
 def _list_checkpoints(state: AppState, tenant: str, run_id: str) -> CheckpointsListResponse:
     get_owned_model(state, tenant, run_id)
     with state.db.read() as session:
@@ -128,10 +148,7 @@ def _list_checkpoints(state: AppState, tenant: str, run_id: str) -> CheckpointsL
             .where(CheckpointRow.model_id == run_id, live_checkpoint())
             .order_by(CheckpointRow.created_at)
         ).all()
-    items = [_checkpoint(r) for r in rows]
-    return CheckpointsListResponse(
-        checkpoints=items, cursor=Cursor(offset=0, limit=len(items), total_count=len(items))
-    )
+    return _listing(rows)
 
 
 @router.get("/training_runs/{run_id}/checkpoints", response_model=CheckpointsListResponse)
@@ -140,6 +157,34 @@ async def list_checkpoints(
 ) -> CheckpointsListResponse:
     """Every checkpoint of the run, oldest first."""
     return await run_in_threadpool(_list_checkpoints, state, tenant, run_id)
+
+
+def _list_user_checkpoints(
+    state: AppState, tenant: str, limit: int, offset: int
+) -> CheckpointsListResponse:
+    # One "now" for the count and the page, so they agree on which checkpoints are live.
+    mine = (CheckpointRow.tenant_id == tenant, live_checkpoint(utcnow()))
+    with state.db.read() as session:
+        total = session.scalar(select(func.count()).select_from(CheckpointRow).where(*mine))
+        rows = session.scalars(
+            select(CheckpointRow)
+            .where(*mine)
+            .order_by(CheckpointRow.created_at.desc(), CheckpointRow.id.desc())
+            .limit(limit)
+            .offset(offset)
+        ).all()
+    return _listing(rows, offset, limit, int(total or 0))
+
+
+@router.get("/checkpoints", response_model=CheckpointsListResponse)
+async def list_user_checkpoints(
+    tenant: TenantDep,
+    state: StateDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=_MAX_OFFSET)] = 0,
+) -> CheckpointsListResponse:
+    """The caller's checkpoints across all of its training runs, newest first."""
+    return await run_in_threadpool(_list_user_checkpoints, state, tenant, limit, offset)
 
 
 def _delete(state: AppState, tenant: str, run_id: str, kind: str, name: str) -> None:
