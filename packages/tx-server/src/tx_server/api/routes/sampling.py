@@ -18,11 +18,11 @@ A sampler whose session is finished takes no new requests (410, spec §4.1).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, select
 from starlette.concurrency import run_in_threadpool
 
 from tx_server.api.access import readable_checkpoint
@@ -154,24 +154,36 @@ def _unsupported(state: AppState, body: SampleRequest) -> str | None:
     return None
 
 
+_SAMPLERS = cast(Table, SamplingSessionRow.__table__)
+_SESSIONS = cast(Table, SessionRow.__table__)
+_LIVE_SAMPLER = (
+    select(_SAMPLERS, _SESSIONS.c.finished_at, _SESSIONS.c.last_heartbeat_at)
+    .select_from(_SAMPLERS.outerjoin(_SESSIONS, _SESSIONS.c.id == _SAMPLERS.c.session_id))
+    .where(_SAMPLERS.c.id == bindparam("sampler_id"))
+)
+
+
 def _live_sampler(
     state: AppState, tenant: str, sampler_id: str, submission: Submission
 ) -> SamplingSessionRow:
     """The caller's sampler (else NotFoundError); 410 once its session is finished.
 
-    The session's two columns come with the sampler in one joined lookup (every sample's path).
+    The session's two columns come with the sampler in one joined Core lookup (every sample's
+    path: a third of the cost of the ORM's), as a detached row.
     """
-    query = (
-        select(SamplingSessionRow, SessionRow.finished_at, SessionRow.last_heartbeat_at)
-        .outerjoin(SessionRow, SessionRow.id == SamplingSessionRow.session_id)
-        .where(SamplingSessionRow.id == sampler_id)
-    )
-    with state.db.read() as session:
-        found = session.execute(query).first()
-    if found is None or found[0].tenant_id != tenant:
+    with state.db.core_read() as conn:
+        found = conn.execute(_LIVE_SAMPLER, {"sampler_id": sampler_id}).mappings().first()
+    if found is None or found["tenant_id"] != tenant:
         raise NotFoundError(f"unknown sampling session {sampler_id!r}")
-    row, finished_at, last_heartbeat_at = found
-    require_live_session(state, tenant, submission, row.session_id, finished_at, last_heartbeat_at)
+    row = SamplingSessionRow(**{c.key: found[c.key] for c in _SAMPLERS.c})
+    require_live_session(
+        state,
+        tenant,
+        submission,
+        row.session_id,
+        found["finished_at"],
+        found["last_heartbeat_at"],
+    )
     return row
 
 
