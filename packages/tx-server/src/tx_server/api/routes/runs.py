@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Query, Response
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from tx_server.api.access import live_checkpoint, route_tinker_path
@@ -37,6 +38,7 @@ from tx_types import (
 
 router = APIRouter(tags=["training_runs"])
 
+RowT = TypeVar("RowT", ModelRow, CheckpointRow)
 _MAX_OFFSET = 2**62
 """Far past any real list, and ``offset + limit`` still fits a signed 64-bit integer."""
 
@@ -81,21 +83,31 @@ def _run(state: AppState, row: ModelRow) -> TrainingRun:
 
 
 def _list_runs(state: AppState, tenant: str, limit: int, offset: int) -> TrainingRunsResponse:
+    order = (ModelRow.created_at.desc(), ModelRow.id)
     with state.db.read() as session:
-        total = session.scalar(
-            select(func.count()).select_from(ModelRow).where(ModelRow.tenant_id == tenant)
+        rows, total = _page(
+            session, ModelRow, (ModelRow.tenant_id == tenant,), order, limit, offset
         )
-        rows = session.scalars(
-            select(ModelRow)
-            .where(ModelRow.tenant_id == tenant)
-            .order_by(ModelRow.created_at.desc(), ModelRow.id)
-            .limit(limit)
-            .offset(offset)
-        ).all()
     return TrainingRunsResponse(
         training_runs=[_run(state, r) for r in rows],
-        cursor=Cursor(offset=offset, limit=limit, total_count=int(total or 0)),
+        cursor=Cursor(offset=offset, limit=limit, total_count=total),
     )
+
+
+def _page(
+    session: Session,
+    entity: type[RowT],
+    where: tuple[ColumnElement[bool], ...],
+    order: tuple[Any, ...],
+    limit: int,
+    offset: int,
+) -> tuple[Sequence[RowT], int]:
+    """One page of the ``entity`` rows matching ``where`` in ``order``, and how many match."""
+    total = session.scalar(select(func.count()).select_from(entity).where(*where))
+    rows = session.scalars(
+        select(entity).where(*where).order_by(*order).limit(limit).offset(offset)
+    ).all()
+    return rows, int(total or 0)
 
 
 @router.get("/training_runs", response_model=TrainingRunsResponse)
@@ -164,16 +176,10 @@ def _list_user_checkpoints(
 ) -> CheckpointsListResponse:
     # One "now" for the count and the page, so they agree on which checkpoints are live.
     mine = (CheckpointRow.tenant_id == tenant, live_checkpoint(utcnow()))
+    order = (CheckpointRow.created_at.desc(), CheckpointRow.id.desc())
     with state.db.read() as session:
-        total = session.scalar(select(func.count()).select_from(CheckpointRow).where(*mine))
-        rows = session.scalars(
-            select(CheckpointRow)
-            .where(*mine)
-            .order_by(CheckpointRow.created_at.desc(), CheckpointRow.id.desc())
-            .limit(limit)
-            .offset(offset)
-        ).all()
-    return _listing(rows, offset, limit, int(total or 0))
+        rows, total = _page(session, CheckpointRow, mine, order, limit, offset)
+    return _listing(rows, offset, limit, total)
 
 
 @router.get("/checkpoints", response_model=CheckpointsListResponse)
