@@ -14,6 +14,10 @@ Layout of ``<output-dir>/checkpoint-<step>/``:
   taken, which is all the data order needs (:mod:`tx_cli.train_data` derives batches from
   the step), the run's options and ``lora_rank`` (null for a full fine-tune).
 
+A checkpoint is written into ``.checkpoint-<step>.partial`` and renamed when complete
+(:func:`commit`), so ``checkpoint-<step>`` is never half written nor mixed with an earlier
+run's files.
+
 Weights are stored at their training precision (float32), so resuming reproduces an
 uninterrupted run bit for bit.
 """
@@ -21,6 +25,9 @@ uninterrupted run bit for bit.
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,7 @@ from tx_cli.loaders.base import TrainInputError
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
+PARTIAL_SUFFIX = ".partial"  # a checkpoint being written: .checkpoint-<step>.partial
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -59,35 +67,107 @@ def write_state(out: Path, step: int, tokenizer: Any, meta: dict[str, Any]) -> N
     (out / STATE_FILE).write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
 
 
-def check_kind(ckpt: Path, lora_rank: int | None) -> None:
-    """Refuse to resume a LoRA checkpoint as a full fine-tune, or with another rank."""
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of ``ckpt`` as a dict with a valid ``step``.
+
+    Why: the file is the user's (copied, edited, truncated); anything else than a JSON object
+    with a non-negative integer ``step`` and an integer-or-null ``lora_rank`` must end in one
+    line naming the file, not a ``JSONDecodeError`` or ``AttributeError`` traceback.
+    """
     state_file = ckpt / STATE_FILE
     if not state_file.is_file():
         raise TrainInputError(f"--load-checkpoint-path: {ckpt} has no {STATE_FILE}")
-    saved = json.loads(state_file.read_text()).get("lora_rank")
-    if saved == lora_rank:
-        return
-    if saved is None:
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TrainInputError(
-            f"--lora-rank {lora_rank}: {ckpt} is a full fine-tuning checkpoint; "
-            "resume it without --lora-rank"
+            f"--load-checkpoint-path: {state_file} is not valid JSON ({e})"
+        ) from e
+    if not isinstance(state, dict):
+        raise TrainInputError(f"--load-checkpoint-path: {state_file} is not a JSON object")
+    step, rank = state.get("step"), state.get("lora_rank")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise TrainInputError(f"--load-checkpoint-path: {state_file} has no valid 'step'")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        raise TrainInputError(f"--load-checkpoint-path: {state_file} has an invalid 'lora_rank'")
+    return state
+
+
+def check_kind(ckpt: Path, lora_rank: int | None, optimizer: str | None = None) -> None:
+    """Refuse to resume a LoRA checkpoint as a full fine-tune, or with another rank, or (when
+    ``optimizer`` is given) a state written by another ``--optimizer``: its optax state would
+    not match, and naming the two optimizers beats listing the mismatched pytree paths."""
+    state = read_state(ckpt)
+    saved = state.get("lora_rank")
+    if saved != lora_rank:
+        if saved is None:
+            raise TrainInputError(
+                f"--lora-rank {lora_rank}: {ckpt} is a full fine-tuning checkpoint; "
+                "resume it without --lora-rank"
+            )
+        given = "not given" if lora_rank is None else f"{lora_rank}"
+        raise TrainInputError(
+            f"--lora-rank: {ckpt} is a rank-{saved} LoRA checkpoint; pass --lora-rank {saved} "
+            f"(got {given})"
         )
-    given = "not given" if lora_rank is None else f"{lora_rank}"
-    raise TrainInputError(
-        f"--lora-rank: {ckpt} is a rank-{saved} LoRA checkpoint; pass --lora-rank {saved} "
-        f"(got {given})"
-    )
+    trained_with = state.get("optimizer")
+    if optimizer is not None and isinstance(trained_with, str) and trained_with != optimizer:
+        raise TrainInputError(
+            f"--optimizer {optimizer}: {ckpt} was trained with --optimizer {trained_with}; "
+            "its optimizer state cannot be resumed by another optimizer"
+        )
 
 
 def read_step(ckpt: Path) -> int:
     """The step recorded in a checkpoint; fails naming the path if it is not one of ours."""
-    state_file = ckpt / STATE_FILE
-    if not state_file.is_file():
-        raise TrainInputError(f"--load-checkpoint-path: {ckpt} has no {STATE_FILE}")
-    step = json.loads(state_file.read_text()).get("step")
-    if not isinstance(step, int) or step < 0:
-        raise TrainInputError(f"--load-checkpoint-path: {state_file} has no valid 'step'")
+    step: int = read_state(ckpt)["step"]
     return step
+
+
+@contextmanager
+def reading(option: str, path: Path) -> Iterator[None]:
+    """Turn a failure to read the files of ``path`` into one line naming ``option``.
+
+    Why: the safetensors readers raise whatever a damaged file triggers (a ``JSONDecodeError``
+    for a cut header, a numpy reshape ``ValueError`` for cut data, ``SafetensorError``); for
+    the user all of them mean "this file is damaged", and a traceback hides which one. Our own
+    input errors and engine errors already classified as the user's pass through unchanged.
+    """
+    try:
+        yield
+    except TrainInputError:
+        raise
+    except Exception as e:
+        if getattr(e, "category", None) == "user":
+            raise
+        raise TrainInputError(f"{option}: cannot read {path}: {type(e).__name__}: {e}") from e
+
+
+def commit(staging: Path, out: Path) -> None:
+    """Move a fully written checkpoint from ``staging`` to ``out``, replacing ``out`` whole.
+
+    Why: writing file by file into ``out`` mixed a rerun's files with the stale ones of an
+    earlier run in the same ``--output-dir`` (a LoRA adapter beside an old full model, which
+    ``from_pretrained`` would load), and an interrupt mid-save left a half checkpoint under the
+    final name. Now ``checkpoint-N`` only ever appears complete.
+    """
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
+def staging_dir(output_dir: Path, step: int) -> Path:
+    """An empty hidden directory beside ``checkpoint-<step>`` to write that checkpoint into."""
+    staging = output_dir / f".checkpoint-{step}{PARTIAL_SUFFIX}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    return staging
+
+
+def remove_partial(output_dir: Path) -> None:
+    """Delete the staging directories that interrupted saves left in ``output_dir``."""
+    for staging in output_dir.glob(f".checkpoint-*{PARTIAL_SUFFIX}"):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_opt_state(ckpt: Path, template: Any) -> Any:

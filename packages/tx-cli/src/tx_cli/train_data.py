@@ -49,6 +49,8 @@ def _load_local(path: Path) -> Any:
         return datasets.load_from_disk(str(path))
     if path.is_dir():
         return datasets.load_dataset(str(path))
+    if path.stat().st_size == 0:  # else the json builder fails with a bare StopIteration
+        raise TrainInputError(f"dataset file {path} is empty")
     builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise TrainInputError(
@@ -62,7 +64,8 @@ def open_dataset(name: str, split: str) -> Any:
     import datasets
 
     datasets.disable_progress_bars()  # our own progress bar is the one that matters
-
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach us raised
     try:
         if _looks_local(name):
             loaded = _load_local(Path(name).expanduser())
@@ -73,7 +76,9 @@ def open_dataset(name: str, split: str) -> Any:
     except FileNotFoundError as e:
         raise TrainInputError(f"dataset {name!r} not found: {e}") from e
     except Exception as e:  # the datasets library raises many types for a bad id/file
-        raise TrainInputError(f"cannot load dataset {name!r}: {type(e).__name__}: {e}") from e
+        raise TrainInputError(f"cannot load dataset {name!r}: {_reason(e)}") from e
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     if split not in loaded:
@@ -81,6 +86,21 @@ def open_dataset(name: str, split: str) -> Any:
             f"unknown split {split!r} for dataset {name!r}; available: {', '.join(loaded)}"
         )
     return loaded[split]
+
+
+def _reason(e: BaseException) -> str:
+    """``e`` and, when it wraps another error, the innermost one: ``DatasetGenerationError``
+    only says "An error occurred while generating the dataset"; the parse error that names the
+    bad row is its cause (which ``datasets`` otherwise logs as a separate stderr line)."""
+    root = e
+    for _ in range(16):  # a bound, not a cycle check: chains are short
+        # explicit causes first: an implicit context can be a later fallback's failure
+        inner = root.__cause__ or (root.__context__ if root is e else None)
+        if inner is None:
+            break
+        root = inner
+    text = f"{type(e).__name__}: {e}"
+    return text if root is e else f"{text} ({type(root).__name__}: {root})"
 
 
 def bucket_length(n: int) -> int:

@@ -84,10 +84,34 @@ def make_optimizer(name: str, args: dict[str, Any]) -> optax.GradientTransformat
     """
     if name not in OPTIMIZERS:
         raise TrainInputError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    rate = args.get("learning_rate")
+    if "learning_rate" in args and (
+        isinstance(rate, bool) or not isinstance(rate, int | float) or not rate >= 0
+    ):  # the engine's AdamParams rule, so --lora-rank and full fine-tuning agree
+        raise TrainInputError(
+            f"--optimizer-args: learning_rate must be a number >= 0, got {rate!r}"
+        )
     try:
-        return _optimizer(name, json.dumps(args, sort_keys=True))
+        tx = _optimizer(name, json.dumps(args, sort_keys=True))
     except TypeError as e:
         raise TrainInputError(f"--optimizer-args: invalid for {name}: {e}") from e
+    _probe(name, tx)
+    return tx
+
+
+def _probe(name: str, tx: optax.GradientTransformation) -> None:
+    """One update of a scalar parameter, so that a wrong argument *value* (a list for ``b1``)
+    fails now as a usage error: optax only uses the values inside the first jitted step,
+    which crashed with a JAX traceback after the model had loaded."""
+    import jax.numpy as jnp
+
+    try:
+        param = jnp.zeros(())
+        tx.update(param, tx.init(param), param)
+    except Exception as e:
+        raise TrainInputError(
+            f"--optimizer-args: invalid for {name}: {type(e).__name__}: {e}"
+        ) from e
 
 
 class FullTrainer:
@@ -101,7 +125,8 @@ class FullTrainer:
         self.start_step = 0
         if resume_from is not None:
             self.start_step = ckpt.read_step(resume_from)
-            self.opt_state = ckpt.load_opt_state(resume_from, self.opt_state)
+            with ckpt.reading("--load-checkpoint-path", resume_from):
+                self.opt_state = ckpt.load_opt_state(resume_from, self.opt_state)
 
     def step(self, examples: list[Example]) -> float:
         self.params, self.opt_state, loss = full_train_step(
@@ -155,6 +180,8 @@ def run(
             f"--max-steps {settings.max_steps}: the checkpoint is already at step {start}"
         )
     settings.output_dir.mkdir(parents=True, exist_ok=True)
+    _keep_metrics_until(settings.output_dir / METRICS_FILE, start)
+    ckpt.remove_partial(settings.output_dir)
     losses: list[float] = []
     with _progress() as bar, open(settings.output_dir / METRICS_FILE, "a") as metrics:
         task = bar.add_task("train", total=settings.max_steps, completed=start, loss=0.0, tps=0)
@@ -173,8 +200,34 @@ def run(
             bar.update(task, advance=1, loss=loss, tps=tps)
             done = step + 1
             if done % settings.save_steps == 0 or done == settings.max_steps:
-                out = ckpt.checkpoint_dir(settings.output_dir, done)
-                trainer.save(out)
-                meta = {"optimizer": settings.optimizer, "optimizer_args": settings.optimizer_args}
-                ckpt.write_state(out, done, tokenizer, {**meta, **settings.meta})
+                _save(trainer, tokenizer, settings, done)
     return losses
+
+
+def _save(trainer: Trainer, tokenizer: Any, settings: TrainSettings, step: int) -> None:
+    """Write ``checkpoint-<step>`` into a staging directory, then move it in place whole."""
+    staging = ckpt.staging_dir(settings.output_dir, step)
+    trainer.save(staging)
+    meta = {"optimizer": settings.optimizer, "optimizer_args": settings.optimizer_args}
+    ckpt.write_state(staging, step, tokenizer, {**meta, **settings.meta})
+    ckpt.commit(staging, ckpt.checkpoint_dir(settings.output_dir, step))
+
+
+def _keep_metrics_until(path: Path, start: int) -> None:
+    """Drop the records of ``path`` after step ``start`` (all of them for a fresh run).
+
+    Why: the file is appended to, so a rerun in the same ``--output-dir`` logged steps
+    1..N twice, and a resume from step k kept the interrupted run's records after k beside
+    the new ones. After this the file is the history that led to the latest checkpoints.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut by an interrupt
+        if isinstance(step, int) and step <= start:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))

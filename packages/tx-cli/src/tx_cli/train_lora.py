@@ -80,14 +80,17 @@ class LoraTrainer:
 
         self.adam = adam_params(settings.optimizer, settings.optimizer_args)
         config = EngineConfig(max_lora_adapters=1, max_lora_rank=rank, mesh_tp=tp_size)
-        self.engine = TrainingEngine(model_dir, config)  # --tp-size was checked by the caller
+        with ckpt.reading("--model", model_dir):  # --tp-size was checked by the caller
+            self.engine = TrainingEngine(model_dir, config)
+        # PEFT's base_model_name_or_path: the hub id, or the local directory as absolute path
         self.base_name = str(settings.meta.get("model") or model_dir)
         self.start_step = 0
         if resume_from is None:
             self.slot = self.engine.create_adapter(rank, seed=settings.seed)
         else:
             self.start_step = ckpt.read_step(resume_from)
-            self.slot = self.engine.load_adapter(resume_from, with_optimizer=True)
+            with ckpt.reading("--load-checkpoint-path", resume_from):
+                self.slot = self.engine.load_adapter(resume_from, with_optimizer=True)
 
     def step(self, examples: list[Example]) -> float:
         from tx_engine.engine import AdapterBatch, DatumArrays

@@ -33,7 +33,9 @@ API_KEY = "tml-tx-demo"
 def demo(
     steps: Annotated[int, typer.Option(help="Optimizer steps.", min=1)] = 40,
     rank: Annotated[int, typer.Option(help="LoRA rank of the adapter.", min=1)] = 8,
-    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-3,
+    # min=0: the API's AdamParams rule; a negative rate failed after the server had started,
+    # with a pydantic traceback
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.", min=0.0)] = 3e-3,
     seed: Annotated[int, typer.Option(help="Adapter initialisation seed.")] = 0,
 ) -> None:
     """Serve the tiny model, fine-tune a LoRA adapter through the client, sample before/after."""

@@ -14,7 +14,8 @@ def make_tiny_model(
     preset: Annotated[
         str, typer.Argument(help="Preset name: tiny-qwen3, tiny-llama3, tiny-qwen3-moe or small.")
     ] = "tiny-qwen3",
-    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    # min=0: numpy's rule; a negative seed ended in a ValueError traceback
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.", min=0)] = 0,
     sharded: Annotated[
         bool, typer.Option("--sharded", help="Write 3 shards plus model.safetensors.index.json.")
     ] = False,
@@ -29,7 +30,8 @@ def make_tiny_model(
         typer.Option("--repo-id", help="Hub name to install as, e.g. Qwen/Qwen3-8B."),
     ] = None,
     tokenizer_only: Annotated[
-        bool, typer.Option("--tokenizer-only", help="Install only the tokenizer files.")
+        bool,
+        typer.Option("--tokenizer-only", help="Install only the tokenizer files (with --hf-home)."),
     ] = False,
 ) -> None:
     """Build PRESET with seeded random weights in Hugging Face layout.
@@ -41,6 +43,14 @@ def make_tiny_model(
         raise typer.BadParameter(
             "--hf-home and --repo-id must be given together", param_hint="--repo-id"
         )
+    # Why: without --hf-home the flag was silently ignored and the whole model was written.
+    if tokenizer_only and hf_home is None:
+        raise typer.BadParameter(
+            "--tokenizer-only applies to the hub-cache install; add --hf-home and --repo-id",
+            param_hint="--tokenizer-only",
+        )
+    if out.exists() and not out.is_dir():  # else a FileExistsError traceback from mkdir
+        raise typer.BadParameter(f"{out} exists and is not a directory", param_hint="--out")
     from tx_engine.testing import PRESETS, build_model, count_parameters, install_into_hf_cache
 
     if preset not in PRESETS:

@@ -150,11 +150,38 @@ def resolve_settings(
         lambda: EngineSettings(**{**env.engine.model_dump(), **engine}), ("engine",), flags(engine)
     )
     settings = _validated(lambda: Settings(**top, engine=merged), (), flags(top))
+    _check_paths(settings, flags(top))
     if not settings.base_models:
         from tx_engine.testing import ensure_model
 
         settings = Settings(**top, engine=merged, base_models=[str(ensure_model("tiny-qwen3"))])
     return settings
+
+
+def _check_paths(settings: Any, flags: dict[str, str]) -> None:
+    """The API keys file must parse, and local paths must exist, before the server starts.
+
+    Why: a missing or malformed ``--api-keys-file`` crashed with a ``FileNotFoundError`` or
+    ``ValueError`` traceback, and a missing local ``--base-model`` or a ``--checkpoint-root``
+    that is a file started a server that answered healthz and failed only on the first request
+    needing them. A base model counts as local when spelled as a path (``/``, ``.``, ``~``;
+    expanded as the worker's ``resolve_model_dir`` does); anything else is a hub id.
+    """
+    from tx_server.auth import Keyring
+
+    def name(field: str) -> str:
+        return flags.get(field) or "TX_" + field.upper()
+
+    try:  # read the keys file as the server will, once, at start
+        Keyring.from_settings(settings)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise typer.BadParameter(f"{name('api_keys_file')}: {e}") from None
+    for model in settings.base_models:
+        if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+            raise typer.BadParameter(f"{name('base_models')}: {model} is not a directory")
+    root = Path(settings.checkpoint_root)
+    if root.exists() and not root.is_dir():
+        raise typer.BadParameter(f"{name('checkpoint_root')}: {root} is not a directory")
 
 
 def _validated(build: Callable[[], Any], prefix: tuple[str, ...], flags: dict[str, str]) -> Any:

@@ -119,7 +119,7 @@ def _check_numbers(opts: dict[str, Any]) -> None:
 
 
 def _run(opts: dict[str, Any]) -> None:
-    from tx_cli.loaders import resolve_loader
+    from tx_cli.loaders import TrainInputError, resolve_loader
     from tx_cli.train_loop import OPTIMIZERS
     from tx_cli.train_tracker import TRACKERS
 
@@ -131,12 +131,25 @@ def _run(opts: dict[str, Any]) -> None:
             f"--optimizer: unknown optimizer {opts['optimizer']!r}; "
             f"choose one of {', '.join(OPTIMIZERS)}"
         )
-    _check_optimizer(opts["optimizer"], opt_args, opts["lora_rank"])
+    try:
+        _check_optimizer(opts["optimizer"], opt_args, opts["lora_rank"])
+    except TrainInputError as e:
+        if opts["optimizer_args"] != DEFAULT_OPTIMIZER_ARGS:
+            raise
+        # `--optimizer sgd` alone failed on an argument the user never wrote
+        raise UsageError(
+            f"{e} (the default --optimizer-args are AdamW's; pass --optimizer-args for "
+            f"{opts['optimizer']})"
+        ) from e
     if opts["tracker"] is not None and opts["tracker"] not in TRACKERS:
         raise UsageError(
             f"--tracker: unknown tracker {opts['tracker']!r}; choose {', '.join(TRACKERS)}"
         )
     load_fn = resolve_loader(opts["loader"])
+    try:  # now, not after loading the model: mkdir raised a traceback after the slow part
+        Path(opts["output_dir"]).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-dir: cannot create {opts['output_dir']}: {e}") from e
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torch-missing banner
     from tx_cli.train_data import open_dataset
 
@@ -174,16 +187,24 @@ def _train(
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as e:
         raise UsageError(f"--model: cannot load a tokenizer from {model_dir} ({e})") from e
-    examples = load_fn(data, tokenizer, MAX_LENGTH)
+    examples = _checked_examples(opts["loader"], load_fn(data, tokenizer, MAX_LENGTH))
     if not examples:
         raise UsageError(f"--dataset: {opts['dataset']!r} produced no training examples")
     resume = opts["load_checkpoint_path"]
     if resume is not None:
         if not Path(resume).is_dir():
             raise UsageError(f"--load-checkpoint-path: {resume} is not a directory")
-        train_checkpoint.check_kind(Path(resume), opts["lora_rank"])
+        train_checkpoint.check_kind(Path(resume), opts["lora_rank"], opts["optimizer"])
     steps_per_epoch = -(-len(examples) // opts["batch_size"])
-    keys = ("model", "dataset", "loader", "split", "batch_size", "lora_rank")
+    if resume is not None and opts["max_steps"] is None:
+        done = train_checkpoint.read_step(Path(resume))
+        if done >= steps_per_epoch:  # "--max-steps N" alone puzzled when none was given
+            raise UsageError(
+                f"--max-steps not given: one epoch is {steps_per_epoch} steps and the "
+                f"checkpoint is already at step {done}; pass a larger --max-steps"
+            )
+    keys = ("dataset", "loader", "split", "batch_size", "lora_rank")
+    local = Path(opts["model"]).expanduser().is_dir()
     settings = TrainSettings(
         output_dir=opts["output_dir"],
         batch_size=opts["batch_size"],
@@ -191,7 +212,10 @@ def _train(
         save_steps=opts["save_steps"],
         optimizer=opts["optimizer"],
         optimizer_args=opt_args,
-        meta={k: opts[k] for k in keys},
+        # a local --model is recorded absolute: PEFT resolves base_model_name_or_path (and a
+        # reader of trainer_state.json a path) against its own directory, not ours
+        meta={"model": str(model_dir.resolve()) if local else opts["model"]}
+        | {k: opts[k] for k in keys},
     )
     cache_dir = compilation_cache_dir()
     if cache_dir is not None:
@@ -203,6 +227,24 @@ def _train(
     if losses:
         typer.echo(f"trained {len(losses)} steps, final loss {losses[-1]:.4f}")
     typer.echo(f"checkpoint: {settings.output_dir / f'checkpoint-{settings.max_steps}'}")
+
+
+def _checked_examples(loader: str, examples: Any) -> list[Any]:
+    """``examples`` if it is a list of :class:`Example`; a custom loader that returns anything
+    else fails here in one line rather than with an ``AttributeError`` deep in batching."""
+    from tx_cli.loaders.base import Example
+
+    if not isinstance(examples, list):
+        raise UsageError(
+            f"--loader: {loader} returned {type(examples).__name__}, expected a list of Example"
+        )
+    for item in examples:
+        if not isinstance(item, Example):
+            raise UsageError(
+                f"--loader: {loader} returned {type(item).__name__} items, "
+                "expected tx_cli.loaders.Example"
+            )
+    return examples
 
 
 def compilation_cache_dir() -> Path | None:
@@ -218,6 +260,8 @@ def compilation_cache_dir() -> Path | None:
 
 def _trainer(opts: dict[str, Any], model_dir: Path, settings: Any) -> Any:
     """The LoRA trainer with ``--lora-rank``, else full fine-tuning from the real weights."""
+    from tx_cli import train_checkpoint
+
     mesh = _mesh(opts["tp_size"])
     resume = opts["load_checkpoint_path"]
     if opts["lora_rank"] is not None:
@@ -227,7 +271,10 @@ def _trainer(opts: dict[str, Any], model_dir: Path, settings: Any) -> Any:
     from tx_cli.train_loop import FullTrainer
     from tx_engine.loading import load_model
 
-    model, _ = load_model(resume or model_dir, max_lora_adapters=1, max_lora_rank=1, mesh=mesh)
+    source = Path(resume) if resume is not None else model_dir
+    option = "--model" if resume is None else "--load-checkpoint-path"
+    with train_checkpoint.reading(option, source):
+        model, _ = load_model(source, max_lora_adapters=1, max_lora_rank=1, mesh=mesh)
     return FullTrainer(model, settings, resume)
 
 
