@@ -94,7 +94,7 @@ def test_sampling_client_argument_checks(
     with pytest.raises(ValueError, match="tinker://"):
         sc.create_sampling_client(model_path="/tmp/x")
     client = sc.create_sampling_client(base_model="Qwen/Qwen3-0.6B")
-    with pytest.raises(ValueError, match="requires include_prompt_logprobs"):
+    with pytest.raises(ValueError, match="set include_prompt_logprobs"):
         client.sample(
             types.ModelInput.from_ints([1]), 1, {"max_tokens": 1}, prompt_logprobs_last_n=1
         )

@@ -9,9 +9,12 @@ reaches the user. A request that *completed* in a failed state (HTTP 200 ``{"err
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 
 import httpx
+import pydantic
 
 from tx_types import RequestErrorCategory
 
@@ -26,12 +29,14 @@ __all__ = [
     "BillingError",
     "ConflictError",
     "InternalServerError",
+    "InvalidRequestError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
     "RequestFailedError",
     "TinkerError",
     "UnprocessableEntityError",
+    "invalid_request",
     "status_error",
 ]
 
@@ -129,6 +134,34 @@ class RequestFailedError(TinkerError):
 
     def __reduce__(self) -> tuple[type[RequestFailedError], tuple[str, str, RequestErrorCategory]]:
         return (self.__class__, (self.message, self.request_id, self.category))
+
+
+class InvalidRequestError(RequestFailedError, ValueError):
+    """A request tx-client refused to send: its arguments fail the wire types' validation.
+
+    The official SDK does not validate requests; it sends them and the server fails them, so
+    user code sees a ``RequestFailedError`` of category ``user`` from ``.result()``. Raising
+    this subclass from the same place keeps such code working unchanged while the mistake is
+    still caught before a round trip. It is also a ``ValueError`` (as pydantic's
+    ``ValidationError`` is) for code that caught the validation error directly. It never had a
+    request id, so ``request_id`` is empty.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "", RequestErrorCategory.User)
+
+    def __reduce__(self) -> tuple[type[InvalidRequestError], tuple[str]]:  # type: ignore[override]
+        return (self.__class__, (self.message,))
+
+
+@contextlib.contextmanager
+def invalid_request(what: str) -> Iterator[None]:
+    """Turn a pydantic ``ValidationError`` raised while building ``what`` into an
+    :class:`InvalidRequestError` (the category the server would have given it)."""
+    try:
+        yield
+    except pydantic.ValidationError as exc:
+        raise InvalidRequestError(f"invalid {what} request: {exc}") from exc
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {

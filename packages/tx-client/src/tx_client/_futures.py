@@ -70,9 +70,9 @@ class APIFuture(Generic[T]):
         future.set_result(value)
         return cls(future)
 
-    @property
     def future(self) -> concurrent.futures.Future[T]:
-        """The underlying ``concurrent.futures.Future``."""
+        """The underlying ``concurrent.futures.Future`` (for ``concurrent.futures.wait`` and
+        ``as_completed``; cancelling it cancels the operation). A method, as in the SDK."""
         return self._future
 
     def done(self) -> bool:
@@ -87,6 +87,10 @@ class APIFuture(Generic[T]):
     async def result_async(self, timeout: float | None = None) -> T:
         """Await the result from any event loop."""
         return await asyncio.wait_for(asyncio.wrap_future(self._future), timeout)
+
+    async def coroutine(self) -> T:
+        """This future as a coroutine, for APIs that need one (``asyncio.create_task``)."""
+        return await self.result_async()
 
     def __await__(self) -> Generator[Any, None, T]:
         return self.result_async().__await__()

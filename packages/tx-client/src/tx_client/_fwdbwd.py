@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
+from tx_client._errors import invalid_request
 from tx_client._futures import ResultDecoder, poll_result
 from tx_client._metrics import combine_outputs
 from tx_client._ordering import RequestSequencer
@@ -49,23 +50,33 @@ async def submit_chunks(
     loss_fn_config: Mapping[str, float | str] | None,
     forward_only: bool,
 ) -> list[str]:
-    """POST every chunk in this call's turn (``seq_id = start + i + 1``); their request ids."""
+    """POST every chunk in this call's turn (``seq_id = start + i + 1``); their request ids.
+
+    If the bodies cannot be built (an unknown ``loss_fn``, a bad ``loss_fn_config``), the
+    reserved ids are still given up in turn: otherwise every later call on the model would
+    wait forever for them.
+    """
     config = holder.config
     compress = bool(config and config.proto_compress_fwdbwd)
-    bodies = [
-        encode_forward_backward_request(
-            model_id,
-            start + i + 1,
-            ForwardBackwardInput(
-                data=chunk,
-                loss_fn=loss_fn,  # type: ignore[arg-type]
-                loss_fn_config=dict(loss_fn_config) if loss_fn_config else None,
-            ),
-            forward_only,
-            compress,
-        )
-        for i, chunk in enumerate(chunks)
-    ]
+    try:
+        with invalid_request("forward_backward"):
+            bodies = [
+                encode_forward_backward_request(
+                    model_id,
+                    start + i + 1,
+                    ForwardBackwardInput(
+                        data=chunk,
+                        loss_fn=loss_fn,  # type: ignore[arg-type]
+                        loss_fn_config=dict(loss_fn_config) if loss_fn_config else None,
+                    ),
+                    forward_only,
+                    compress,
+                )
+                for i, chunk in enumerate(chunks)
+            ]
+    except BaseException:
+        await sequencer.skip(start, start + len(chunks))
+        raise
 
     async def post_all() -> list[str]:
         if config is not None and config.parallel_fwdbwd_chunks and len(bodies) > 1:

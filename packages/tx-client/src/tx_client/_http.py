@@ -5,6 +5,11 @@ Every request goes through :meth:`Transport.request` (a coroutine on the backgro
 
 * retried: connection errors, timeouts, and statuses 408, 409, 429, ≥ 500 — unless the answer
   carries ``x-should-retry: false`` (``true`` forces a retry of any status);
+* a 429 is backpressure, not failure: past ``max_retries`` it is still retried until
+  ``retry_window`` (300 s) has passed since the call began, as the SDK's outer retry layer does
+  (its sampler even waits indefinitely). Otherwise a full server queue (tx-server answers 429
+  with ``Retry-After: 1``) would fail a busy job after ten seconds. A call made with
+  ``max_retries=0`` (heartbeat, polling) is never retried;
 * never retried: every other 4xx, so a 401 fails at once instead of a retry storm;
 * delay: ``retry-after-ms`` / ``retry-after`` (seconds or HTTP date) when 0 < value ≤ 60 s,
   else ``min(0.5·2ⁿ, 10)`` s minus up to 25 % jitter;
@@ -41,6 +46,7 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 SDK_VERSION = "0.38.0"  # the official SDK version whose protocol we speak
 DEFAULT_MAX_RETRIES = 10
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_RETRY_WINDOW = 300.0  # the SDK's holder-level retry layer (spec §1.6)
 _MAX_RETRY_DELAY = 10.0
 _INITIAL_RETRY_DELAY = 0.5
 
@@ -113,12 +119,16 @@ class Transport:
         max_retries: int = DEFAULT_MAX_RETRIES,
         timeout: float = DEFAULT_TIMEOUT,
         default_headers: Mapping[str, str] | None = None,
+        retry_window: float = DEFAULT_RETRY_WINDOW,
     ) -> None:
         self.base_url = resolve_base_url(base_url)
         self.api_key = resolve_api_key(api_key)
         self.max_retries = max_retries
+        self.retry_window = retry_window
         self.timeout = timeout
         self.default_headers = dict(default_headers or {})
+        self.closed = False
+        """Set when the owning ServiceClient is closed: every later request fails at once."""
         self._client: httpx.AsyncClient | None = None
 
     def _http(self) -> httpx.AsyncClient:
@@ -155,13 +165,21 @@ class Transport:
         max_retries: int | None = None,
         timeout: float | None = None,
     ) -> httpx.Response:
-        """Send one call (with retries); return the 2xx response or raise a typed error."""
+        """Send one call (with retries); return the 2xx response or raise a typed error.
+
+        After the owning ServiceClient was closed this raises ``RuntimeError`` without a
+        request, as the official SDK does (it only does so after ~30 s; the server would
+        reject the finished session's work anyway).
+        """
+        if self.closed:
+            raise RuntimeError("ServiceClient is closed")
         retries = self.max_retries if max_retries is None else max_retries
         sent_headers = self._headers(method, headers)
         url = f"/api/v1/{path.lstrip('/')}"
         clean_params = {k: v for k, v in (params or {}).items() if v is not None}
         request_timeout = httpx.Timeout(timeout, connect=5.0) if timeout is not None else None
         attempt = 0
+        started = time.monotonic()
         while True:
             sent_headers["x-stainless-retry-count"] = str(attempt)
             request = self._http().build_request(
@@ -186,7 +204,12 @@ class Transport:
             else:
                 if response.is_success:
                     return response
-                if attempt >= retries or not is_retryable_status(response):
+                backpressure = (
+                    response.status_code == 429
+                    and retries > 0
+                    and time.monotonic() - started < self.retry_window
+                )
+                if not is_retryable_status(response) or (attempt >= retries and not backpressure):
                     raise status_error(response)
                 await asyncio.sleep(retry_delay(attempt, response.headers))
             attempt += 1

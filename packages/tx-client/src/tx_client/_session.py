@@ -191,6 +191,7 @@ class SessionHolder:
                 )
                 self.finished = True
         finally:
+            self.transport.closed = True  # as in the SDK, a closed client does no more work
             await self.transport.aclose()
 
 

@@ -14,6 +14,7 @@ import types as _pytypes
 from collections.abc import Mapping
 from typing import Any
 
+from tx_client._errors import invalid_request
 from tx_client._futures import APIFuture, ResultDecoder, poll_result
 from tx_client._http import DEFAULT_MAX_RETRIES, Transport
 from tx_client._loop import run_async
@@ -106,14 +107,15 @@ class ServiceClient:
         optimizer: OptimizerConfig | None,
     ) -> TrainingClient:  # fmt: skip
         session_id = await self._holder.ensure_session()
-        request = CreateModelRequest(
-            session_id=session_id,
-            model_seq_id=self._holder.next_model_seq_id(),
-            base_model=base_model,
-            user_metadata=dict(user_metadata) if user_metadata is not None else None,
-            lora_config=lora,
-            optimizer_config=optimizer or AdamOptimizerConfig(),
-        )
+        with invalid_request("create_model"):
+            request = CreateModelRequest(
+                session_id=session_id,
+                model_seq_id=self._holder.next_model_seq_id(),
+                base_model=base_model,
+                user_metadata=dict(user_metadata) if user_metadata is not None else None,
+                lora_config=lora,
+                optimizer_config=optimizer or AdamOptimizerConfig(),
+            )
         future = await self._holder.post("create_model", request, UntypedAPIFuture)
         created = await poll_result(self._holder.transport, future.request_id, _CREATE_MODEL)
         return await self._training_client(created.model_id)
@@ -124,10 +126,11 @@ class ServiceClient:
     ) -> LoraConfig:
         if not (train_mlp or train_attn or train_unembed):
             raise ValueError("at least one of train_mlp, train_attn, train_unembed must be True")
-        return LoraConfig(
-            rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
-            train_unembed=train_unembed,
-        )  # fmt: skip
+        with invalid_request("create_model"):
+            return LoraConfig(
+                rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
+                train_unembed=train_unembed,
+            )  # fmt: skip
 
     def create_lora_training_client(
         self, base_model: str, rank: int = 32, seed: int | None = None, train_mlp: bool = True,
@@ -154,16 +157,17 @@ class ServiceClient:
     ) -> TrainingClient:  # fmt: skip
         session_id = await self._holder.ensure_session()
         model_seq_id = self._holder.next_model_seq_id()
-        request = LoadWeightsRequest(
-            session_id=session_id,
-            model_seq_id=model_seq_id,
-            path=path,
-            optimizer=with_optimizer,
-            base_model=base_model,
-            user_metadata=dict(user_metadata) if user_metadata is not None else None,
-            optimizer_config=optimizer,
-            weights_access_token=weights_access_token,
-        )
+        with invalid_request("load_weights"):
+            request = LoadWeightsRequest(
+                session_id=session_id,
+                model_seq_id=model_seq_id,
+                path=path,
+                optimizer=with_optimizer,
+                base_model=base_model,
+                user_metadata=dict(user_metadata) if user_metadata is not None else None,
+                optimizer_config=optimizer,
+                weights_access_token=weights_access_token,
+            )
         future = await self._holder.post("load_weights", request, UntypedAPIFuture)
         await poll_result(self._holder.transport, future.request_id, _LOAD_WEIGHTS)
         return await self._training_client(f"{session_id}:train:{model_seq_id}")
@@ -208,16 +212,20 @@ class ServiceClient:
 
     # -- sampling ---------------------------------------------------------------------------
     def create_sampling_client(
-        self, model_path: str | None = None, base_model: str | None = None, retry_config: Any = None
-    ) -> SamplingClient:
+        self, model_path: str | None = None, base_model: str | None = None,
+        retry_config: Any = None, record_stability_info: bool = False,
+    ) -> SamplingClient:  # fmt: skip
         """Sample from saved sampler weights (``tinker://…``) or from a base model."""
-        coro = SamplingClient.from_path(self._holder, model_path, base_model)
+        coro = SamplingClient.from_path(self._holder, model_path, base_model, record_stability_info)
         return APIFuture.from_coroutine(coro).result()
 
     async def create_sampling_client_async(
-        self, model_path: str | None = None, base_model: str | None = None, retry_config: Any = None
-    ) -> SamplingClient:
-        return await run_async(SamplingClient.from_path(self._holder, model_path, base_model))
+        self, model_path: str | None = None, base_model: str | None = None,
+        retry_config: Any = None, record_stability_info: bool = False,
+    ) -> SamplingClient:  # fmt: skip
+        return await run_async(
+            SamplingClient.from_path(self._holder, model_path, base_model, record_stability_info)
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
     def close(self, status: FinishStatus = "success", detail: str | None = None) -> APIFuture[None]:
@@ -225,6 +233,8 @@ class ServiceClient:
         return APIFuture.from_coroutine(self._holder.finish(status, detail))
 
     def __enter__(self) -> ServiceClient:
+        if self._holder.transport.closed:
+            raise RuntimeError("ServiceClient is closed")
         return self
 
     def __exit__(
@@ -233,7 +243,9 @@ class ServiceClient:
         exc: BaseException | None,
         tb: _pytypes.TracebackType | None,
     ) -> None:
+        # As the SDK: an Exception is "errored"; any other BaseException (Ctrl-C, sys.exit(),
+        # a cancelled task) is "interrupted".
         status: FinishStatus = "success"
         if exc_type is not None:
-            status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "errored"
+            status = "errored" if issubclass(exc_type, Exception) else "interrupted"
         self.close(status, None if exc is None else repr(exc)).result()

@@ -10,8 +10,9 @@ Forward/backward batches are chunked by the server's ``client/config`` limits
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from tx_client import _custom_loss
 from tx_client._backcompat import ResolvedClientFuture
@@ -25,6 +26,7 @@ from tx_client._tokenizer import load_tokenizer, tokenizer_id_for
 from tx_types import (
     AdamParams,
     Datum,
+    DimuonParams,
     ForwardBackwardOutput,
     GetInfoResponse,
     LoadWeightsResponse,
@@ -136,21 +138,28 @@ class TrainingClient(ResolvedClientFuture):
         return output.model_copy(update={"metrics": metrics})
 
     def forward_backward_custom(
-        self, data: list[Datum], loss_fn: Callable[..., Any], *, backend: str | None = None
-    ) -> APIFuture[ForwardBackwardOutput]:
+        self, data: list[Datum], loss_fn: Callable[..., Any], *,
+        loss_type_input: Literal["logprobs"] | None = None, backend: str | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:  # fmt: skip
         """Backward pass of any differentiable ``loss_fn(data, logprobs) -> (loss, metrics)``.
 
         ``backend`` picks how its gradient is taken: ``"torch"`` (default when installed),
         ``"jax"``, or ``"numpy"`` (then the function returns ``(loss, metrics, grads)``).
+        ``loss_type_input`` is the SDK's deprecated no-op, accepted so that calls passing it
+        keep working.
         """
+        _check_loss_type_input(loss_type_input)
         start, chunks = self._plan(_custom_loss.forward_data(data), passes=2)
         chosen = backend or _custom_loss.default_backend()
         return APIFuture.from_coroutine(self._custom(list(data), loss_fn, chosen, start, chunks))
 
     async def forward_backward_custom_async(
-        self, data: list[Datum], loss_fn: Callable[..., Any], *, backend: str | None = None
-    ) -> APIFuture[ForwardBackwardOutput]:
-        return self.forward_backward_custom(data, loss_fn, backend=backend)
+        self, data: list[Datum], loss_fn: Callable[..., Any], *,
+        loss_type_input: Literal["logprobs"] | None = None, backend: str | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:  # fmt: skip
+        return self.forward_backward_custom(
+            data, loss_fn, loss_type_input=loss_type_input, backend=backend
+        )
 
     # -- JSON operations --------------------------------------------------------------------
     def _json_op(
@@ -171,6 +180,8 @@ class TrainingClient(ResolvedClientFuture):
         chosen = adam if adam is not None else params
         if chosen is None:
             raise ValueError("optim_step needs adam_params (or optim_params)")
+        if not isinstance(chosen, (AdamParams, DimuonParams)):  # e.g. a dict: as in the SDK
+            raise TypeError("Expected AdamParams or OptimParamsBase")
         key = "adam_params" if isinstance(chosen, AdamParams) else "optimizer_params"
         body = {key: chosen.model_dump(mode="json", exclude_none=True), "type": "optim_step"}
         return self._json_op("optim_step", body, _OPTIM)
@@ -270,7 +281,7 @@ class TrainingClient(ResolvedClientFuture):
             *self._named_sampler_save(name, ttl_seconds, user_metadata)
         )
 
-    def _save_and_sample(self, kind: str) -> Coroutine[Any, Any, SamplingClient]:
+    def _save_and_sample(self, kind: str, stability: bool) -> Coroutine[Any, Any, SamplingClient]:
         from tx_client.sampling_client import SamplingClient
 
         submission, collect = self._sampler_save(None, None, None, kind)
@@ -280,33 +291,43 @@ class TrainingClient(ResolvedClientFuture):
             if internal.sampling_session_id is None:
                 raise ValueError("save_weights_for_sampler returned no sampling_session_id")
             base = self._info.model_data.model_name
-            return await SamplingClient.create(self.holder, internal.sampling_session_id, base)
+            return await SamplingClient.create(
+                self.holder, internal.sampling_session_id, base, stability
+            )
 
         return run()
 
     def save_weights_and_get_sampling_client(
-        self, name: str | None = None, retry_config: Any = None, kind: str = "snapshot"
-    ) -> SamplingClient:
+        self, name: str | None = None, retry_config: Any = None,
+        record_stability_info: bool = False, kind: str = "snapshot",
+    ) -> SamplingClient:  # fmt: skip
         """Snapshot the current weights and return a SamplingClient bound to them."""
-        return APIFuture.from_coroutine(self._save_and_sample(kind)).result()
+        coro = self._save_and_sample(kind, record_stability_info)
+        return APIFuture.from_coroutine(coro).result()
 
     async def save_weights_and_get_sampling_client_async(
-        self, name: str | None = None, retry_config: Any = None, kind: str = "snapshot"
-    ) -> SamplingClient:
-        return await run_async(self._save_and_sample(kind))
+        self, name: str | None = None, retry_config: Any = None,
+        record_stability_info: bool = False, kind: str = "snapshot",
+    ) -> SamplingClient:  # fmt: skip
+        return await run_async(self._save_and_sample(kind, record_stability_info))
 
-    def create_sampling_client(self, model_path: str, retry_config: Any = None) -> SamplingClient:
+    def create_sampling_client(
+        self, model_path: str, retry_config: Any = None, record_stability_info: bool = False
+    ) -> SamplingClient:
         """A SamplingClient for saved sampler weights (of any model)."""
         from tx_client.sampling_client import SamplingClient
 
-        return APIFuture.from_coroutine(SamplingClient.from_path(self.holder, model_path)).result()
+        coro = SamplingClient.from_path(self.holder, model_path, None, record_stability_info)
+        return APIFuture.from_coroutine(coro).result()
 
     async def create_sampling_client_async(
-        self, model_path: str, retry_config: Any = None
+        self, model_path: str, retry_config: Any = None, record_stability_info: bool = False
     ) -> SamplingClient:
         from tx_client.sampling_client import SamplingClient
 
-        return await run_async(SamplingClient.from_path(self.holder, model_path))
+        return await run_async(
+            SamplingClient.from_path(self.holder, model_path, None, record_stability_info)
+        )
 
     # -- info -------------------------------------------------------------------------------
     def get_info(self) -> GetInfoResponse:
@@ -322,6 +343,22 @@ class TrainingClient(ResolvedClientFuture):
         if name is None:
             raise ValueError("get_info().model_data.model_name is not set by the server")
         return load_tokenizer(tokenizer_id_for(name, self._info.model_data.tokenizer_id))
+
+
+def _check_loss_type_input(loss_type_input: str | None) -> None:
+    """As the SDK: warn that the parameter is deprecated; reject values it never supported."""
+    if loss_type_input is None:
+        return
+    warnings.warn(
+        "The 'loss_type_input' parameter of forward_backward_custom() is deprecated: the loss "
+        "always receives logprobs. Remove it from your call.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if loss_type_input != "logprobs":
+        raise ValueError(
+            f"Unsupported loss_type_input={loss_type_input!r}. Supported values are: logprobs"
+        )
 
 
 def _drop_none(body: dict[str, Any]) -> dict[str, Any]:
