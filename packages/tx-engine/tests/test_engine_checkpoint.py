@@ -123,6 +123,53 @@ def test_mismatched_checkpoint_is_rejected_with_the_key_list(
         engine.load_adapter(tmp_path / "missing")
 
 
+def _cut(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def test_damaged_adapter_files_are_checkpoint_errors_naming_the_file(
+    trained: tuple[TrainingEngine, int], tmp_path: Path
+) -> None:
+    """A cut adapter or optimizer file, or bad metadata JSON, is the user's CheckpointError
+    naming the file (the server reports it as such), not the library's raw error."""
+    engine, src = trained
+    engine.save_adapter(src, tmp_path / "ok")
+    for name, keep in ((checkpoint.ADAPTER_FILE, 200), (checkpoint.OPTIMIZER_FILE, 4)):
+        bad = tmp_path / f"cut-{name}"
+        engine.save_adapter(src, bad)
+        _cut(bad / name, keep)
+        with pytest.raises(CheckpointError, match=name):
+            engine.load_adapter(bad)
+    engine.save_adapter(src, tmp_path / "meta")
+    (tmp_path / "meta" / checkpoint.METADATA_FILE).write_text("{bad")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        engine.load_adapter(tmp_path / "meta")
+    assert set(engine.adapters) == {src}
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"),
+    [(5, "too short"), (12, "truncated"), (-100, "truncated or corrupt")],
+)
+def test_a_truncated_model_file_is_a_checkpoint_error(
+    tiny_qwen3_dir: Path, tmp_path: Path, keep: int, message: str
+) -> None:
+    """A cut prefix, a cut header or cut tensor data: each names the file before any
+    weight is read (it was a struct, JSON or numpy reshape error)."""
+    from tx_engine.loading import load_model
+
+    bad = tmp_path / "model"
+    bad.mkdir()
+    for f in tiny_qwen3_dir.iterdir():
+        if f.is_file():
+            (bad / f.name).write_bytes(f.read_bytes())
+    weights = bad / "model.safetensors"
+    _cut(weights, keep if keep > 0 else weights.stat().st_size + keep)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_model(bad)
+    assert "model.safetensors" in str(info.value)
+
+
 def test_peft_export_has_hf_names_layouts_and_config(
     trained: tuple[TrainingEngine, int], tmp_path: Path
 ) -> None:

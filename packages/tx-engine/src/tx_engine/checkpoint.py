@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from tx_engine import step
@@ -194,7 +195,12 @@ def load_adapter(path: str | Path, with_optimizer: bool = True) -> AdapterState:
         raise CheckpointError(
             f"{src} is not an adapter checkpoint ({METADATA_FILE} and {ADAPTER_FILE} required)"
         )
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: not a JSON object")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')!r}, "
@@ -204,13 +210,22 @@ def load_adapter(path: str | Path, with_optimizer: bool = True) -> AdapterState:
     if with_optimizer:
         if not meta.get("has_optimizer") or not (src / OPTIMIZER_FILE).is_file():
             raise CheckpointError(f"{src} was saved without optimizer state")
-        moments = dict(load_file(src / OPTIMIZER_FILE))
+        moments = _read_tensors(src / OPTIMIZER_FILE)
     return AdapterState(
         lora_config=LoraConfig.from_dict(meta.get("lora_config", {})),
-        factors=dict(load_file(src / ADAPTER_FILE)),
+        factors=_read_tensors(src / ADAPTER_FILE),
         moments=moments,
         step=int(meta.get("step", 0)),
     )
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file; a damaged file is a :class:`CheckpointError`
+    naming it (category ``user``), not the library's ``SafetensorError``."""
+    try:
+        return dict(load_file(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
 
 
 def peft_tensors(

@@ -34,12 +34,51 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 def read_header(path: Path) -> tuple[dict[str, dict[str, object]], int]:
-    """The tensor table of one file and the byte offset where tensor data starts."""
+    """The tensor table of one file and the byte offset where tensor data starts.
+
+    Checked against the file's size, so a truncated or corrupt file is a
+    :class:`CheckpointError` naming it (category ``user``) instead of whatever a cut header or
+    cut data happens to trigger later (a ``JSONDecodeError``, a numpy reshape error).
+    """
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > size - 8:
+            raise CheckpointError(
+                f"{path}: header of {n} bytes but the file has {size} (truncated?)"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
+    data_bytes = size - 8 - n
+    for name, info in header.items():
+        _check_entry(path, name, info, data_bytes)
     return header, 8 + n
+
+
+def _check_entry(path: Path, name: str, info: object, data_bytes: int) -> None:
+    """One header entry: a known dtype, and offsets inside the data that match its shape."""
+    try:
+        dtype_name = str(info["dtype"])  # type: ignore[index]
+        start, end = (int(x) for x in info["data_offsets"])  # type: ignore[index]
+        shape = tuple(int(x) for x in info["shape"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from e
+    if dtype_name not in _DTYPES:
+        raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {dtype_name}")
+    expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype_name].itemsize
+    if not 0 <= start <= end <= data_bytes or end - start != expected:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} needs bytes {start}..{end} ({expected} for shape "
+            f"{list(shape)}) of {data_bytes} data bytes (truncated or corrupt file)"
+        )
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -47,14 +86,10 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     header, base = read_header(path)
     raw = np.memmap(path, dtype=np.uint8, mode="r")
     for name, info in header.items():
-        dtype_name = str(info["dtype"])
-        if dtype_name not in _DTYPES:
-            raise CheckpointError(
-                f"{path.name}: tensor {name!r} has unsupported dtype {dtype_name}"
-            )
         start, end = (int(x) for x in info["data_offsets"])  # type: ignore[attr-defined]
         shape = tuple(int(x) for x in info["shape"])  # type: ignore[attr-defined]
-        yield name, raw[base + start : base + end].view(_DTYPES[dtype_name]).reshape(shape)
+        dtype = _DTYPES[str(info["dtype"])]
+        yield name, raw[base + start : base + end].view(dtype).reshape(shape)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
