@@ -1,8 +1,15 @@
-"""Fixtures: a real uvicorn server on 127.0.0.1 over a real SQLite file in tmp_path, and SDK
-clients of such servers."""
+"""Fixtures: a real uvicorn server on 127.0.0.1 over a real SQLite file in tmp_path, SDK
+clients of such servers, and a throw-away PostgreSQL server (``pg_url``)."""
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,3 +45,44 @@ def sdk_service(
         return client
 
     return service
+
+
+def _postgres_bin_dir() -> Path | None:
+    found = shutil.which("initdb")
+    if found is not None:
+        return Path(found).resolve().parent
+    installed = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(installed[-1]).parent if installed else None
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL cluster (initdb into a temp dir, unix socket only, trust auth, run as
+    the ``postgres`` user when the tests run as root); its URL. Skipped without the binaries."""
+    bin_dir = _postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found")
+    as_root = os.geteuid() == 0
+    if as_root:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+
+    def run(*cmd: str) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+        subprocess.run([*prefix, *cmd], check=True, capture_output=True)
+
+    base = Path(tempfile.mkdtemp(prefix="tx-pg-"))
+    if as_root:
+        os.chown(base, user.pw_uid, user.pw_gid)
+    data, pg_ctl = base / "data", str(bin_dir / "pg_ctl")
+    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync")
+    options = f"-p 5432 -k {base} -c listen_addresses='' -c fsync=off"
+    run(pg_ctl, "-D", str(data), "-o", options, "-w", "-l", str(base / "log"), "start")
+    try:
+        yield f"postgresql+psycopg://postgres@/postgres?host={base}&port=5432"
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            run(pg_ctl, "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(base, ignore_errors=True)

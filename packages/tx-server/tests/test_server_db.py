@@ -20,7 +20,7 @@ def test_migrations_create_the_schema_and_are_idempotent(tmp_path: Path) -> None
     db.upgrade()  # a database at head is left alone
     assert set(inspect(db.engine).get_table_names()) == TABLES
     with db.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], f"models and migrations disagree: {diff}"
     uniques = {

@@ -1,25 +1,18 @@
 """The PostgreSQL path against a real server: migrations and LISTEN/NOTIFY wake-ups.
 
-A throw-away cluster is created with the Debian ``postgresql`` binaries (initdb into a temp
-dir, unix socket only, trust auth), run as the ``postgres`` user when the tests run as root.
-Skipped with a message when the binaries are absent (``apt-get install -y postgresql``).
+A throw-away cluster is created with the ``postgresql`` binaries by the ``pg_url`` fixture
+(``conftest.py``: initdb into a temp dir, unix socket only, trust auth, run as the ``postgres``
+user when the tests run as root). Skipped with a message when the binaries are absent
+(``apt-get install -y postgresql``).
 """
 
 from __future__ import annotations
 
-import glob
-import os
-import pwd
-import shutil
 import statistics
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
@@ -31,71 +24,6 @@ from tx_server.futures import FutureStore, RequestType, Submission
 from tx_server.testing import API_KEY, make_settings, run_server, wake_latencies
 from tx_server.wake import PostgresWakeBus, wake_bus_for
 from tx_server.work_queue import WorkQueue
-
-_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    if not _BINS:
-        pytest.skip("PostgreSQL binaries not found under /usr/lib/postgresql/*/bin")
-    bin_dir = Path(_BINS[-1]).parent
-    if os.geteuid() == 0:
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to run the server as")
-    base = Path(tempfile.mkdtemp(prefix="tx-pg-"))
-    if os.geteuid() == 0:
-        os.chown(base, user.pw_uid, user.pw_gid)
-    data = base / "data"
-    subprocess.run(
-        _as_postgres(
-            [
-                str(bin_dir / "initdb"),
-                "-D",
-                str(data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p 5432 -k {base} -c listen_addresses='' -c fsync=off"
-    subprocess.run(
-        _as_postgres(
-            [
-                str(bin_dir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-o",
-                options,
-                "-w",
-                "-l",
-                str(base / "log"),
-                "start",
-            ]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql+psycopg://postgres@/postgres?host={base}&port=5432"
-    finally:
-        subprocess.run(
-            _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-            capture_output=True,
-        )
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_migrations_on_postgresql(pg_url: str) -> None:

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import String, Table, select, update
+from sqlalchemy.exc import IntegrityError
 
 from tx_server.db.database import Database
 from tx_server.db.models import SessionRow, utcnow
-from tx_server.errors import NotFoundError, SessionFinishedError
+from tx_server.errors import BadRequestError, NotFoundError, SessionFinishedError
 
-__all__ = ["EXPIRED", "SessionService"]
+__all__ = ["EXPIRED", "SessionService", "check_storable"]
 
 EXPIRED = "expired"
 """``finish_reason`` of a session ended by the server for lack of heartbeats."""
@@ -33,6 +35,24 @@ EXPIRED = "expired"
 
 def _expired_detail(timeout: timedelta) -> str:
     return f"no heartbeat for {timeout.total_seconds():g} s"
+
+
+def check_storable(table: Any, column: str, value: str | None, field: str | None = None) -> None:
+    """BadRequestError unless ``value`` fits the String column ``table.c[column]``.
+
+    Why here and not left to the database: PostgreSQL refuses a string over a VARCHAR's length
+    or one holding a NUL character, SQLite stores both. Checking in the API gives both backends
+    the same answer, a 400 that names the field, instead of a PostgreSQL-only 500 that the SDK
+    retries for minutes.
+    """
+    if value is None:
+        return
+    name = field or column
+    limit = cast(String, cast(Table, table).c[column].type).length
+    if limit is not None and len(value) > limit:
+        raise BadRequestError(f"{name} is {len(value)} characters long; at most {limit} allowed")
+    if "\x00" in value:
+        raise BadRequestError(f"{name} contains a NUL character")
 
 
 def _finished_message(row: SessionRow) -> str:
@@ -111,7 +131,33 @@ class SessionService:
         display_name: str | None,
         idempotency_key: str | None,
     ) -> str:
-        """A new session id; a transport retry (same ``X-Idempotency-Key``) gets the same id."""
+        """A new session id; a transport retry (same ``X-Idempotency-Key``) gets the same id.
+
+        On PostgreSQL a retry that races its original loses on the unique key; it then finds
+        the original's row (SQLite serializes the two writes instead).
+        """
+        table = SessionRow.__table__
+        check_storable(table, "sdk_version", sdk_version)
+        check_storable(table, "project_id", project_id)
+        check_storable(table, "display_name", display_name)
+        check_storable(table, "idempotency_key", idempotency_key, "X-Idempotency-Key")
+        values: dict[str, Any] = {
+            "tags": list(tags),
+            "user_metadata": dict(user_metadata),
+            "sdk_version": sdk_version,
+            "project_id": project_id,
+            "display_name": display_name,
+        }
+        try:
+            return self._create_once(tenant_id, idempotency_key, values)
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            return self._create_once(tenant_id, idempotency_key, values)
+
+    def _create_once(
+        self, tenant_id: str, idempotency_key: str | None, values: dict[str, Any]
+    ) -> str:
         with self.db.write() as session:
             if idempotency_key is not None:
                 earlier = session.scalar(
@@ -126,11 +172,7 @@ class SessionService:
                 id=str(uuid.uuid4()),
                 tenant_id=tenant_id,
                 idempotency_key=idempotency_key,
-                tags=list(tags),
-                user_metadata=dict(user_metadata),
-                sdk_version=sdk_version,
-                project_id=project_id,
-                display_name=display_name,
+                **values,
             )
             session.add(row)
             return row.id
@@ -157,7 +199,13 @@ class SessionService:
             raise SessionFinishedError(_finished_message(row))
 
     def finish(self, tenant_id: str, session_id: str, reason: str, detail: str | None) -> None:
-        """Mark the session finished; the first reason wins, later calls change nothing."""
+        """Mark the session finished; the first reason wins, later calls change nothing.
+
+        NUL characters are dropped from ``detail`` (free text that PostgreSQL cannot store):
+        a session must be finishable whatever the client wrote there.
+        """
+        if detail is not None:
+            detail = detail.replace("\x00", "")
         with self.db.write() as session:
             row = session.get(SessionRow, session_id)
             if row is None or row.tenant_id != tenant_id:

@@ -212,6 +212,19 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     client: ClientFlags = Field(default_factory=ClientFlags)
 
+    def served_base_model(self, name: str) -> str | None:
+        """The served spelling of base model ``name``, or None if it is not served.
+
+        Spec §8: a local directory is best served with a trailing ``/`` (the SDK's tokenizer
+        heuristic cuts a name with exactly two slashes), while scripts name it either way.
+        Names that differ only in trailing slashes are the same model; the served spelling,
+        the one that loads, is what gets recorded and echoed back.
+        """
+        if name in self.base_models:
+            return name
+        bare = name.rstrip("/")
+        return next((m for m in self.base_models if bare and m.rstrip("/") == bare), None)
+
     @property
     def fwdbwd_token_limit(self) -> int:
         """The effective :attr:`max_fwdbwd_tokens` (its default resolved)."""
@@ -234,3 +247,10 @@ class Settings(BaseSettings):
         if not url.startswith(("sqlite", "postgresql")):
             raise ValueError(f"database_url must be a sqlite:// or postgresql:// URL, got {url!r}")
         return url
+
+    @field_validator("base_models")
+    @classmethod
+    def _each_model_once(cls, models: list[str]) -> list[str]:
+        # `tx serve --base-model A --base-model A` (or a name repeated in TX_BASE_MODELS) serves
+        # A once: listed twice, get_server_capabilities would offer the same model twice.
+        return list(dict.fromkeys(models))

@@ -12,6 +12,12 @@ handler, which echoes each offending ``input`` back: a NaN/Infinity literal (Pyt
 accepts them) or bytes that are not UTF-8 then fail to serialise — a 500 that the SDK retries
 for minutes — and a large bad body is sent back whole. Each error keeps what names the problem
 (``loc``, ``msg``, ``type``) and drops ``input`` and ``ctx``.
+
+A value that the database refuses (:class:`sqlalchemy.exc.DataError`: on PostgreSQL a string
+with a NUL character or longer than its column, in a lookup or an insert; SQLite accepts both)
+is the client's input, not a fault: 400, category ``user``, never the 500 that the SDK would
+retry for minutes. Stored fields are checked by name before they reach the database
+(:func:`tx_server.sessions.check_storable`); this handler covers every other path.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 
 from tx_server.api.archive import ArchiveLinkError
 from tx_server.errors import PollTimeoutError, TxServerError, spec_for
@@ -75,6 +82,13 @@ def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=422)
 
 
+def _unstorable(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DataError)
+    reason = str(exc.orig).strip().splitlines()[0][:_MAX_MESSAGE_CHARS] if exc.orig else ""
+    detail = f"a value in this request cannot be stored or looked up: {reason or 'invalid'}"
+    return JSONResponse({"detail": detail, "category": "user"}, status_code=400)
+
+
 def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error", exc_info=exc)
     return JSONResponse({"detail": "internal server error", "category": "server"}, 500)
@@ -86,4 +100,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(BackpressureError, _backpressure)
     app.add_exception_handler(ArchiveLinkError, _bad_link)
+    app.add_exception_handler(DataError, _unstorable)
     app.add_exception_handler(Exception, _unexpected)

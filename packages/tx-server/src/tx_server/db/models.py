@@ -85,6 +85,11 @@ class FutureStatus(enum.StrEnum):
     FAILED = "failed"
 
 
+ROW_ID = BigInteger().with_variant(Integer(), "sqlite")
+"""An autoincrement key that never runs out: BIGINT on PostgreSQL (``Integer`` would be a 32-bit
+SERIAL there), ``INTEGER`` on SQLite, the only spelling that makes it the 64-bit rowid."""
+
+
 # Deterministic constraint names, so migrations can refer to them on both backends.
 _NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -148,7 +153,7 @@ class CheckpointRow(Base):
     __tablename__ = "checkpoints"
     __table_args__ = (UniqueConstraint("model_id", "checkpoint_type", "name"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(ROW_ID, primary_key=True, autoincrement=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
     tenant_id: Mapped[str] = mapped_column(String(128), index=True)
     checkpoint_type: Mapped[str] = mapped_column(String(16))  # training | sampler | external
@@ -190,7 +195,7 @@ class FutureRow(Base):
         Index("ix_futures_finished_at", "finished_at"),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(ROW_ID, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(String(64), unique=True)
     tenant_id: Mapped[str] = mapped_column(String(128))
     request_type: Mapped[str] = mapped_column(String(64))

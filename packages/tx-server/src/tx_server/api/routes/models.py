@@ -15,6 +15,7 @@ from datetime import datetime
 
 from fastapi import APIRouter
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -120,8 +121,8 @@ def require_live_session(
 
 
 def _create_problem(state: AppState, body: CreateModelRequest) -> str | None:
-    served = state.settings.base_models
-    if body.base_model not in served:
+    if state.settings.served_base_model(body.base_model) is None:
+        served = state.settings.base_models
         return f"base_model {body.base_model!r} is not served here; served models: {served}"
     rank = body.lora_config.rank if body.lora_config else 32
     max_rank = state.settings.engine.max_lora_rank
@@ -137,6 +138,15 @@ def _create_problem(state: AppState, body: CreateModelRequest) -> str | None:
 
 def _register_model(state: AppState, tenant: str, body: CreateModelRequest, model_id: str) -> None:
     state.sessions.get_active(tenant, body.session_id)
+    try:
+        _insert_model(state, tenant, body, model_id)
+    except IntegrityError:
+        # PostgreSQL: a transport retry that raced its original lost on the primary key, and
+        # now finds the original's row (SQLite serializes the two writes instead of failing).
+        _insert_model(state, tenant, body, model_id)
+
+
+def _insert_model(state: AppState, tenant: str, body: CreateModelRequest, model_id: str) -> None:
     with state.db.write() as session:
         if session.get(ModelRow, model_id) is not None:
             return  # a transport retry of the same create_model
@@ -182,6 +192,8 @@ async def create_model(
     if problem is not None:
         failed = (problem, "user")
     else:
+        served = state.settings.served_base_model(body.base_model)
+        body = body.model_copy(update={"base_model": served})
         await run_in_threadpool(_register_model, state, tenant, body, model_id)
     submission = Submission(
         RequestType.CREATE_MODEL,

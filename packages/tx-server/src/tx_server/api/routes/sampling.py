@@ -23,6 +23,7 @@ from typing import Any, cast
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from sqlalchemy import Table, bindparam, select
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from tx_server.api.access import readable_checkpoint
@@ -66,30 +67,41 @@ def _create_sampler(state: AppState, tenant: str, body: CreateSamplingSessionReq
     base_model = body.base_model
     if body.model_path is not None:
         checkpoint_base, source = _checkpoint_source(state, tenant, body.model_path)
-        if base_model is not None and base_model != checkpoint_base:
+        if base_model is not None and base_model.rstrip("/") != checkpoint_base.rstrip("/"):
             raise BadRequestError(
                 f"base_model {base_model!r} does not match the checkpoint's {checkpoint_base!r}"
             )
         base_model = checkpoint_base
     assert base_model is not None  # the request model requires one of the two
-    if base_model not in state.settings.base_models:
+    served = state.settings.served_base_model(base_model)
+    if served is None:
         raise BadRequestError(
             f"base_model {base_model!r} is not served; served: {state.settings.base_models}"
         )
-    with state.db.write() as session:
-        if session.get(SamplingSessionRow, sampler_id) is None:  # else a transport retry
-            session.add(
-                SamplingSessionRow(
-                    id=sampler_id,
-                    session_id=body.session_id,
-                    sampling_session_seq_id=body.sampling_session_seq_id,
-                    tenant_id=tenant,
-                    base_model=base_model,
-                    model_path=body.model_path,
-                    source_model_id=source,
-                )
-            )
+    base_model = served
+    values: dict[str, Any] = {
+        "id": sampler_id,
+        "session_id": body.session_id,
+        "sampling_session_seq_id": body.sampling_session_seq_id,
+        "tenant_id": tenant,
+        "base_model": base_model,
+        "model_path": body.model_path,
+        "source_model_id": source,
+    }
+    try:
+        _insert_sampler(state, values)
+    except IntegrityError:
+        # PostgreSQL: a transport retry that raced its original lost on the primary key, and
+        # now finds the original's row (SQLite serializes the two writes instead of failing).
+        _insert_sampler(state, values)
     return sampler_id
+
+
+def _insert_sampler(state: AppState, values: dict[str, Any]) -> None:
+    """Add the sampler unless one with its id exists (a transport retry of the creation)."""
+    with state.db.write() as session:
+        if session.get(SamplingSessionRow, values["id"]) is None:
+            session.add(SamplingSessionRow(**values))
 
 
 @router.post("/create_sampling_session", response_model=CreateSamplingSessionResponse)

@@ -125,7 +125,7 @@ def _register_loaded_model(
 ) -> None:
     """Create-via-load: the new run inherits base model and LoRA config from the checkpoint."""
     model_id = model_id_for(*key)
-    if body.base_model is not None and body.base_model != source.base_model:
+    if body.base_model is not None and body.base_model.rstrip("/") != source.base_model.rstrip("/"):
         raise BadRequestError(
             f"base_model {body.base_model!r} does not match the checkpoint's {source.base_model!r}"
         )
