@@ -15,14 +15,14 @@ from pathlib import Path
 import httpx
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from tx_server.auth import tenant_of_key
 from tx_server.db.database import Database
 from tx_server.db.models import Base
 from tx_server.futures import FutureStore, RequestType, Submission
 from tx_server.testing import API_KEY, make_settings, run_server, wake_latencies
-from tx_server.wake import PostgresWakeBus, wake_bus_for
+from tx_server.wake import WORK, PostgresWakeBus, wake_bus_for
 from tx_server.work_queue import WorkQueue
 
 
@@ -36,6 +36,30 @@ def test_migrations_on_postgresql(pg_url: str) -> None:
     with db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     assert isinstance(wake_bus_for(db), PostgresWakeBus)
+    db.dispose()
+
+
+def test_the_workers_listen_connection_survives_its_backend_being_terminated(
+    pg_url: str,
+) -> None:
+    """A PostgreSQL restart or ``pg_terminate_backend`` breaks the worker's LISTEN connection;
+    its wait used to raise (killing the worker process). It reconnects and hears the next
+    notification."""
+    db = Database(pg_url)
+    bus = PostgresWakeBus(db)
+    with bus.subscribe(WORK) as work:
+        with db.engine.begin() as conn:
+            killed = conn.scalar(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+                )
+            )
+        assert killed == 1
+        assert work.wait(timeout=0.2) == []  # the broken wait: reconnects, no exception
+        with db.core_write() as tx:
+            bus.publish(tx, WORK, "after")
+        assert work.wait(timeout=5.0) == ["after"]
     db.dispose()
 
 

@@ -304,20 +304,52 @@ class _PgAsyncSubscription(AsyncSubscription):
 
 
 class _PgSyncSubscription(SyncSubscription):
+    """A LISTEN connection read by one thread (the worker's); it reconnects after errors.
+
+    Why: a PostgreSQL restart (or an administrator's ``pg_terminate_backend``) breaks the
+    connection, and an exception out of :meth:`wait` killed the worker process, failing
+    whatever it ran. Now a broken wait reconnects and answers "nothing" — the worker's loop
+    re-reads the queue anyway, so the notifications lost while disconnected cost nothing —
+    and while the server is down each wait retries after at most ``RECONNECT_SECONDS``.
+    """
+
+    RECONNECT_SECONDS = 1.0
+
     def __init__(self, conninfo: str, channel: str) -> None:
+        self.conninfo = conninfo
+        self.channel = channel
+        self.conn: Any = None
+        self._connect()
+
+    def _connect(self) -> None:
         import psycopg
 
-        self.conn = psycopg.connect(conninfo, autocommit=True)
-        self.conn.execute(f"LISTEN {channel}")
+        self.conn = psycopg.connect(self.conninfo, autocommit=True)
+        self.conn.execute(f"LISTEN {self.channel}")
 
     def wait(self, timeout: float) -> list[str]:
-        messages = [n.payload for n in self.conn.notifies(timeout=timeout, stop_after=1)]
-        if messages:  # drain whatever else already arrived
-            messages += [n.payload for n in self.conn.notifies(timeout=0.001)]
-        return messages
+        import psycopg
+
+        try:
+            if self.conn is None:
+                self._connect()
+            messages = [n.payload for n in self.conn.notifies(timeout=timeout, stop_after=1)]
+            if messages:  # drain whatever else already arrived
+                messages += [n.payload for n in self.conn.notifies(timeout=0.001)]
+            return messages
+        except psycopg.OperationalError:
+            log.warning("LISTEN %s connection lost; reconnecting", self.channel, exc_info=True)
+            self.close()
+            time.sleep(min(timeout, self.RECONNECT_SECONDS))
+            with contextlib.suppress(psycopg.OperationalError):
+                self._connect()
+            return []
 
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
 
 
 class PostgresWakeBus(WakeBus):
