@@ -24,7 +24,7 @@ from sqlalchemy import String, Table, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tx_server.db.database import Database
-from tx_server.db.models import SessionRow, utcnow
+from tx_server.db.models import ModelRow, SamplingSessionRow, SessionRow, utcnow
 from tx_server.errors import BadRequestError, NotFoundError, SessionFinishedError
 
 __all__ = ["EXPIRED", "SessionService", "check_storable"]
@@ -184,6 +184,35 @@ class SessionService:
             if row is None or row.tenant_id != tenant_id:
                 raise NotFoundError(f"unknown session_id {session_id!r}")
             return row
+
+    def list_ids(self, tenant_id: str, limit: int, offset: int) -> list[str]:
+        """One page of the tenant's session ids, newest first (``RestClient.list_sessions``)."""
+        with self.db.read() as session:
+            return list(
+                session.scalars(
+                    select(SessionRow.id)
+                    .where(SessionRow.tenant_id == tenant_id)
+                    .order_by(SessionRow.created_at.desc(), SessionRow.id)
+                    .limit(limit)
+                    .offset(offset)
+                )
+            )
+
+    def members(self, session_id: str) -> tuple[list[str], list[str]]:
+        """The ids of the session's training runs and of its samplers, each in creation order
+        (``RestClient.get_session``)."""
+        with self.db.read() as session:
+            runs = session.scalars(
+                select(ModelRow.id)
+                .where(ModelRow.session_id == session_id)
+                .order_by(ModelRow.model_seq_id)
+            )
+            samplers = session.scalars(
+                select(SamplingSessionRow.id)
+                .where(SamplingSessionRow.session_id == session_id)
+                .order_by(SamplingSessionRow.sampling_session_seq_id)
+            )
+            return list(runs), list(samplers)
 
     def heartbeat(self, tenant_id: str, session_id: str) -> None:
         """Record liveness; SessionFinishedError (410) once the session is finished."""

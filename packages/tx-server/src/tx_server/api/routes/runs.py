@@ -39,7 +39,7 @@ from tx_types import (
 router = APIRouter(tags=["training_runs"])
 
 RowT = TypeVar("RowT", ModelRow, CheckpointRow)
-_MAX_OFFSET = 2**62
+MAX_OFFSET = 2**62
 """Far past any real list, and ``offset + limit`` still fits a signed 64-bit integer."""
 
 AccessScope = Literal["owned", "accessible"]
@@ -115,7 +115,7 @@ async def list_training_runs(
     tenant: TenantDep,
     state: StateDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-    offset: Annotated[int, Query(ge=0, le=_MAX_OFFSET)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     access_scope: AccessScope = "owned",  # validated only: both scopes see the same runs
 ) -> TrainingRunsResponse:
     """The caller's training runs, newest first."""
@@ -187,7 +187,7 @@ async def list_user_checkpoints(
     tenant: TenantDep,
     state: StateDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=_MAX_OFFSET)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> CheckpointsListResponse:
     """The caller's checkpoints across all of its training runs, newest first."""
     return await run_in_threadpool(_list_user_checkpoints, state, tenant, limit, offset)

@@ -1,16 +1,24 @@
-"""Session life cycle: create, heartbeat (410 after finish), finish (spec §2, §4.1, §4.6)."""
+"""Sessions: create, heartbeat (410 after finish), finish (spec §2, §4.1, §4.6), and the
+RestClient's listing (``list_sessions``: the caller's session ids, newest first) and
+``get_session`` (its training runs and samplers in creation order, its metadata and name;
+404 for another tenant's session), spec §4.4. Both access scopes see the caller's own sessions,
+as for training runs."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Query, Response
+from starlette.concurrency import run_in_threadpool
 
 from tx_server.api.deps import OwnedSessionDep, StateDep, TenantDep
+from tx_server.api.routes.runs import MAX_OFFSET, AccessScope
 from tx_types import (
     CreateSessionRequest,
     CreateSessionResponse,
     FinishSessionRequest,
+    GetSessionResponse,
+    ListSessionsResponse,
     SessionHeartbeatRequest,
     SessionHeartbeatResponse,
 )
@@ -54,3 +62,32 @@ def finish_session(
     """Finish the session (first reason wins); the SDK accepts any 2xx here."""
     state.sessions.finish(tenant, session.id, body.reason.type, body.detail)
     return Response(status_code=204)
+
+
+@router.get("/sessions", response_model=ListSessionsResponse)
+async def list_sessions(
+    tenant: TenantDep,
+    state: StateDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    access_scope: AccessScope = "owned",  # validated only: both scopes see the same sessions
+) -> ListSessionsResponse:
+    """The caller's session ids, newest first."""
+    ids = await run_in_threadpool(state.sessions.list_ids, tenant, limit, offset)
+    return ListSessionsResponse(sessions=ids)
+
+
+@router.get("/sessions/{session_id}", response_model=GetSessionResponse)
+async def get_session(
+    session: OwnedSessionDep,
+    state: StateDep,
+    access_scope: AccessScope = "owned",  # validated only
+) -> GetSessionResponse:
+    """The session's training run ids and sampler ids, its user metadata and display name."""
+    runs, samplers = await run_in_threadpool(state.sessions.members, session.id)
+    return GetSessionResponse(
+        training_run_ids=runs,
+        sampler_ids=samplers,
+        user_metadata={str(k): str(v) for k, v in session.user_metadata.items()} or None,
+        display_name=session.display_name,
+    )

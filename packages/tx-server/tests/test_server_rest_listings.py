@@ -1,10 +1,12 @@
-"""``RestClient.list_user_checkpoints`` (``GET /api/v1/checkpoints``, spec §4.4) on a real server.
+"""RestClient listings across runs (spec §4.4) on a real server: ``list_user_checkpoints``
+(``GET /api/v1/checkpoints``), ``list_sessions`` and ``get_session`` (``GET /api/v1/sessions``).
 
 Live API + worker thread serving the tx-engine kit's tiny Qwen3 as ``Qwen/Qwen3-8B``. Tenant A
 saves checkpoints from two training runs (interleaved, both kinds), tenant B saves one of its
 own. A's listing, through the unmodified tinker SDK 0.38.0 and through tx-client, holds exactly
 A's live checkpoints, newest first, paged by limit/offset with ``cursor.total_count``; a
 deleted checkpoint and one whose TTL ran out (the cleanup is kept away) are not listed.
+Tenant C's sessions are listed newest first, each with its runs, samplers and metadata.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tx_server.testing import API_KEY, RunningServer, run_hub_model_server
 
 BASE = "Qwen/Qwen3-8B"
 KEY_B = "tml-tx-server-tests-key-0002"
+KEY_C = "tml-tx-server-tests-key-0003"
 TIMEOUT = 120
 
 
@@ -140,3 +143,47 @@ def test_user_checkpoints_are_the_callers_newest_first_and_paginated(
     assert _paths(sc_tx.create_rest_client().list_user_checkpoints().result(timeout=30)) == [
         foreign
     ]
+
+
+def test_sessions_are_the_callers_newest_first_with_their_runs_and_samplers(
+    live: RunningServer, open_service_client: Callable[..., Any]
+) -> None:
+    """``list_sessions`` / ``get_session`` answered 404 for both SDKs: now the caller's
+    session ids, newest first and paged; a session's training runs and samplers in creation
+    order with its metadata and display name; another tenant's session is a 404."""
+    first = open_service_client(live.url, KEY_C, user_metadata={"exp": "a"}, display_name="one")
+    run = first.create_lora_training_client(BASE, rank=4, seed=1).result(timeout=TIMEOUT)
+    other_run = first.create_lora_training_client(BASE, rank=4, seed=2).result(timeout=TIMEOUT)
+    first.create_sampling_client(base_model=BASE).result(timeout=TIMEOUT)
+    second = open_service_client(live.url, KEY_C)
+    second.create_lora_training_client(BASE, rank=4, seed=3).result(timeout=TIMEOUT)
+    session_1, session_2 = (
+        tc.model_id.split(":train:")[0]
+        for tc in (run, second.create_lora_training_client(BASE, rank=4).result(timeout=TIMEOUT))
+    )
+
+    for sdk in (tinker, tx_client):
+        rest = sdk.RestClient(base_url=live.url, api_key=KEY_C)
+        assert rest.list_sessions().result(timeout=30).sessions == [session_2, session_1]
+        assert rest.list_sessions(limit=1, offset=1).result(timeout=30).sessions == [session_1]
+        assert rest.list_sessions(offset=2).result(timeout=30).sessions == []
+        info = rest.get_session(session_1).result(timeout=30)
+        assert info.training_run_ids == [run.model_id, other_run.model_id]
+        (sampler_id,) = info.sampler_ids
+        assert rest.get_sampler(sampler_id).result(timeout=30).base_model == BASE
+        assert info.user_metadata == {"exp": "a"}
+        assert info.display_name == "one"
+        assert len(rest.get_session(session_2).result(timeout=30).training_run_ids) == 2
+        with pytest.raises(sdk.UnprocessableEntityError):
+            rest.list_sessions(limit=0).result(timeout=30)
+        with pytest.raises(sdk.NotFoundError):
+            sdk.RestClient(base_url=live.url, api_key=KEY_B).get_session(session_1).result(
+                timeout=30
+            )
+    assert (
+        session_1
+        not in tinker.RestClient(base_url=live.url, api_key=KEY_B)
+        .list_sessions()
+        .result(timeout=30)
+        .sessions
+    )
