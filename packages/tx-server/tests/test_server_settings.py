@@ -87,3 +87,8 @@ def test_configured_keys_and_keys_file(tmp_path: Path) -> None:
     keys_file.write_text("tml-ok tenant extra\n")
     with pytest.raises(ValueError, match=r"keys:1: expected 'KEY \[TENANT\]'"):
         Keyring.from_settings(Settings(api_keys_file=keys_file))
+    # A file with no keys (empty or comments only) locked every client out with 401s.
+    keys_file.write_text("# keys go here\n\n")
+    with pytest.raises(ValueError, match="holds no API keys"):
+        Keyring.from_settings(Settings(api_keys_file=keys_file))
+    assert Keyring.from_settings(Settings(api_keys=["tml-root"], api_keys_file=keys_file))

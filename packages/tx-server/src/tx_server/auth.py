@@ -64,6 +64,13 @@ class Keyring:
         }
         if settings.api_keys_file is not None:
             keys.update(_read_keys_file(settings.api_keys_file))
+        if not keys:
+            # Fail closed, and loudly: a server that answers every request with 401 looks like
+            # a client bug, and falling back to open mode would expose what the file guards.
+            raise ValueError(
+                f"{settings.api_keys_file} holds no API keys, so every request would get 401; "
+                "add 'tml-... [TENANT]' lines, or configure no keys file for a local server"
+            )
         return cls(keys)
 
     @property
