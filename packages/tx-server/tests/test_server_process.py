@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tx_server.auth import tenant_of_key
 from tx_server.db.database import Database
@@ -88,3 +89,44 @@ def test_python_m_tx_server_is_woken_by_another_process(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=15)
     assert not list((tmp_path / "tx.db-wake").glob("tx_futures.*"))  # unregistered on exit
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [("tx-tests/no-such-model", "neither a directory nor obtainable"), ("/no/such/dir", "no such")],
+)
+def test_python_m_tx_server_refuses_to_start_without_its_base_model(
+    tmp_path: Path, model: str, reason: str
+) -> None:
+    """A base model that is not a directory and not to be had from the hub (offline here, not
+    cached) stops the start with one line naming it: it used to serve, healthy, and fail
+    every request for that model."""
+    env = {
+        **os.environ,
+        "TX_BASE_MODELS": json.dumps([model]),
+        "TX_DATABASE_URL": f"sqlite:///{tmp_path / 'tx.db'}",
+        "TX_PORT": "1",  # never reached: nothing may bind
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tx_server"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    assert model in done.stderr, done.stderr
+    assert reason in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "tx.db").exists()  # stopped before anything was set up
+
+
+def test_hub_named_base_models_are_found_in_the_cache_offline(tmp_path: Path) -> None:
+    """The start-up fetch finds a hub-named model in the cache offline (as the worker will)."""
+    from tx_engine.testing import install_hub_aliases
+
+    install_hub_aliases(tmp_path / "hf")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    code = "from tx_server.hub import fetch_base_models; fetch_base_models(['Qwen/Qwen3-8B'])"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr

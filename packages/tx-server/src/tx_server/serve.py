@@ -1,7 +1,8 @@
 """Run the API server with uvicorn, and its worker process (``python -m tx_server``).
 
-``tx serve`` calls :func:`serve`. The database is migrated before the worker starts, so the
-two processes never race on the schema. Without served base models there is nothing for a
+``tx serve`` calls :func:`serve`. Hub-named base models are fetched into the Hugging Face cache
+first (:func:`tx_server.hub.fetch_base_models`; a model that cannot be had stops the start). The
+database is migrated before the worker starts, so the two processes never race on the schema. Without served base models there is nothing for a
 worker to do and none is started.
 
 The worker is stopped from the app's lifespan shutdown, not after ``uvicorn.run`` returns:
@@ -20,6 +21,7 @@ from fastapi import FastAPI
 
 from tx_server.app import create_app
 from tx_server.db.database import Database
+from tx_server.hub import fetch_base_models
 from tx_server.settings import Settings
 from tx_server.worker.supervisor import WorkerSupervisor
 
@@ -44,6 +46,7 @@ def _stop_with_app(app: FastAPI, supervisor: WorkerSupervisor) -> None:
 def serve(settings: Settings | None = None) -> None:
     """Serve until interrupted, on ``settings.host:settings.port``."""
     settings = settings if settings is not None else Settings()
+    fetch_base_models(settings.base_models)
     app = create_app(settings)
     if settings.base_models:
         db = Database(settings.database_url)

@@ -122,12 +122,16 @@ def serve(
     # Parameters are named after their settings fields, so a field's flag is its option's.
     flag_of = {p.name: p.opts[0] for p in ctx.command.params if p.name and p.opts}
     settings = resolve_settings(_given(top), _given(engine), flag_of)
+    from tx_server.hub import BaseModelError
     from tx_server.serve import serve as run
 
     typer.echo(
         f"serving {', '.join(settings.base_models)} on http://{settings.host}:{settings.port}"
     )
-    run(settings)
+    try:
+        run(settings)
+    except BaseModelError as e:  # a hub model that cannot be had: one line, not a traceback
+        raise typer.BadParameter(str(e), param_hint=flag_of.get("base_models")) from None
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:

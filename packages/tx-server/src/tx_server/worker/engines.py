@@ -16,13 +16,13 @@ or many tenants taking turns, no longer lock newcomers out until their sessions 
 Engines are built lazily, on the first request for their base model, and kept for the life of
 the worker: building one loads the weights and compiles programs, which must happen once, not
 per request. A base-model name is a local directory or a hub repo id resolved from the local
-Hugging Face cache only (``local_files_only``): the worker never downloads.
+Hugging Face cache only (``local_files_only``): the worker never downloads; the server fills the
+cache at start (:mod:`tx_server.hub`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ from tx_server.convert import adam_params
 from tx_server.db.database import Database
 from tx_server.errors import BadRequestError, ServerFaultError
 from tx_server.futures import RequestType
+from tx_server.hub import hub_cache, local_model_dir
 from tx_server.settings import Settings
 from tx_server.worker.passes import decode_pass
 from tx_server.worker.recovery import Recovery
@@ -53,31 +54,22 @@ ORPHAN_SWEEP_SECONDS = 60.0
 
 
 def resolve_model_dir(name: str) -> Path:
-    """The directory holding ``name``'s config and weights (local path or cached hub repo)."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
+    """The directory holding ``name``'s config and weights (local path or cached hub repo;
+    :func:`tx_server.hub.fetch_base_models` filled the cache when the server started)."""
+    local = local_model_dir(name)
+    if local is not None:
+        return local
     import huggingface_hub
 
     try:
         return Path(
-            huggingface_hub.snapshot_download(name, local_files_only=True, cache_dir=_hub_cache())
+            huggingface_hub.snapshot_download(name, local_files_only=True, cache_dir=hub_cache())
         )
     except Exception as exc:  # the hub client raises several unrelated types here
         raise ServerFaultError(
             f"base model {name!r} is neither a directory nor in the local Hugging Face cache "
             f"({type(exc).__name__}: {exc})"
         ) from None
-
-
-def _hub_cache() -> str:
-    """The hub cache named by the environment *now* (the hub client reads it once, at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache", "huggingface"
-    )
-    return os.path.join(home, "hub")
 
 
 class SlotsBusyError(BadRequestError):
