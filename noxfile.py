@@ -57,7 +57,8 @@ def typecheck(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The default CPU suite: everything not marked slow, parity or gpu."""
     _sync(session)
-    session.run("pytest", "-m", DEFAULT_MARKERS, *session.posargs)
+    # the slowest tests in every CI log: the suite must stay under 30 minutes on 2 cores
+    session.run("pytest", "-m", DEFAULT_MARKERS, "--durations=25", *session.posargs)
 
 
 @nox.session
@@ -94,7 +95,8 @@ def parity(session: nox.Session) -> None:
     session.run("pytest", "-m", "parity", *(session.posargs or ["packages/tx-engine/tests"]))
 
 
-COOKBOOK = "tinker-cookbook==0.5.8"  # the newest whose dependencies the package index serves
+# the newest whose dependencies the package index serves; math-rl: rl_basic, rl_loop, math_rl
+COOKBOOK = "tinker-cookbook[math-rl]==0.5.8"
 NUMERICS = ("jax", "jaxlib", "flax", "optax")
 
 

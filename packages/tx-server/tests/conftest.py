@@ -9,6 +9,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tx_server.testing import API_KEY, RunningServer, make_settings, run_server
+from tx_server.testing import (
+    API_KEY,
+    RunningServer,
+    make_settings,
+    run_hub_model_server,
+    run_server,
+)
 
 if TYPE_CHECKING:
     import tinker
@@ -86,3 +93,52 @@ def pg_url() -> Iterator[str]:
         with contextlib.suppress(subprocess.CalledProcessError):
             run(pg_ctl, "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(base, ignore_errors=True)
+
+
+COOKBOOK_MODEL = "Qwen/Qwen3-8B"
+"""What the cookbook tests serve the kit's tiny model as: the cookbook then picks its ``qwen3``
+renderer and finds the tokenizer by name, offline."""
+COOKBOOK_RECIPE_SECONDS = 900
+
+
+@pytest.fixture(scope="session")
+def cookbook_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One API + worker for every cookbook test (``nox -s cookbook``), serving
+    :data:`COOKBOOK_MODEL` with room for the recipes' ranks and sequence lengths."""
+    from tx_server.settings import EngineSettings
+
+    engine = EngineSettings(max_lora_rank=32, max_lora_adapters=4, max_seq_len=1024)
+    root = tmp_path_factory.mktemp("cookbook")
+    with run_hub_model_server(root, base_models=[COOKBOOK_MODEL], engine=engine) as server:
+        yield server
+
+
+@pytest.fixture
+def run_cookbook(cookbook_server: RunningServer) -> Callable[..., None]:
+    """``run_cookbook(*args, datasets_cache=None)``: ``python <args>`` in a subprocess, told
+    where tx is only by ``TINKER_BASE_URL`` / ``TINKER_API_KEY``, as a user would; the test
+    fails with the output's tail if it exits non-zero.
+
+    ``run_hub_model_server`` has pointed ``HF_HOME`` at the tiny model's hub aliases (offline)
+    and the subprocess inherits that. With ``datasets_cache``, hub datasets are read offline
+    from there (``HF_DATASETS_CACHE``, ``HF_DATASETS_OFFLINE=1``).
+    """
+
+    def run(*args: str, datasets_cache: Path | None = None) -> None:
+        env = {**os.environ, "TINKER_BASE_URL": cookbook_server.url, "TINKER_API_KEY": API_KEY}
+        if datasets_cache is not None:
+            env.update(HF_DATASETS_CACHE=str(datasets_cache), HF_DATASETS_OFFLINE="1")
+        done = subprocess.run(
+            [sys.executable, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=COOKBOOK_RECIPE_SECONDS,
+        )
+        if done.returncode != 0:
+            pytest.fail(
+                f"{' '.join(args)} exited {done.returncode}:\n"
+                f"{done.stdout[-4000:]}{done.stderr[-8000:]}"
+            )
+
+    return run

@@ -1,11 +1,12 @@
 """tinker-cookbook recipes, unmodified, trained against a live tx server (``nox -s cookbook``).
 
-The cookbook is the SDK's main user: its recipes are what researchers run. Each test starts the
-API + worker serving the kit's tiny model as ``Qwen/Qwen3-8B`` (so the cookbook picks its
-``qwen3`` renderer and finds the tokenizer by name, offline) and runs a recipe's own command
-line (or, where a recipe's CLI offers no local dataset, a short script calling the recipe's
-trainer, as its docstring advises) in a subprocess, pointed at the server only through
-``TINKER_BASE_URL`` and ``TINKER_API_KEY``, as a user would. The recipes need torch and a transformers older than the
+The cookbook is the SDK's main user: its recipes are what researchers run. The tests share one
+API + worker serving the kit's tiny model as ``Qwen/Qwen3-8B`` (``cookbook_server`` in
+``conftest.py``: the cookbook picks its ``qwen3`` renderer and finds the tokenizer by name,
+offline). Each runs a recipe's own command line (or, where a recipe's CLI offers no local
+dataset, a short script calling the recipe's trainer, as its docstring advises) in a
+subprocess, pointed at the server only through ``TINKER_BASE_URL`` and ``TINKER_API_KEY``, as
+a user would (``run_cookbook``). The recipes need torch and a transformers older than the
 workspace's, so the session installs them with pip in a venv of its own (see ``noxfile.py``);
 elsewhere these tests skip.
 """
@@ -15,57 +16,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tinker
 
-from tx_server.settings import EngineSettings
-from tx_server.testing import API_KEY, RunningServer, run_hub_model_server
+from tx_server.testing import API_KEY, RunningServer
 
 pytestmark = pytest.mark.cookbook
 cookbook = pytest.importorskip("tinker_cookbook", reason="installed by `nox -s cookbook` only")
 
-MODEL = "Qwen/Qwen3-8B"
-RECIPE_SECONDS = 900
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    engine = EngineSettings(max_lora_rank=32, max_lora_adapters=4, max_seq_len=1024)
-    root = tmp_path_factory.mktemp("cookbook")
-    with run_hub_model_server(root, base_models=[MODEL], engine=engine) as server:
-        yield server
-
-
-def run_recipe(server: RunningServer, module: str, *args: str) -> None:
-    """``python -m <module> <args>`` with only the environment telling it where tx is.
-
-    ``run_hub_model_server`` has already pointed ``HF_HOME`` at the tiny model's hub aliases
-    (offline), and the subprocess inherits that.
-    """
-    run_python(server, "-m", module, *args)
-
-
-def run_python(server: RunningServer, *args: str) -> None:
-    """``python <args>`` in a subprocess, told where tx is only by the environment."""
-    env = {**os.environ, "TINKER_BASE_URL": server.url, "TINKER_API_KEY": API_KEY}
-    done = subprocess.run(
-        [sys.executable, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RECIPE_SECONDS,
-    )
-    if done.returncode != 0:
-        pytest.fail(
-            f"{' '.join(args)} exited {done.returncode}:\n{done.stdout[-4000:]}{done.stderr[-8000:]}"
-        )
+MODEL = "Qwen/Qwen3-8B"  # conftest.COOKBOOK_MODEL, what cookbook_server serves
 
 
 def jsonl(path: Path) -> list[dict[str, Any]]:
@@ -73,18 +36,19 @@ def jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def run_trainer_script(
-    server: RunningServer, tmp_path: Path, name: str, source: str, *args: str
+    run: Callable[..., None], tmp_path: Path, name: str, source: str, *args: str
 ) -> list[dict[str, Any]]:
     """Run ``source`` (a script calling a recipe's trainer) as ``python <name>.py <args> <log
-    dir>`` (:func:`run_python`); the ``metrics.jsonl`` rows the trainer logged."""
+    dir>`` (with the ``run_cookbook`` fixture ``run``); the ``metrics.jsonl`` rows the trainer
+    logged."""
     script, log = tmp_path / f"{name}.py", tmp_path / name
     script.write_text(source)
-    run_python(server, str(script), *args, str(log))
+    run(str(script), *args, str(log))
     return jsonl(log / "metrics.jsonl")
 
 
 def test_sl_basic_trains_on_a_conversation_file_and_saves_usable_checkpoints(
-    served: RunningServer, tmp_path: Path
+    cookbook_server: RunningServer, run_cookbook: Callable[..., None], tmp_path: Path
 ) -> None:
     """``recipes.sl_basic`` with the cookbook's example conversations (the dataset its
     docstring suggests swapping in): held-out NLL falls, and the checkpoints it records are
@@ -92,8 +56,8 @@ def test_sl_basic_trains_on_a_conversation_file_and_saves_usable_checkpoints(
     data = Path(cookbook.__file__).parent / "example_data" / "conversations.jsonl"
     log = tmp_path / "sl"
     common = "dataset_builder.common_config."
-    run_recipe(
-        served,
+    run_cookbook(
+        "-m",
         "tinker_cookbook.recipes.sl_basic",
         f"model_name={MODEL}",
         f"log_path={log}",
@@ -120,7 +84,7 @@ def test_sl_basic_trains_on_a_conversation_file_and_saves_usable_checkpoints(
     checkpoints = {row["name"]: row for row in jsonl(log / "checkpoints.jsonl")}
     assert set(checkpoints) == {"000002", "final"}
     final = checkpoints["final"]
-    service = tinker.ServiceClient(base_url=served.url, api_key=API_KEY)
+    service = tinker.ServiceClient(base_url=cookbook_server.url, api_key=API_KEY)
     try:
         sampler = service.create_sampling_client(model_path=final["sampler_path"]).result()
         prompt = tinker.types.ModelInput.from_ints([5, 17, 42])
@@ -134,7 +98,10 @@ def test_sl_basic_trains_on_a_conversation_file_and_saves_usable_checkpoints(
 
 
 def test_multi_turn_rl_recipe_runs_and_sampler_logprobs_equal_the_trainers(
-    served: RunningServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    cookbook_server: RunningServer,
+    run_cookbook: Callable[..., None],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """``recipes.multiplayer_rl.guess_number``: multi-turn rollouts (10 turns, prompts growing
     to ~500 tokens), importance-sampling training and per-step sampler refresh. The recipe's
@@ -144,8 +111,8 @@ def test_multi_turn_rl_recipe_runs_and_sampler_logprobs_equal_the_trainers(
     trainer."""
     caplog.set_level(logging.INFO, logger="tx_server.worker.sampling")
     log = tmp_path / "rl"
-    run_recipe(
-        served,
+    run_cookbook(
+        "-m",
         "tinker_cookbook.recipes.multiplayer_rl.guess_number.train",
         f"model_name={MODEL}",
         "renderer_name=qwen3",
@@ -220,7 +187,7 @@ def comparisons(n: int) -> list[dict[str, Any]]:
 
 
 def test_dpo_starts_at_log_two_and_learns_the_preference(
-    served: RunningServer, tmp_path: Path
+    cookbook_server: RunningServer, run_cookbook: Callable[..., None], tmp_path: Path
 ) -> None:
     """The cookbook's DPO trainer (``preference.train_dpo.main``, driven by a script as its
     recipe's docstring advises for a custom dataset) on a local comparison file. Its
@@ -230,7 +197,7 @@ def test_dpo_starts_at_log_two_and_learns_the_preference(
     logprobs differ from the trainer's. Then the preference is learnt."""
     data = tmp_path / "comparisons.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in comparisons(32)))
-    metrics = run_trainer_script(served, tmp_path, "dpo", DPO_SCRIPT, MODEL, str(data))
+    metrics = run_trainer_script(run_cookbook, tmp_path, "dpo", DPO_SCRIPT, MODEL, str(data))
     assert [row["step"] for row in metrics] == list(range(8)), metrics
     first, last = metrics[0], metrics[-1]
     assert abs(first["dpo_loss"] - math.log(2)) < 1e-5, first
@@ -328,7 +295,7 @@ def trained_teacher(server: RunningServer) -> str:
 
 
 def test_on_policy_distillation_scores_the_students_samples_as_its_sampler_does(
-    served: RunningServer, tmp_path: Path
+    cookbook_server: RunningServer, run_cookbook: Callable[..., None], tmp_path: Path
 ) -> None:
     """The cookbook's on-policy distillation (``distillation.train_on_policy.main``, driven by
     a script with local prompts, as the recipe's docstring advises) with two teachers: the
@@ -342,8 +309,8 @@ def test_on_policy_distillation_scores_the_students_samples_as_its_sampler_does(
     trains the student (its distance from the base grows). That it also nears the far teacher
     is not asserted: reverse KL from a teacher whose tokens the student never samples moves
     slowly (measured flat over 8 steps on this random tiny model, at 1e-3 and 1e-2)."""
-    teacher = trained_teacher(served)
-    metrics = run_trainer_script(served, tmp_path, "distill", DISTILL_SCRIPT, MODEL, teacher)
+    teacher = trained_teacher(cookbook_server)
+    metrics = run_trainer_script(run_cookbook, tmp_path, "distill", DISTILL_SCRIPT, MODEL, teacher)
     assert [row["progress/batch"] for row in metrics] == list(range(8)), metrics
     base_kl = [row["teacher_kl/dataset_0"] for row in metrics]
     far_kl = [row["teacher_kl/dataset_1"] for row in metrics]
