@@ -24,7 +24,6 @@ from tx_cli.main import app
 from tx_cli.train_data import collate
 from tx_engine import step as engine_step
 from tx_engine.loading import load_model
-from tx_engine.testing import build_model
 
 OPT = '{"learning_rate": 1e-3, "weight_decay": 0.0}'
 DOCUMENTED = {  # option -> (metavar, default shown in help or None, required)
@@ -45,11 +44,6 @@ DOCUMENTED = {  # option -> (metavar, default shown in help or None, required)
     "--lora-rank": ("INTEGER", None, False),  # the one extra beyond the documented surface
 }
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_model("tiny-qwen3", tmp_path_factory.mktemp("m"))
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,10 @@ from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from tx_cli.main import app
-from tx_engine.testing import build_model
 
 OPT = '{"learning_rate": 2e-2, "weight_decay": 0.0}'
 RANK = 4
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_model("tiny-qwen3", tmp_path_factory.mktemp("m"))
 
 
 @pytest.fixture(scope="module")

@@ -128,10 +128,11 @@ def read_step(ckpt: Path) -> int:
 def reading(option: str, path: Path) -> Iterator[None]:
     """Turn a failure to read the files of ``path`` into one line naming ``option``.
 
-    Why: the safetensors readers raise whatever a damaged file triggers (a ``JSONDecodeError``
-    for a cut header, a numpy reshape ``ValueError`` for cut data, ``SafetensorError``); for
-    the user all of them mean "this file is damaged", and a traceback hides which one. Our own
-    input errors and engine errors already classified as the user's pass through unchanged.
+    Why: the safetensors readers raise whatever a damaged file triggers (a ``SafetensorError``
+    from the library, an ``OSError``); for the user all of them mean "this file is damaged",
+    and a traceback hides which one. The engine's own user errors (a ``CheckpointError`` that
+    names the truncated file or the mismatched keys) keep their message, prefixed with the
+    option; our own input errors pass through unchanged.
     """
     try:
         yield
@@ -139,7 +140,7 @@ def reading(option: str, path: Path) -> Iterator[None]:
         raise
     except Exception as e:
         if getattr(e, "category", None) == "user":
-            raise
+            raise TrainInputError(f"{option}: {e}") from e
         raise TrainInputError(f"{option}: cannot read {path}: {type(e).__name__}: {e}") from e
 
 
