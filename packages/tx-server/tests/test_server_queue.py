@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 
 from tx_server.db.database import Database
 from tx_server.db.models import FutureRow, FutureStatus, utcnow
-from tx_server.errors import NotFoundError, ServerFaultError
+from tx_server.errors import NotFoundError, ServerFaultError, failure_message
 from tx_server.futures import JSON, FutureStore, RequestType, Submission
 from tx_server.wake import SyncSubscription, wake_bus_for
 from tx_server.work_queue import WorkQueue, prune_finished
@@ -204,3 +204,14 @@ def test_pruning_deletes_only_old_finished_futures(
     with db.read() as s:
         left = set(s.scalars(select(FutureRow.request_id)))
     assert left == {new_done, old_pending}
+
+
+def test_a_failing_server_file_is_reported_without_its_path() -> None:
+    """A disk-full or permission error while saving named the server's checkpoint path to the
+    client (another tenant's run id included); the reason stays, the path goes to the log."""
+    full = OSError(28, "No space left on device", "/srv/tx/checkpoints/s:train:0/weights/a")
+    message = failure_message(full)
+    assert "No space left on device" in message
+    assert "/srv" not in message
+    assert "/srv" not in failure_message(PermissionError(13, "Permission denied", "a", "/srv/b"))
+    assert failure_message(OSError("plain")) == "plain"  # no file named: unchanged

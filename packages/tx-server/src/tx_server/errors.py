@@ -114,6 +114,12 @@ def failure_message(error: BaseException) -> str:
     The engine names a bad field by the request's place in its call (``requests[2].max_tokens
     …``, ``groups[0].data[1].target_tokens …``). That place depends on what else the worker
     batched or joined with the request and means nothing to the client, so it is dropped;
-    the field, and the datum's index within the request, stay.
+    the field, and the datum's index within the request, stay. A failing server file is
+    named by its error, not its path.
     """
+    if isinstance(error, OSError) and (error.filename is not None or error.filename2 is not None):
+        # A failing server file (disk full, permissions): its path means nothing to the client
+        # and shows another tenant the server's layout; the log has the whole error.
+        reason = error.strerror or "input/output error"
+        return f"{type(error).__name__}: {reason} (server storage; the server log has the path)"
     return _ENGINE_CALL_INDEX.sub("", str(error)) or type(error).__name__
