@@ -43,6 +43,7 @@ from tx_server.worker.passes import decode_pass
 from tx_server.worker.recovery import Recovery
 from tx_server.worker.slots import SamplerSlots
 from tx_server.worker.snapshots import SnapshotWriter, snapshot_owners
+from tx_server.worker.stored import load_stored
 from tx_types import AdamParams, OptimStepRequest
 
 __all__ = ["EngineHost", "LoadedModel", "SlotsBusyError", "create_from_config", "resolve_model_dir"]
@@ -280,7 +281,7 @@ class EngineHost:
         if plan.snapshot is not None:
             path = plan.snapshot
             slot = self.allocate(
-                plan.base_model, lambda e: e.load_adapter(path, slot=None, with_optimizer=True)
+                plan.base_model, lambda e: load_stored(e, path, slot=None, with_optimizer=True)
             )
         else:
             slot = self.allocate(plan.base_model, lambda e: create_from_config(e, plan.lora))

@@ -26,6 +26,7 @@ from tx_server.futures import RequestType
 from tx_server.work_queue import ClaimedRequest
 from tx_server.worker.engines import EngineHost, create_from_config
 from tx_server.worker.storage import checkpoint_dir, dir_size, ephemeral_name, find_checkpoint
+from tx_server.worker.stored import load_stored
 from tx_types import (
     CreateModelRequest,
     CreateModelResponse,
@@ -129,12 +130,12 @@ class BarrierHandlers:
         with_optimizer = bool(data["request"]["optimizer"])
         loaded = self.host.find(model_id)
         if loaded is not None:
-            loaded.engine.load_adapter(storage, slot=loaded.slot, with_optimizer=with_optimizer)
+            load_stored(loaded.engine, storage, slot=loaded.slot, with_optimizer=with_optimizer)
         else:  # a new run (create-via-load), or one this worker does not hold: no restore needed
             base_model = self.host.recovery.require_live(model_id)
             slot = self.host.allocate(
                 base_model,
-                lambda e: e.load_adapter(storage, slot=None, with_optimizer=with_optimizer),
+                lambda e: load_stored(e, storage, slot=None, with_optimizer=with_optimizer),
             )
             self.host.add(model_id, base_model, slot)
         self.host.snapshot(model_id, req.request_id, wait=True)  # a load is never replayed

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tx_engine.engine import TrainingEngine
+from tx_server.worker.stored import load_stored
 
 __all__ = ["Allocate", "SamplerSlots"]
 
@@ -60,7 +61,7 @@ class SamplerSlots:
             engine.free_adapter(slot)  # stale: the checkpoint was overwritten since
             del self._slots[key]
         slot = self._allocate(
-            base_model, lambda e: e.load_adapter(path, slot=None, with_optimizer=False)
+            base_model, lambda e: load_stored(e, path, slot=None, with_optimizer=False)
         )
         self._slots[key] = (slot, stamp)
         return slot
