@@ -18,7 +18,14 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["WEIGHT_FILES", "BaseModelError", "fetch_base_models", "hub_cache", "local_model_dir"]
+__all__ = [
+    "WEIGHT_FILES",
+    "BaseModelError",
+    "check_local_path",
+    "fetch_base_models",
+    "hub_cache",
+    "local_model_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,13 @@ def local_model_dir(name: str) -> Path | None:
     return path if path.is_dir() else None
 
 
+def check_local_path(name: str) -> None:
+    """BaseModelError if ``name`` is spelled as a path (``/``, ``.``, ``~``) but is no
+    directory; any other name that is not a directory is a hub repo id."""
+    if name.startswith(("/", ".", "~")) and local_model_dir(name) is None:
+        raise BaseModelError(f"base model {name!r}: no such directory")
+
+
 def fetch_base_models(names: Iterable[str]) -> None:
     """Download into the cache every hub-named model in ``names`` that it lacks.
 
@@ -56,8 +70,7 @@ def fetch_base_models(names: Iterable[str]) -> None:
     for name in names:
         if local_model_dir(name) is not None:
             continue
-        if name.startswith(("/", ".", "~")):
-            raise BaseModelError(f"base model {name!r}: no such directory")
+        check_local_path(name)
         import huggingface_hub
 
         log.info("base model %s: fetching from the Hugging Face hub (if not cached)", name)

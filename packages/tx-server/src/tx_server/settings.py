@@ -19,12 +19,18 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ClientFlags", "EngineSettings", "Settings", "default_data_dir"]
+__all__ = ["ClientFlags", "EngineSettings", "Settings", "default_data_dir", "same_base_model"]
 
 
 def default_data_dir() -> Path:
     """The per-user data directory (``~/.local/share/tx`` on Linux), never the package dir."""
     return Path(platformdirs.user_data_dir("tx", appauthor=False))
+
+
+def same_base_model(a: str, b: str) -> bool:
+    """Whether two base-model names name one model: equal but for trailing slashes (spec §8:
+    a local directory is served with its ``/``, and scripts name it either way)."""
+    return bool(a.rstrip("/")) and a.rstrip("/") == b.rstrip("/")
 
 
 class EngineSettings(BaseModel):
@@ -222,8 +228,7 @@ class Settings(BaseSettings):
         """
         if name in self.base_models:
             return name
-        bare = name.rstrip("/")
-        return next((m for m in self.base_models if bare and m.rstrip("/") == bare), None)
+        return next((m for m in self.base_models if same_base_model(m, name)), None)
 
     @property
     def fwdbwd_token_limit(self) -> int:

@@ -168,10 +168,11 @@ def _check_paths(settings: Any, flags: dict[str, str]) -> None:
     Why: a missing or malformed ``--api-keys-file`` crashed with a ``FileNotFoundError`` or
     ``ValueError`` traceback, and a missing local ``--base-model`` or a ``--checkpoint-root``
     that is a file started a server that answered healthz and failed only on the first request
-    needing them. A base model counts as local when spelled as a path (``/``, ``.``, ``~``;
-    expanded as the worker's ``resolve_model_dir`` does); anything else is a hub id.
+    needing them. A base model counts as local when spelled as a path
+    (:func:`tx_server.hub.check_local_path`); anything else is a hub id.
     """
     from tx_server.auth import Keyring
+    from tx_server.hub import BaseModelError, check_local_path
 
     def name(field: str) -> str:
         return flags.get(field) or "TX_" + field.upper()
@@ -181,8 +182,10 @@ def _check_paths(settings: Any, flags: dict[str, str]) -> None:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise typer.BadParameter(f"{name('api_keys_file')}: {e}") from None
     for model in settings.base_models:
-        if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
-            raise typer.BadParameter(f"{name('base_models')}: {model} is not a directory")
+        try:  # the rule the server applies at start, checked before anything starts
+            check_local_path(model)
+        except BaseModelError as e:
+            raise typer.BadParameter(f"{name('base_models')}: {e}") from None
     root = Path(settings.checkpoint_root)
     if root.exists() and not root.is_dir():
         raise typer.BadParameter(f"{name('checkpoint_root')}: {root} is not a directory")

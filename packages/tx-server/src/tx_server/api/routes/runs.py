@@ -41,6 +41,10 @@ router = APIRouter(tags=["training_runs"])
 RowT = TypeVar("RowT", ModelRow, CheckpointRow)
 MAX_OFFSET = 2**62
 """Far past any real list, and ``offset + limit`` still fits a signed 64-bit integer."""
+PageLimit = Annotated[int, Query(ge=1, le=1000)]
+"""A listing's ``limit`` query parameter (each route picks its default)."""
+PageOffset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+"""A listing's ``offset`` query parameter (see :data:`MAX_OFFSET`)."""
 
 AccessScope = Literal["owned", "accessible"]
 """The ``access_scope`` values of the SDK's RestClient (spec §4.4)."""
@@ -114,8 +118,8 @@ def _page(
 async def list_training_runs(
     tenant: TenantDep,
     state: StateDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    limit: PageLimit = 20,
+    offset: PageOffset = 0,
     access_scope: AccessScope = "owned",  # validated only: both scopes see the same runs
 ) -> TrainingRunsResponse:
     """The caller's training runs, newest first."""
@@ -186,8 +190,8 @@ def _list_user_checkpoints(
 async def list_user_checkpoints(
     tenant: TenantDep,
     state: StateDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    limit: PageLimit = 100,
+    offset: PageOffset = 0,
 ) -> CheckpointsListResponse:
     """The caller's checkpoints across all of its training runs, newest first."""
     return await run_in_threadpool(_list_user_checkpoints, state, tenant, limit, offset)

@@ -33,6 +33,7 @@ from tx_server.api.state import AppState
 from tx_server.db.models import ModelRow, SamplingSessionRow, SessionRow
 from tx_server.errors import BadRequestError, NotFoundError
 from tx_server.futures import RequestType, Submission
+from tx_server.settings import same_base_model
 from tx_server.worker.storage import EPHEMERAL_PREFIX, checkpoint_dir, find_checkpoint
 from tx_types import (
     CreateSamplingSessionRequest,
@@ -67,7 +68,7 @@ def _create_sampler(state: AppState, tenant: str, body: CreateSamplingSessionReq
     base_model = body.base_model
     if body.model_path is not None:
         checkpoint_base, source = _checkpoint_source(state, tenant, body.model_path)
-        if base_model is not None and base_model.rstrip("/") != checkpoint_base.rstrip("/"):
+        if base_model is not None and not same_base_model(base_model, checkpoint_base):
             raise BadRequestError(
                 f"base_model {base_model!r} does not match the checkpoint's {checkpoint_base!r}"
             )

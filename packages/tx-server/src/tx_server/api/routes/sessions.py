@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Response
 from starlette.concurrency import run_in_threadpool
 
 from tx_server.api.deps import OwnedSessionDep, StateDep, TenantDep
-from tx_server.api.routes.runs import MAX_OFFSET, AccessScope
+from tx_server.api.routes.runs import AccessScope, PageLimit, PageOffset
 from tx_types import (
     CreateSessionRequest,
     CreateSessionResponse,
@@ -68,8 +68,8 @@ def finish_session(
 async def list_sessions(
     tenant: TenantDep,
     state: StateDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    limit: PageLimit = 20,
+    offset: PageOffset = 0,
     access_scope: AccessScope = "owned",  # validated only: both scopes see the same sessions
 ) -> ListSessionsResponse:
     """The caller's session ids, newest first."""

@@ -27,6 +27,7 @@ from tx_server.api.state import AppState
 from tx_server.db.models import CheckpointRow, ModelRow
 from tx_server.errors import BadRequestError, NotFoundError
 from tx_server.futures import RequestType, Submission
+from tx_server.settings import same_base_model
 from tx_server.worker.storage import EPHEMERAL_PREFIX, checkpoint_dir
 from tx_types import (
     LoadWeightsRequest,
@@ -125,7 +126,7 @@ def _register_loaded_model(
 ) -> None:
     """Create-via-load: the new run inherits base model and LoRA config from the checkpoint."""
     model_id = model_id_for(*key)
-    if body.base_model is not None and body.base_model.rstrip("/") != source.base_model.rstrip("/"):
+    if body.base_model is not None and not same_base_model(body.base_model, source.base_model):
         raise BadRequestError(
             f"base_model {body.base_model!r} does not match the checkpoint's {source.base_model!r}"
         )
