@@ -322,7 +322,9 @@ def test_sdft_distils_top_k_teacher_logprobs_from_a_local_arrow_dataset(
     assert [row["step"] for row in metrics] == [1.0, 2.0, 3.0]
     for row in metrics:
         assert row["sdft/num_datums"] == batch, row
-        assert row["sdft/total_completion_tokens"] == batch * max_tokens, row
+        # at most max_tokens each: a sample may stop earlier on the model's EOS (seen once in
+        # CI at step 3, 30 of 32); that tokens were generated at all is what matters here
+        assert 0 < row["sdft/total_completion_tokens"] <= batch * max_tokens, row
         assert row["sdft/teacher_truncated_count"] == 0, row
         assert 0 < row["sdft/mean_teacher_entropy"] <= math.log(topk) + 1e-6, row
         assert math.isfinite(row["grad_norm"]), row
